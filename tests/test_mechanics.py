@@ -1,0 +1,180 @@
+"""Physics identities of the discretised Neo-Hookean growth energy (DESIGN §2)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from brainmech.mechanics import Problem, build_problem, det_f_map, determinant, neo_hookean_density, stencils
+
+torch.set_default_dtype(torch.float64)
+
+
+def uniform_problem(shape, spacing, atrophy=1.0, mu=1.0, scheme="nodal", lambdas=(0.0, 0.0)):
+    ones = torch.ones(1, 1, *shape)
+    return Problem(atrophy=atrophy * ones, mu=mu * ones, bulk=100 * mu * ones, background=0 * ones,
+                   centre=torch.tensor([[(n - 1) / 2 for n in shape]]), spacing=spacing,
+                   lambda_background=lambdas[0], lambda_centre=lambdas[1], scheme=scheme)
+
+
+def grid_mm(shape, spacing):
+    """Physical coordinates (1, d, *N) in mm of every voxel."""
+    axes = [torch.arange(n) * h for n, h in zip(shape, spacing)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+
+
+def displacement_of(mapping, shape, spacing):
+    """Voxel displacement u = (phi(X) - X) / h for a physical map phi."""
+    x = grid_mm(shape, spacing)
+    h = torch.tensor(spacing).reshape(1, -1, *([1] * len(shape)))
+    return (mapping(x) - x) / h
+
+
+def checkerboard(shape):
+    parity = sum(torch.meshgrid(*[torch.arange(n) for n in shape], indexing="ij")) % 2
+    sign = (2.0 * parity - 1.0)[None, None]
+    return 0.1 * sign.expand(1, len(shape), *shape).clone()
+
+
+@pytest.mark.parametrize("shape,spacing", [((8, 9), (1.0, 1.0)), ((6, 7, 5), (1.0, 1.5, 2.0))])
+def test_checkerboard_has_positive_energy_with_nodal_stencil(shape, spacing):
+    u = checkerboard(shape)
+    assert uniform_problem(shape, spacing).energy(u) > 1.0
+
+
+def test_checkerboard_is_a_zero_energy_mode_of_the_central_scheme():
+    """The reason the nodal stencil is the default: central differences cannot see a checkerboard."""
+    (F, _, _), = stencils(checkerboard((8, 9)), (1.0, 1.0), "central")
+    interior = F[..., 1:-1, 1:-1]
+    assert torch.equal(interior, torch.eye(2).reshape(1, 2, 2, 1, 1).expand_as(interior))
+
+
+@pytest.mark.parametrize("scheme", ["nodal", "central"])
+@pytest.mark.parametrize("shape,spacing", [((9, 11), (1.0, 2.0)), ((7, 8, 6), (2.0, 1.0, 1.5))])
+@pytest.mark.parametrize("a", [1.12, 0.9])
+def test_homogeneous_growth_is_exact(shape, spacing, a, scheme):
+    d = len(shape)
+    c = torch.tensor([(n - 1) / 2 * h for n, h in zip(shape, spacing)]).reshape(1, d, *([1] * d))
+    # det F = a means the map scales lengths by a^(1/d) about c
+    u = displacement_of(lambda x: c + a ** (1 / d) * (x - c), shape, spacing)
+    problem = uniform_problem(shape, spacing, atrophy=a, scheme=scheme)
+    assert problem.energy(u).abs() < 1e-10
+    assert torch.allclose(det_f_map(u, spacing, scheme), torch.full((1, 1, *shape), a), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,spacing", [((9, 10), (1.0, 0.5)), ((6, 7, 8), (1.0, 2.0, 0.7))])
+def test_rigid_rotation_has_zero_energy(shape, spacing):
+    d = len(shape)
+    angle = 0.4
+    rotation = torch.eye(d)
+    rotation[:2, :2] = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    if d == 3:  # compose with a rotation about another axis too
+        other = torch.eye(3)
+        other[1:, 1:] = torch.tensor([[math.cos(0.3), -math.sin(0.3)], [math.sin(0.3), math.cos(0.3)]])
+        rotation = other @ rotation
+    u = displacement_of(lambda x: torch.einsum("ij,bj...->bi...", rotation, x) + 3.0, shape, spacing)
+    assert uniform_problem(shape, spacing).energy(u).abs() < 1e-9
+
+
+def test_energy_of_affine_map_scales_with_physical_volume():
+    """For U(X) = E X, W is uniform: energy = W(I + E) * physical volume (cells), whatever the spacing."""
+    E = np.array([[0.05, 0.02, -0.01], [0.0, -0.03, 0.04], [0.01, 0.0, 0.02]])
+    F = np.eye(3) + E
+    a, mu = 1.04, 0.8
+    W = mu / 2 * ((F**2).sum() * np.linalg.det(F) ** (-2 / 3) - 3) + 100 * mu / 2 * (np.linalg.det(F) / a - 1) ** 2
+    for shape, spacing in [((6, 7, 8), (1.0, 1.0, 1.0)), ((6, 7, 8), (2.0, 0.5, 1.5)), ((11, 13, 15), (1.0, 0.25, 0.75))]:
+        u = displacement_of(lambda x: x + torch.einsum("ij,bj...->bi...", torch.tensor(E), x), shape, spacing)
+        volume = np.prod([(n - 1) * h for n, h in zip(shape, spacing)])
+        energy = uniform_problem(shape, spacing, atrophy=a, mu=mu).energy(u)
+        assert energy.item() == pytest.approx(W * volume, rel=1e-10)
+
+
+@pytest.mark.parametrize("scheme", ["nodal", "central"])
+def test_autograd_gradient_matches_finite_differences(scheme):
+    torch.manual_seed(0)
+    shape = (5, 6, 4)
+    problem = uniform_problem(shape, (1.0, 1.3, 0.8), atrophy=1.05, scheme=scheme, lambdas=(0.1, 100.0))
+    problem = Problem(**{**problem.__dict__, "mu": torch.rand(1, 1, *shape) + 0.1, "background": (torch.rand(1, 1, *shape) > 0.5).double()})
+    u = (0.05 * torch.randn(1, 3, *shape)).requires_grad_()
+    assert torch.autograd.gradcheck(problem.energy, (u,), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_penalties_of_a_translation():
+    shape, spacing = (6, 5, 4), (1.0, 2.0, 3.0)
+    background = torch.zeros(1, 1, *shape)
+    background[..., :2, :, :] = 1.0
+    problem = Problem(**{**uniform_problem(shape, spacing, lambdas=(0.1, 100.0)).__dict__, "background": background})
+    shift_voxels = torch.tensor([0.5, -0.25, 0.1])
+    u = shift_voxels.reshape(1, 3, 1, 1, 1).expand(1, 3, *shape)
+    terms = problem.energy_terms(u)
+    shift_mm2 = float(((shift_voxels * torch.tensor(spacing)) ** 2).sum())
+    assert terms["elastic"].abs() < 1e-10
+    assert terms["background"].item() == pytest.approx(0.1 * 6.0 * background.sum().item() * shift_mm2)
+    assert terms["centre"].item() == pytest.approx(100.0 * shift_mm2)
+
+
+def test_build_problem_mixes_materials_and_frees_csf_volume_in_brain_only_mode():
+    probabilities = torch.zeros(1, 4, 4, 4)
+    probabilities[0, 0, :1] = 1  # background slab
+    probabilities[0, 1, 1:2] = 1  # CSF
+    probabilities[0, 2, 2:3] = 0.5  # GM/WM mixture
+    probabilities[0, 3, 2:] = 0.5
+    probabilities[0, 3, 3:] = 1
+    atrophy = torch.ones(1, 1, 4, 4)
+    full = build_problem(probabilities, atrophy, (1.0, 1.0))
+    free = build_problem(probabilities, atrophy, (1.0, 1.0), brain_only=True)
+    assert full.mu[0, 0, :, 0].tolist() == [0.0, 0.01, 1.0, 1.0]
+    assert full.bulk[0, 0, 1, 0] == pytest.approx(1.0) and free.bulk[0, 0, 1, 0] == 0.0
+    assert torch.equal(full.bulk[..., 2:, :], free.bulk[..., 2:, :])
+    assert full.centre.tolist() == [[2.0, 1.5]]
+
+
+def test_density_matches_the_textbook_form_with_explicit_growth_tensor():
+    torch.manual_seed(1)
+    F = torch.eye(3)[None, :, :, None] + 0.1 * torch.randn(1, 3, 3, 20)
+    a = 1 + 0.1 * torch.rand(1, 20)
+    mu = torch.rand(1, 20)
+    Fe = F / a[:, None, None] ** (1 / 3)
+    J = determinant(Fe)
+    textbook = mu / 2 * ((Fe**2).sum((1, 2)) * J ** (-2 / 3) - 3) + 100 * mu / 2 * (J - 1) ** 2
+    assert torch.allclose(neo_hookean_density(F, a, mu, 100 * mu), textbook, rtol=1e-12)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_nodal_energy_equals_scikit_fem_q1_with_corner_quadrature(d):
+    """Independent reference: scikit-fem's multilinear elements, integrated at the cell corners."""
+    skfem = pytest.importorskip("skfem")
+    from skfem.helpers import det, grad
+
+    rng = np.random.default_rng(2)
+    shape, spacing = ((7, 6), (1.0, 1.7)) if d == 2 else ((5, 4, 6), (1.2, 0.9, 1.5))
+    u = 0.08 * rng.standard_normal((d, *shape))
+    a = 1 + 0.05 * rng.random(shape)
+    mu = 0.5 + rng.random(shape)
+    ours = uniform_problem(shape, spacing).__dict__
+    problem = Problem(**{**ours, "atrophy": torch.tensor(a)[None, None], "mu": torch.tensor(mu)[None, None],
+                         "bulk": 100 * torch.tensor(mu)[None, None]})
+    energy = problem.energy(torch.tensor(u)[None]).item()
+
+    axes = [np.arange(n) * h for n, h in zip(shape, spacing)]
+    mesh = (skfem.MeshQuad if d == 2 else skfem.MeshHex).init_tensor(*axes)
+    element = skfem.ElementQuad1() if d == 2 else skfem.ElementHex1()
+    corners = np.array(list(np.ndindex(*(2,) * d)), dtype=float).T  # reference cell is [0, 1]^d
+    quadrature = (corners, np.full(2**d, 1.0 / 2**d))
+    scalar = skfem.Basis(mesh, element, quadrature=quadrature)
+    vector = skfem.Basis(mesh, skfem.ElementVector(element), quadrature=quadrature)
+    index = tuple(np.rint(mesh.p[k] / spacing[k]).astype(int) for k in range(d))
+    u_mm = np.zeros(vector.N)
+    for k in range(d):
+        u_mm[vector.nodal_dofs[k]] = u[k][index] * spacing[k]
+
+    @skfem.Functional
+    def strain_energy(w):
+        F = grad(w["u"]) + np.eye(d).reshape(d, d, 1, 1)
+        J = det(F)
+        return w["mu"] / 2 * ((F**2).sum((0, 1)) * J ** (-2 / d) - d) + 50 * w["mu"] * (J / w["a"] - 1) ** 2
+
+    reference = strain_energy.assemble(vector, u=vector.interpolate(u_mm), mu=scalar.interpolate(mu[index]),
+                                       a=scalar.interpolate(a[index]))
+    assert energy == pytest.approx(reference, rel=1e-10)
