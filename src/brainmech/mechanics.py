@@ -11,6 +11,9 @@ Two discretisations of ``F = I + grad u``:
   ``2^d`` corners; at a corner the gradient of the Q1 interpolant is the one-sided difference along
   each cell edge meeting there. ``W`` is evaluated at every corner with that corner's material and
   weighted ``cell_volume / 2^d``. Has no zero-energy modes besides rigid motions.
+
+Quadrature points are stored as flat voxel indices (:class:`Quadrature`) so that points where the
+material is void (background, mu = 0) are skipped: on a brain MRI that is most of the grid.
 * ``"central"``: central differences (one-sided at the border), one quadrature point per voxel
   weighted ``voxel_volume``; the scheme of the paper's code. A checkerboard displacement has zero
   energy under it: kept only for comparison.
@@ -19,8 +22,9 @@ Two discretisations of ``F = I + grad u``:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 import torch.nn.functional as nnf
@@ -33,65 +37,134 @@ BULK_RATIO = 100.0  # K = 100 mu (nearly incompressible tissue)
 MIN_DET_F = 1e-4  # det F floor inside J^(-2/d): keeps folded trial steps finite (a barrier, not physics)
 
 
-def physical_gradient(du: Tensor, spacing: tuple[float, ...]) -> Tensor:
-    """Scale voxel-unit difference quotients to dU_i/dX_j = (h_i / h_j) du_i/dxi_j (dimensionless).
+@dataclass(frozen=True)
+class Quadrature:
+    """Quadrature points of a scheme on a grid (see :func:`quadrature`).
 
-    ``du`` is ``(B, d, d, *M)`` with ``du[:, i, j] = du_i / dxi_j`` in voxels per voxel.
+    ``difference`` is a sparse ``(d * Q, P)`` matrix, axis-major: row ``j * Q + q`` gives
+    du/dxi_j at point q (voxels per voxel) from the ``P`` nodal values; ``difference_t`` is its
+    transpose, precomputed for the backward pass. Point q lives at voxel ``node[q]`` (its material)
+    and stands for ``weight`` of a voxel's volume.
     """
-    h = torch.as_tensor(spacing, dtype=du.dtype, device=du.device)
-    scale = (h[:, None] / h[None, :]).reshape(1, len(spacing), len(spacing), *([1] * len(spacing)))
-    return du * scale
+
+    node: Tensor  # (Q,)
+    difference: Tensor
+    difference_t: Tensor
+    weight: float
+
+    @property
+    def count(self) -> int:
+        return self.node.numel()
 
 
-def stencils(u: Tensor, spacing: tuple[float, ...], scheme: str = "nodal") -> Iterator[tuple[Tensor, tuple[slice, ...], float]]:
-    """Yield ``(F, node_slices, weight)`` for every quadrature stencil of ``scheme``.
+class _SparseProduct(torch.autograd.Function):
+    """``matrix @ rows`` with the transpose given, so the backward is one more sparse product."""
 
-    ``F`` is ``(B, d, d, *M)``; ``node_slices`` select from an ``(..., *N)`` nodal field the node
-    where each of those ``F`` lives; ``weight`` is that quadrature point's volume fraction of a voxel.
+    @staticmethod
+    def forward(ctx, rows: Tensor, matrix: Tensor, transpose: Tensor) -> Tensor:
+        ctx.transpose = transpose
+        return matrix @ rows
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.transpose @ grad.contiguous(), None, None
+
+
+def quadrature(shape: tuple[int, ...], scheme: str = "nodal", active: Tensor | None = None, *,
+               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Quadrature:
+    """The quadrature points of ``scheme`` on a grid of ``shape``, restricted to ``active`` nodes (bool ``shape``).
+
+    "nodal": for every cell and each of its 2^d corners, the Q1 gradient at that corner, whose column
+    j is the difference along the cell edge on axis j through the corner. "central": one point per
+    voxel, central differences (one-sided at the border).
     """
-    d = u.shape[1]
-    identity = torch.eye(d, dtype=u.dtype, device=u.device).reshape(1, d, d, *([1] * d))
-    if scheme == "central":
-        du = torch.stack(torch.gradient(u, dim=tuple(range(2, 2 + d))), dim=2)
-        yield identity + physical_gradient(du, spacing), (slice(None),) * d, 1.0
-        return
-    if scheme != "nodal":
+    if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
-    n = u.shape[2:]
-    forward = [torch.diff(u, dim=2 + j) for j in range(d)]  # forward[j]: (B, d, *N with N_j - 1)
-    for corner in itertools.product((0, 1), repeat=d):
-        nodes = tuple(slice(s, s + n_k - 1) for s, n_k in zip(corner, n))
-        columns = []
-        for j in range(d):  # edge along axis j through this corner: cells on axis j, corner on others
-            index = tuple(slice(None) if k == j else nodes[k] for k in range(d))
-            columns.append(forward[j][(slice(None), slice(None), *index)])
-        du = torch.stack(columns, dim=2)
-        yield identity + physical_gradient(du, spacing), nodes, 1.0 / 2**d
+    d = len(shape)
+    size = torch.tensor(shape).reshape(d, 1)
+    strides = torch.tensor([math.prod(shape[j + 1:]) for j in range(d)]).reshape(d, 1)
+    position = torch.stack(torch.meshgrid(*[torch.arange(n) for n in shape], indexing="ij")).reshape(d, -1)
+    flat = torch.arange(math.prod(shape))
+    keep = torch.ones_like(flat, dtype=torch.bool) if active is None else active.reshape(-1).cpu()
+    if scheme == "central":
+        ahead, behind = (position < size - 1).long(), (position > 0).long()
+        node = flat[keep]
+        plus, minus = (flat + strides * ahead)[:, keep], (flat - strides * behind)[:, keep]
+        inverse_step = 1.0 / (ahead + behind).clamp_min(1)[:, keep]
+        weight = 1.0
+    else:
+        nodes, plus, minus = [], [], []
+        for corner in itertools.product((0, 1), repeat=d):
+            side = torch.tensor(corner).reshape(d, 1)  # 0: the cell lies ahead of the node on that axis
+            inside = keep & ((side == 1) | (position < size - 1)).all(0) & ((side == 0) | (position > 0)).all(0)
+            nodes.append(flat[inside])
+            plus.append(flat[inside] + strides * (1 - side))
+            minus.append(flat[inside] - strides * side)
+        node, plus, minus = torch.cat(nodes), torch.cat(plus, 1), torch.cat(minus, 1)
+        inverse_step = torch.ones(plus.shape)
+        weight = 1.0 / 2**d
+    count, size = node.numel(), flat.numel()
+    columns = torch.stack([minus.reshape(-1), plus.reshape(-1)], 1).reshape(-1)  # row r: entries 2r, 2r + 1
+    values = (inverse_step.reshape(-1, 1) * torch.tensor([-1.0, 1.0])).reshape(-1).to(dtype)
+    row_starts = torch.arange(0, 2 * d * count + 1, 2)
+    difference = torch.sparse_csr_tensor(row_starts, columns, values, (d * count, size))
+    order = torch.argsort(columns, stable=True)  # the transpose: entries sorted by node
+    transpose = torch.sparse_csr_tensor(
+        torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(columns, minlength=size).cumsum(0)]),
+        torch.arange(2 * d * count).div(2, rounding_mode="floor")[order], values[order], (size, d * count))
+    return Quadrature(node=node.to(device), difference=difference.to(device), difference_t=transpose.to(device),
+                      weight=weight)
+
+
+def deformation_gradients(u: Tensor, spacing: tuple[float, ...], points: Quadrature) -> Tensor:
+    """F = I + grad U at the quadrature points, components first: ``(d, d, B, Q)``, dimensionless.
+
+    dU_i/dX_j = (h_i / h_j) du_i/dxi_j: ``u`` is in voxels, ``spacing`` h in mm.
+    """
+    batch, d = u.shape[:2]
+    rows = u.flatten(2).permute(2, 1, 0).reshape(-1, d * batch)  # (P, d * B): node-major
+    du = _SparseProduct.apply(rows, points.difference, points.difference_t)  # (d_j * Q, d_i * B)
+    du = du.reshape(d, points.count, d, batch).permute(2, 0, 3, 1)  # (d_i, d_j, B, Q)
+    h = torch.as_tensor(spacing, dtype=u.dtype, device=u.device)
+    scale = (h[:, None] / h[None, :]).reshape(d, d, 1, 1)
+    return torch.eye(d, dtype=u.dtype, device=u.device).reshape(d, d, 1, 1) + scale * du
+
+
+def _components(F: Tensor) -> list[tuple[Tensor, ...]]:
+    """F ``(d, d, ...)`` as rows of component tensors: one unbind, cheap to differentiate."""
+    return [row.unbind(0) for row in F.unbind(0)]
+
+
+def _determinant(c: list[tuple[Tensor, ...]]) -> Tensor:
+    if len(c) == 2:
+        return c[0][0] * c[1][1] - c[0][1] * c[1][0]
+    return (c[0][0] * (c[1][1] * c[2][2] - c[1][2] * c[2][1])
+            - c[0][1] * (c[1][0] * c[2][2] - c[1][2] * c[2][0])
+            + c[0][2] * (c[1][0] * c[2][1] - c[1][1] * c[2][0]))
 
 
 def determinant(F: Tensor) -> Tensor:
-    """det F for ``F`` of shape ``(B, d, d, *M)``, d = 2 or 3; returns ``(B, *M)``."""
-    if F.shape[1] == 2:
-        return F[:, 0, 0] * F[:, 1, 1] - F[:, 0, 1] * F[:, 1, 0]
-    return (
-        F[:, 0, 0] * (F[:, 1, 1] * F[:, 2, 2] - F[:, 1, 2] * F[:, 2, 1])
-        - F[:, 0, 1] * (F[:, 1, 0] * F[:, 2, 2] - F[:, 1, 2] * F[:, 2, 0])
-        + F[:, 0, 2] * (F[:, 1, 0] * F[:, 2, 1] - F[:, 1, 1] * F[:, 2, 0])
-    )
+    """det F for ``F`` of shape ``(d, d, ...)``, d = 2 or 3."""
+    return _determinant(_components(F))
 
 
 def neo_hookean_density(F: Tensor, atrophy: Tensor, mu: Tensor, bulk: Tensor) -> Tensor:
-    """Strain energy density W [mu units] of a grown Neo-Hookean solid; returns ``(B, *M)``.
+    """Strain energy density W [mu units] of a grown Neo-Hookean solid, for F ``(d, d, ...)``.
 
     W = mu/2 (tr(Fe Fe^T) J^(-2/d) - d) + K/2 (J - 1)^2 with Fe = F G^-1, G = a^(1/d) I,
     J = det Fe = det F / a. Because G is isotropic, tr(Fe Fe^T) J^(-2/d) = |F|^2 det(F)^(-2/d):
-    growth only enters the volumetric term. ``atrophy``, ``mu``, ``bulk`` are ``(B, *M)``.
+    growth only enters the volumetric term. ``atrophy``, ``mu``, ``bulk`` have F's trailing shape.
     """
-    d = F.shape[1]
+    d = F.shape[0]
     det_f = determinant(F)
-    isochoric = (F * F).sum(dim=(1, 2)) * det_f.clamp_min(MIN_DET_F) ** (-2.0 / d) - d
+    isochoric = (F * F).sum(dim=(0, 1)) * det_f.clamp_min(MIN_DET_F) ** (-2.0 / d) - d
     volumetric = (det_f / atrophy - 1.0) ** 2
     return 0.5 * mu * isochoric + 0.5 * bulk * volumetric
+
+
+def to_millimetres(u: Tensor, spacing: tuple[float, ...]) -> Tensor:
+    """Voxel displacement ``(B, d, *N)`` as mm along each voxel axis: U_i = h_i u_i."""
+    return u * torch.as_tensor(spacing, dtype=u.dtype, device=u.device).reshape(1, -1, *([1] * len(spacing)))
 
 
 def sample_at(field: Tensor, points: Tensor) -> Tensor:
@@ -127,7 +200,7 @@ class Problem:
     @property
     def voxel_volume(self) -> float:
         """Voxel volume in mm^d."""
-        return float(torch.tensor(self.spacing).prod())
+        return math.prod(self.spacing)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Problem:
         """The same problem with its tensors moved/cast."""
@@ -135,15 +208,24 @@ class Problem:
         return replace(self, atrophy=move(self.atrophy), mu=move(self.mu), bulk=move(self.bulk),
                        background=move(self.background), centre=move(self.centre))
 
+    @cached_property
+    def points(self) -> Quadrature:
+        """Quadrature points where the energy density can be non-zero (mu > 0 in some batch member):
+        elsewhere W = 0 exactly, so they are skipped."""
+        active = ((self.mu > 0) | (self.bulk > 0)).any(0)[0]
+        return quadrature(tuple(self.mu.shape[2:]), self.scheme, active, dtype=self.mu.dtype, device=self.mu.device)
+
+    @cached_property
+    def point_materials(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``atrophy``, ``mu``, ``bulk`` at the quadrature points, ``(B, Q)`` each."""
+        return tuple(f.flatten(1).index_select(1, self.points.node) for f in (self.atrophy, self.mu, self.bulk))
+
     def energy_terms(self, u: Tensor) -> dict[str, Tensor]:
         """Energy terms of displacement ``u`` (voxels), each ``(B,)`` in mu*mm^3 (paper eq. 2)."""
-        elastic = u.new_zeros(u.shape[0])
-        for F, nodes, weight in stencils(u, self.spacing, self.scheme):
-            at = (slice(None), 0, *nodes)
-            w = neo_hookean_density(F, self.atrophy[at], self.mu[at], self.bulk[at])
-            elastic = elastic + weight * w.flatten(1).sum(1)
-        elastic = elastic * self.voxel_volume
-        millimetres = u * torch.as_tensor(self.spacing, dtype=u.dtype, device=u.device).reshape(1, -1, *([1] * self.ndim))
+        F = deformation_gradients(u, self.spacing, self.points)
+        density = neo_hookean_density(F, *self.point_materials)
+        elastic = density.sum(1) * (self.points.weight * self.voxel_volume)
+        millimetres = to_millimetres(u, self.spacing)
         background = self.lambda_background * self.voxel_volume * (self.background * millimetres**2).flatten(1).sum(1)
         centre = self.lambda_centre * (sample_at(millimetres, self.centre) ** 2).sum(1)
         return {"elastic": elastic, "background": background, "centre": centre,
@@ -155,13 +237,12 @@ class Problem:
 
 
 def det_f_map(u: Tensor, spacing: tuple[float, ...], scheme: str = "nodal") -> Tensor:
-    """det F per voxel ``(B, 1, *N)``: the mean over the stencils that touch the voxel (DESIGN §2.3)."""
-    total = u.new_zeros((u.shape[0], 1, *u.shape[2:]))
-    count = torch.zeros_like(total)
-    for F, nodes, _ in stencils(u, spacing, scheme):
-        total[(slice(None), 0, *nodes)] += determinant(F)
-        count[(slice(None), 0, *nodes)] += 1
-    return total / count
+    """det F per voxel ``(B, 1, *N)``: the mean over the quadrature points at the voxel (DESIGN §2.3)."""
+    points = quadrature(tuple(u.shape[2:]), scheme, dtype=u.dtype, device=u.device)
+    dets = determinant(deformation_gradients(u, spacing, points))  # (B, Q)
+    total = u.new_zeros(u.shape[0], u[0, 0].numel()).index_add_(1, points.node, dets)
+    count = torch.bincount(points.node, minlength=total.shape[1]).to(u)
+    return (total / count).reshape(u.shape[0], 1, *u.shape[2:])
 
 
 def shear_modulus(probabilities: Tensor, moduli: dict[str, float] | None = None) -> Tensor:

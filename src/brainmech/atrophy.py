@@ -1,0 +1,104 @@
+"""Atrophy maps (DESIGN §1, §4): ``a`` = baseline / follow-up volume = target det F.
+
+``a > 1`` is tissue loss, ``a < 1`` growth, ``a = 1`` no change. A percent change ``p`` per year
+(negative = loss) over ``t`` years is ``a = (1 + p/100) ** -t``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+from torch import Tensor
+
+from .data import InputError, Subject, as_tensor, check_same_grid, read_nifti, volume
+
+CONVENTIONS = {
+    "ratio": "a = baseline/follow-up volume (a > 1 = loss): brainmech's own, a Jacobian of baseline->follow-up registration",
+    "inverse": "follow-up/baseline volume (< 1 = loss): inverted on reading",
+    "percent": "percent volume change (negative = loss): a = 1 / (1 + p/100)",
+}
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+def from_percent(percent: Tensor | float, years: float = 1.0) -> Tensor | float:
+    """Atrophy ratio of a percent volume change per year compounded over ``years`` (p < 0 = loss)."""
+    return (1.0 + percent / 100.0) ** -years
+
+
+def to_percent(atrophy: Tensor | float) -> Tensor | float:
+    """Percent volume change (negative = loss) of an atrophy ratio."""
+    return (1.0 / atrophy - 1.0) * 100.0
+
+
+def load_atrophy(path: str | Path, subject: Subject, convention: str = "ratio") -> Tensor:
+    """An atrophy map ``(1, 1, *N)`` from a NIfTI on the subject's grid, converted to the ratio convention."""
+    if convention not in CONVENTIONS:
+        raise InputError(f"unknown atrophy convention {convention!r}; choose one of {sorted(CONVENTIONS)}")
+    nii = read_nifti(path, "atrophy map")
+    check_same_grid(nii, subject.file_shape, subject.affine, f"atrophy map {path}")
+    values = volume(nii).astype(np.float64)
+    if not np.isfinite(values).all():
+        raise InputError(f"atrophy map {path} contains NaN or infinite values")
+    if convention == "percent":
+        if (values <= -100).any():
+            raise InputError(f"atrophy map {path} has percent changes <= -100 (a tissue cannot lose all its volume)")
+        values = 1.0 / (1.0 + values / 100.0)
+    elif convention == "inverse":
+        values = _reciprocal_of_positive(values, path)
+    else:
+        _reciprocal_of_positive(values, path)
+    return as_tensor(values.astype(np.float32))
+
+
+def _reciprocal_of_positive(values: np.ndarray, path: str | Path) -> np.ndarray:
+    if (values <= 0).any():
+        raise InputError(f"atrophy map {path} has {(values <= 0).sum()} non-positive values; "
+                         "a volume ratio must be > 0 (use --convention percent for percent changes)")
+    return 1.0 / values
+
+
+def describe(atrophy: Tensor, subject: Subject) -> str:
+    """One line telling what the map does to the tissue, so a sign mistake is visible at once."""
+    mean = float(atrophy[subject.tissue].double().mean())
+    change = to_percent(mean)
+    direction = "loss" if mean > 1 else "growth" if mean < 1 else "no change"
+    return f"tissue mean a = {mean:.4f} ({change:+.2f} % volume, {direction})"
+
+
+def random_atrophy(
+    subject: Subject,
+    *,
+    seed: int = 0,
+    tissue_percent: float = -1.0,
+    spread_percent: float = 2.0,
+    fwhm_mm: float = 10.0,
+    compensate_csf: bool = True,
+) -> Tensor:
+    """A smooth random atrophy map with registration-like statistics, reproducible from ``seed``.
+
+    In tissue voxels (GM, WM, DGM dominant) the percent volume change is Gaussian noise smoothed
+    with a Gaussian of ``fwhm_mm``, rescaled to mean ``tissue_percent`` and standard deviation
+    ``spread_percent``. With ``compensate_csf`` the CSF voxels change uniformly so the intracranial
+    volume is kept (the skull does not move); otherwise CSF and background keep a = 1.
+    """
+    if spread_percent < 0 or fwhm_mm <= 0:
+        raise InputError("spread must be >= 0 and fwhm > 0")
+    rng = np.random.default_rng(seed)
+    sigma = [fwhm_mm / FWHM_PER_SIGMA / h for h in subject.spacing]
+    field = gaussian_filter(rng.standard_normal(subject.shape), sigma, mode="reflect")
+    tissue = subject.tissue[0, 0].numpy()
+    field = (field - field[tissue].mean()) / (field[tissue].std() + 1e-12)
+    percent = np.clip(tissue_percent + spread_percent * field, -50.0, 100.0)
+    log_a = np.where(tissue, -np.log1p(percent / 100.0), 0.0)
+    if compensate_csf:
+        csf = (subject.brain & ~subject.tissue)[0, 0].numpy()
+        tissue_change = (percent / 100.0)[tissue].sum()  # follow-up minus baseline volume, in voxels
+        csf_change = -tissue_change / max(csf.sum(), 1)
+        if csf_change <= -1.0:
+            raise InputError("the tissue grows more than the CSF can give up; lower the growth")
+        log_a[csf] = -math.log1p(csf_change)
+    return torch.from_numpy(np.exp(log_a).astype(np.float32))[None, None]

@@ -1,0 +1,171 @@
+"""The ``brainmech`` command line: demo, simulate, atrophy-map.
+
+Bad input is reported as one line on stderr with exit code 2 and nothing written; set
+``BRAINMECH_DEBUG=1`` to see tracebacks of unexpected errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Biomechanical simulation of brain atrophy and growth on MRI.")
+console = Console(stderr=True)
+
+
+def friendly_errors(command):
+    """Turn :class:`InputError` into ``error: ...`` + exit 2, and any other failure into one line + exit 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from .data import InputError
+
+        try:
+            return command(*args, **kwargs)
+        except InputError as error:
+            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            console.print("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+        except Exception as error:
+            if os.environ.get("BRAINMECH_DEBUG"):
+                raise
+            console.print(f"[bold red]error:[/] unexpected {type(error).__name__}: {error} "
+                          "(set BRAINMECH_DEBUG=1 for a traceback)", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                    transient=True)
+
+
+def _simulate_with_progress(simulator_kwargs: dict, subject, atrophy):
+    from .simulator import Simulator
+
+    with _progress() as progress:
+        task = progress.add_task("solving", total=None)
+        evaluations = [0]
+
+        def on_evaluation(level: int, energy: float) -> None:
+            evaluations[0] += 1
+            where = "full grid" if level == 0 else f"pyramid level {level}"
+            progress.update(task, description=f"minimising the energy ({where}): {evaluations[0]} evaluations, "
+                                              f"energy {energy:.5g}")
+
+        return Simulator(on_evaluation=on_evaluation, **simulator_kwargs)(subject, atrophy)
+
+
+def _summarise(simulation, out_dir: Path) -> None:
+    report = simulation.report
+    solver = report["solver"]
+    console.print(f"[bold]{report['subject']}[/]: {report['method']} in {report['timings']['solve_s']:.1f} s "
+                  f"({solver['evaluations']} energy evaluations, converged: {solver['converged']})", highlight=False)
+    console.print(f"  MSE(det F, a): tissue {report['mse_atrophy_tissue']:.2e}, brain {report['mse_atrophy_brain']:.2e}; "
+                  f"folded voxels: {report['folded_voxels_brain']}; max |u| {report['max_displacement_mm']:.2f} mm",
+                  highlight=False)
+    print(f"wrote {out_dir}/ (warped_image, warped_labels, det_f, atrophy, displacement .nii.gz; report.json; figure.png)")
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    from .data import InputError
+
+    if out.exists() and not overwrite:
+        raise InputError(f"output folder {out} already exists; pass --overwrite to replace it")
+
+
+@app.command()
+@friendly_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder (a previous demo's folder is replaced).")] = Path("brainmech-demo"),
+    resolution: Annotated[int, typer.Option(help="MNI template resolution in mm: 1 or 2.")] = 2,
+    two_d: Annotated[bool, typer.Option("--2d", help="Simulate one axial slice (z = 10 mm) instead of the volume.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random atrophy map.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT even if it is not a previous brainmech output.")] = False,
+) -> None:
+    """Simulate atrophy on the MNI152 brain shipped with nilearn (no download) and write every output."""
+    from .atrophy import describe, random_atrophy
+    from .data import MNI_AXIAL_SLICE_MM, load_mni
+
+    _refuse_existing(out, overwrite or (out / "report.json").is_file())
+    with console.status("loading the MNI152 template (from nilearn)"):
+        subject = load_mni(resolution, axial_slice_mm=MNI_AXIAL_SLICE_MM if two_d else None)
+        atrophy = random_atrophy(subject, seed=seed)
+    console.print(f"random atrophy map (seed {seed}): {describe(atrophy, subject)}", highlight=False)
+    simulation = _simulate_with_progress({"device": device}, subject, atrophy)
+    simulation.save(out, overwrite=True)
+    _summarise(simulation, out)
+
+
+@app.command()
+@friendly_errors
+def simulate(
+    image: Annotated[Path, typer.Option(help="Baseline intensity NIfTI.")],
+    labels: Annotated[Path, typer.Option(help="Tissue label NIfTI on the image grid (0 bg, 1 CSF, 2 GM, 3 WM, 4 DGM).")],
+    atrophy: Annotated[Path, typer.Option(help="Atrophy map NIfTI on the image grid.")],
+    out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
+    convention: Annotated[str, typer.Option(help="ratio (baseline/follow-up volume, >1 = loss), inverse (follow-up/baseline) or percent (change, <0 = loss).")] = "ratio",
+    label_table: Annotated[Optional[Path], typer.Option(help="YAML 'label: tissue class' table for other labellings.")] = None,
+    brain_only: Annotated[bool, typer.Option(help="Prescribe the map in tissue only; CSF volume is free to compensate.")] = False,
+    method: Annotated[str, typer.Option(help="solver")] = "solver",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Simulate the follow-up of your subject under an atrophy map and write every output to OUT."""
+    from .atrophy import describe, load_atrophy
+    from .data import load_subject
+
+    _refuse_existing(out, overwrite)
+    subject = load_subject(image, labels, label_table)
+    atrophy_map = load_atrophy(atrophy, subject, convention)
+    console.print(f"atrophy map ({convention}): {describe(atrophy_map, subject)}", highlight=False)
+    simulation = _simulate_with_progress({"method": method, "brain_only": brain_only, "device": device},
+                                         subject, atrophy_map)
+    simulation.save(out, overwrite=overwrite)
+    _summarise(simulation, out)
+
+
+@app.command("atrophy-map")
+@friendly_errors
+def atrophy_map(
+    out: Annotated[Path, typer.Option(help="Output NIfTI file (.nii.gz).")],
+    image: Annotated[Optional[Path], typer.Option(help="Subject image (default: the MNI template).")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Subject label map (with --image).")] = None,
+    label_table: Annotated[Optional[Path], typer.Option(help="YAML 'label: tissue class' table.")] = None,
+    resolution: Annotated[int, typer.Option(help="MNI resolution (mm) when no --image is given.")] = 2,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same map.")] = 0,
+    tissue_percent: Annotated[float, typer.Option(help="Mean tissue volume change per year in percent (<0 = loss).")] = -1.0,
+    spread_percent: Annotated[float, typer.Option(help="Spatial standard deviation of the change in percent.")] = 2.0,
+    fwhm_mm: Annotated[float, typer.Option(help="Smoothness of the map (FWHM, mm).")] = 10.0,
+    years: Annotated[float, typer.Option(help="Years the yearly change compounds over.")] = 1.0,
+    compensate_csf: Annotated[bool, typer.Option(help="CSF changes to keep the intracranial volume.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Write a smooth random atrophy map (ratio convention: a > 1 = loss) for a subject."""
+    from .atrophy import describe, random_atrophy
+    from .data import InputError, load_mni, load_subject, write_image
+
+    if (image is None) != (labels is None):
+        raise InputError("pass both --image and --labels, or neither (for the MNI template)")
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; pass --overwrite to replace it")
+    subject = load_mni(resolution) if image is None else load_subject(image, labels, label_table)
+    yearly = random_atrophy(subject, seed=seed, tissue_percent=tissue_percent, spread_percent=spread_percent,
+                            fwhm_mm=fwhm_mm, compensate_csf=compensate_csf)
+    atrophy = yearly**years
+    write_image(subject.to_nifti(atrophy), out, overwrite=overwrite)
+    console.print(f"{describe(atrophy, subject)} over {years:g} year(s)", highlight=False)
+    print(f"wrote {out}")

@@ -1,0 +1,270 @@
+"""Subjects: NIfTI in and out, the embedded MNI152 brain, validation of user input (DESIGN §4, §5).
+
+A :class:`Subject` holds tensors in the library's conventions (channel-first, voxel axes in file
+order, a NIfTI volume with a third axis of length 1 squeezed to 2D) plus the NIfTI header needed to
+write outputs with the input's geometry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from .mechanics import TISSUE_CLASSES
+
+DEFAULT_LABEL_TABLE = {0: "background", 1: "csf", 2: "gm", 3: "wm", 4: "dgm"}
+MNI_AXIAL_SLICE_MM = 10.0  # world z of the default 2D slice: through the lateral ventricles
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])  # ITK's world frame flips x and y of NIfTI's RAS
+
+
+class InputError(ValueError):
+    """Bad user input, reported to the user as one line (the CLI exits with code 2)."""
+
+
+@dataclass
+class Subject:
+    """One brain: intensity image, tissue labels and probabilities, geometry.
+
+    ``image`` ``(1, 1, *N)`` float32; ``labels`` ``(1, 1, *N)`` int64 (the user's label values);
+    ``probabilities`` ``(1, K, *N)`` over ``TISSUE_CLASSES[:K]``; ``affine`` voxel -> RAS mm of the
+    file (its third axis kept in 2D); ``header`` the image's NIfTI header, reused for outputs.
+    """
+
+    image: Tensor
+    labels: Tensor
+    probabilities: Tensor
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    name: str = "subject"
+
+    @property
+    def ndim(self) -> int:
+        return self.image.ndim - 2
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.image.shape[2:])
+
+    @property
+    def file_shape(self) -> tuple[int, int, int]:
+        """Shape of the subject's NIfTI volume (a 2D subject has a third axis of length 1)."""
+        return (*self.shape, 1) if self.ndim == 2 else self.shape
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm along each simulated axis."""
+        return tuple(float(h) for h in np.linalg.norm(self.affine[:3, :3], axis=0)[: self.ndim])
+
+    @property
+    def brain(self) -> Tensor:
+        """Boolean brain mask ``(1, 1, *N)``: not background."""
+        return self.probabilities[:, :1] < 0.5
+
+    @property
+    def tissue(self) -> Tensor:
+        """Boolean tissue mask ``(1, 1, *N)``: grey, white or deep grey matter dominates."""
+        return self.probabilities[:, 2:].sum(1, keepdim=True) >= 0.5
+
+    def to_nifti(self, volume: Tensor | np.ndarray, dtype: type = np.float32) -> nib.Nifti1Image:
+        """A NIfTI image of a ``(1, C, *N)`` volume (C = 1) with this subject's geometry."""
+        array = np.asarray(volume.detach().cpu() if isinstance(volume, Tensor) else volume)[0, 0]
+        if self.ndim == 2:
+            array = array[..., None]
+        return _image_like(array.astype(dtype), self.affine, self.header)
+
+    def displacement_to_itk(self, u: Tensor) -> nib.Nifti1Image:
+        """An ITK/ANTs displacement field of voxel displacement ``u (1, d, *N)``: X x Y x Z x 1 x 3,
+        vector intent, millimetres in the LPS world frame (DESIGN §5)."""
+        voxels = u.detach().cpu().double().numpy()[0]
+        if self.ndim == 2:
+            voxels = np.concatenate([voxels, np.zeros_like(voxels[:1])])[..., None]
+        world_lps = np.einsum("ij,jk,k...->...i", LPS_FROM_RAS, self.affine[:3, :3], voxels)
+        image = _image_like(world_lps[..., None, :].astype(np.float32), self.affine, self.header)
+        image.header.set_intent("vector")
+        return image
+
+
+def _image_like(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header) -> nib.Nifti1Image:
+    header = header.copy()
+    header.set_data_dtype(array.dtype)
+    image = nib.Nifti1Image(array, affine, header)
+    image.header.set_slope_inter(1.0, 0.0)
+    return image
+
+
+def one_hot_tissue(labels: Tensor, table: dict[int, str]) -> Tensor:
+    """Tissue probabilities ``(1, K, *N)`` from integer labels through a label -> class table."""
+    classes = sorted({TISSUE_CLASSES.index(c) for c in table.values()} | {0, 1, 2, 3})
+    count = max(classes) + 1
+    probabilities = torch.zeros((1, count, *labels.shape[2:]), dtype=torch.float32)
+    for label, tissue in table.items():
+        probabilities[:, TISSUE_CLASSES.index(tissue)] += (labels[:, 0] == label).float()
+    return probabilities
+
+
+def load_mni(resolution: int = 2, *, axial_slice_mm: float | None = None) -> Subject:
+    """The MNI152 2009a template embedded in nilearn (no download), 1 or 2 mm.
+
+    Labels 0 background, 1 CSF, 2 GM, 3 WM are the most probable class; CSF = brain mask minus
+    grey and white matter. ``axial_slice_mm`` returns the axial slice nearest that world z as a 2D
+    subject (the default slice is :data:`MNI_AXIAL_SLICE_MM`).
+    """
+    from nilearn import datasets
+
+    if resolution not in (1, 2):
+        raise InputError(f"the MNI template comes at 1 or 2 mm, not {resolution}")
+    template = datasets.load_mni152_template(resolution=resolution)
+    grey = datasets.load_mni152_gm_template(resolution=resolution).get_fdata(dtype=np.float32)
+    white = datasets.load_mni152_wm_template(resolution=resolution).get_fdata(dtype=np.float32)
+    mask = datasets.load_mni152_brain_mask(resolution=resolution).get_fdata(dtype=np.float32) > 0.5
+    tissue_sum = np.maximum(grey + white, 1.0)  # renormalise where the two maps overlap past 1
+    grey, white = grey / tissue_sum * mask, white / tissue_sum * mask
+    csf = (1.0 - grey - white) * mask
+    probabilities = np.stack([1.0 - mask, csf, grey, white]).astype(np.float32)
+    image = template.get_fdata(dtype=np.float32)
+    image = image / np.percentile(image[mask], 99)  # intensities ~[0, 1]
+    affine, header = template.affine.copy(), template.header.copy()
+    if axial_slice_mm is not None:
+        k = int(np.clip(round(np.linalg.solve(affine, [0, 0, axial_slice_mm, 1])[2]), 0, image.shape[2] - 1))
+        image, probabilities = image[:, :, k], probabilities[..., k]
+        affine[:3, 3] = affine[:3, :3] @ [0, 0, k] + affine[:3, 3]
+    labels = np.argmax(probabilities, axis=0)
+    name = f"mni152-{resolution}mm" + ("" if axial_slice_mm is None else f"-z{axial_slice_mm:g}")
+    return Subject(image=torch.from_numpy(image)[None, None], labels=torch.from_numpy(labels)[None, None],
+                   probabilities=torch.from_numpy(probabilities)[None], affine=affine, header=header, name=name)
+
+
+def read_nifti(path: str | Path, what: str) -> nib.Nifti1Image:
+    """Load a NIfTI file or raise :class:`InputError` naming the file and the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} file not found: {path}")
+    try:
+        image = nib.load(path)
+        image.get_fdata(dtype=np.float32)  # read now so a truncated file fails here
+    except Exception as error:  # nibabel raises many types for unreadable files
+        raise InputError(f"cannot read {what} file {path}: {error}".splitlines()[0]) from None
+    if len(image.shape) not in (2, 3) and not (len(image.shape) == 4 and image.shape[3] == 1):
+        raise InputError(f"{what} must be a 2D or 3D volume, got shape {image.shape} from {path}")
+    return image
+
+
+def volume(image: nib.Nifti1Image) -> np.ndarray:
+    """The image as a 3D float array (a 2D file gains a third axis of length 1)."""
+    array = image.get_fdata(dtype=np.float32)
+    array = array.reshape(array.shape[:3]) if array.ndim == 4 else array
+    return array[..., None] if array.ndim == 2 else array
+
+
+def check_same_grid(other: nib.Nifti1Image, shape: tuple[int, ...], affine: np.ndarray, what: str) -> None:
+    """Raise :class:`InputError` unless ``other`` lies on the image's voxel grid (3D ``shape``, ``affine``)."""
+    if volume(other).shape != tuple(shape):
+        raise InputError(f"{what} has shape {volume(other).shape} but the image has {tuple(shape)}")
+    if not np.allclose(other.affine, affine, atol=1e-3):
+        raise InputError(f"{what} has a different affine (voxel-to-world geometry) than the image")
+
+
+def as_tensor(array: np.ndarray) -> Tensor:
+    """``(1, 1, *N)`` tensor of a file volume, squeezing a length-1 third axis (2D)."""
+    array = array[..., 0] if array.shape[2] == 1 else array
+    return torch.from_numpy(np.ascontiguousarray(array))[None, None]
+
+
+def read_label_table(path: str | Path | None) -> dict[int, str]:
+    """Label -> tissue class table from YAML (``{label: background|csf|gm|wm|dgm}``)."""
+    if path is None:
+        return dict(DEFAULT_LABEL_TABLE)
+    try:
+        table = yaml.safe_load(Path(path).read_text())
+        table = {int(label): str(tissue).lower() for label, tissue in table.items()}
+    except FileNotFoundError:
+        raise InputError(f"label table file not found: {path}") from None
+    except Exception as error:
+        raise InputError(f"cannot read label table {path}: expected 'label: tissue class' lines ({error})".splitlines()[0]) from None
+    unknown = sorted({t for t in table.values() if t not in TISSUE_CLASSES})
+    if unknown:
+        raise InputError(f"label table {path} names unknown tissue classes {unknown}; use {list(TISSUE_CLASSES)}")
+    return table
+
+
+def load_subject(image_path: str | Path, labels_path: str | Path, label_table: str | Path | None = None) -> Subject:
+    """A user subject from an intensity NIfTI and a label NIfTI on the same grid."""
+    image_nii = read_nifti(image_path, "image")
+    labels_nii = read_nifti(labels_path, "label map")
+    image = volume(image_nii)
+    check_same_grid(labels_nii, image.shape, image_nii.affine, f"label map {labels_path}")
+    if not np.isfinite(image).all():
+        raise InputError(f"image {image_path} contains NaN or infinite values")
+    raw_labels = volume(labels_nii)
+    labels = np.rint(raw_labels)
+    if not np.array_equal(labels, raw_labels):
+        raise InputError(f"label map {labels_path} has non-integer values; pass integer tissue labels")
+    table = read_label_table(label_table)
+    outside = sorted(set(np.unique(labels).astype(int).tolist()) - set(table))
+    if outside:
+        shown = ", ".join(map(str, outside[:10])) + (" ..." if len(outside) > 10 else "")
+        raise InputError(f"label map {labels_path} has labels {shown} that are not in the label table "
+                         f"{sorted(table)}; pass --label-table")
+    labels_tensor = as_tensor(labels.astype(np.int64))
+    probabilities = one_hot_tissue(labels_tensor, table)
+    if probabilities[:, 0].min() >= 0.5:
+        raise InputError(f"label map {labels_path} has no brain: every voxel is background")
+    return Subject(image=as_tensor(image), labels=labels_tensor, probabilities=probabilities,
+                   affine=image_nii.affine.copy(), header=image_nii.header.copy(), name=Path(image_path).name.split(".")[0])
+
+
+def write_image(image: nib.Nifti1Image, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Save one NIfTI atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists; pass --overwrite to replace it")
+    if not path.name.endswith((".nii", ".nii.gz")):
+        raise InputError(f"{path} must end in .nii or .nii.gz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        nib.save(image, staging)
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+    return path
+
+
+def write_outputs(images: dict[str, nib.Nifti1Image], extra: dict[str, bytes], out_dir: str | Path,
+                  *, overwrite: bool = False) -> Path:
+    """Write every output into ``out_dir`` atomically: all files appear together or none do.
+
+    Files are written into a temporary sibling folder that is renamed into place at the end; an
+    existing ``out_dir`` is refused unless ``overwrite``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise InputError(f"output folder {out_dir} already exists; pass --overwrite to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name, image in images.items():
+            nib.save(image, staging / name)
+        for name, content in extra.items():
+            (staging / name).write_bytes(content)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            out_dir.rename(old / out_dir.name)
+            staging.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

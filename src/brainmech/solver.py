@@ -1,0 +1,180 @@
+"""Direct minimisation of the growth energy (DESIGN §3): the ground truth and the fallback.
+
+L-BFGS with a strong-Wolfe line search on each level of a coarse-to-fine pyramid. Each level's
+problem is the same physical energy on a coarser grid (the energy is an integral in mm^3, so the
+levels agree); a level's solution, upsampled, starts the next one.
+
+Stopping rule, per level: stop when the best energy improved by less than ``rtol`` (relative)
+over the last ``patience`` energy evaluations, or after ``max_evaluations``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor
+
+from .mechanics import Problem
+
+MIN_COARSE_SIZE = 24  # the pyramid stops before any axis gets shorter than this
+
+
+@dataclass
+class SolverRecord:
+    """Convergence record: one row per energy evaluation (level 0 is the finest grid)."""
+
+    level: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    energy: list[float] = field(default_factory=list)
+    converged: bool = False  # every level stopped by the rtol rule, none by max_evaluations
+    started: float = field(default_factory=time.perf_counter)  # the clock of ``seconds``
+
+    def as_dict(self) -> dict:
+        finest = [e for lv, e in zip(self.level, self.energy) if lv == 0]
+        return {"evaluations": len(self.energy), "seconds": self.seconds[-1] if self.seconds else 0.0,
+                "converged": self.converged, "final_energy": min(finest) if finest else None,
+                "level": self.level, "time_s": self.seconds, "energy": self.energy}
+
+
+@dataclass
+class SolverResult:
+    displacement: Tensor  # (B, d, *N) voxels
+    record: SolverRecord
+
+
+def _resize(volume: Tensor, shape: tuple[int, ...]) -> Tensor:
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return nnf.interpolate(volume, size=shape, mode=mode, align_corners=True)
+
+
+def coarsen(problem: Problem) -> Problem:
+    """The same problem on a grid with half the voxels per axis (align-corners geometry)."""
+    fine = problem.atrophy.shape[2:]
+    coarse = tuple((n + 1) // 2 for n in fine)
+    ratio = [(n - 1) / (m - 1) for n, m in zip(fine, coarse)]  # fine voxels per coarse voxel
+    shrink = lambda t: nnf.interpolate(t, size=coarse, mode="area")  # noqa: E731 - averages, keeps ranges
+    return replace(
+        problem,
+        atrophy=torch.exp(shrink(torch.log(problem.atrophy))),
+        mu=shrink(problem.mu), bulk=shrink(problem.bulk), background=shrink(problem.background),
+        centre=problem.centre / torch.tensor(ratio, dtype=problem.centre.dtype, device=problem.centre.device),
+        spacing=tuple(h * r for h, r in zip(problem.spacing, ratio)),
+    )
+
+
+def refine_field(u: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Upsample a voxel-unit displacement to a finer align-corners grid, rescaling its voxel units."""
+    coarse = u.shape[2:]
+    ratio = torch.tensor([(n - 1) / (m - 1) for n, m in zip(shape, coarse)], dtype=u.dtype, device=u.device)
+    return _resize(u, shape) * ratio.reshape(1, -1, *([1] * len(shape)))
+
+
+def pyramid(problem: Problem, levels: int | None = None) -> list[Problem]:
+    """Problems from finest (index 0) to coarsest; ``levels=None`` halves while every axis >= 2 x MIN_COARSE_SIZE."""
+    problems = [problem]
+    while (len(problems) < levels) if levels is not None else min(problems[-1].atrophy.shape[2:]) >= 2 * MIN_COARSE_SIZE:
+        problems.append(coarsen(problems[-1]))
+    return problems
+
+
+def potential_flow(atrophy: Tensor, spacing: tuple[float, ...]) -> Tensor:
+    """Small-strain, nearly incompressible estimate of the solution, in voxels ``(B, d, *N)``.
+
+    With K >> mu the minimiser keeps div U ~ log a; among fields with that divergence the
+    curl-free U = grad(phi), with Laplace(phi) = log a [phi in mm^2], has the least shear energy in a
+    homogeneous medium (Helmholtz decomposition). Solved by FFT of the mirror-extended grid
+    (Neumann boundary: no flow through the box); heterogeneity is left to the minimiser.
+    """
+    d = len(spacing)
+    source = torch.log(atrophy[:, 0]).double()
+    extended = source
+    for axis in range(1, d + 1):  # half-sample mirror: period 2N, even about the borders
+        extended = torch.cat([extended, extended.flip(axis)], dim=axis)
+    eigenvalue = 0.0
+    for axis, (n, h) in enumerate(zip(source.shape[1:], spacing)):
+        k = torch.arange(2 * n, dtype=torch.float64, device=atrophy.device)
+        shape = [1] * d
+        shape[axis] = 2 * n
+        eigenvalue = eigenvalue + ((2.0 * torch.cos(torch.pi * k / n) - 2.0) / h**2).reshape(shape)
+    spectrum = torch.fft.fftn(extended, dim=tuple(range(1, d + 1)))
+    spectrum = spectrum / torch.where(eigenvalue == 0, torch.inf, eigenvalue)  # mean of phi is free: set 0
+    phi = torch.fft.ifftn(spectrum, dim=tuple(range(1, d + 1))).real[(slice(None), *(slice(0, n) for n in source.shape[1:]))]
+    gradient_mm = torch.stack(torch.gradient(phi, spacing=list(spacing), dim=tuple(range(1, d + 1))), dim=1)
+    h = torch.as_tensor(spacing, dtype=torch.float64, device=atrophy.device).reshape(1, d, *([1] * d))
+    return (gradient_mm / h).to(atrophy.dtype)
+
+
+def minimise(
+    problem: Problem,
+    initial: Tensor | None = None,
+    *,
+    rtol: float = 1e-4,
+    patience: int = 10,
+    max_evaluations: int = 2000,
+    record: SolverRecord | None = None,
+    level: int = 0,
+    on_evaluation: Callable[[int, float], None] | None = None,
+) -> tuple[Tensor, bool]:
+    """L-BFGS on one grid from ``initial`` (zero displacement by default), appending to ``record``;
+    returns the displacement and whether the rtol rule (not max_evaluations) stopped it."""
+    record = record if record is not None else SolverRecord()
+    shape = (problem.atrophy.shape[0], problem.ndim, *problem.atrophy.shape[2:])
+    u = (initial.detach().clone() if initial is not None else problem.atrophy.new_zeros(shape)).requires_grad_()
+    with torch.no_grad():
+        scale = problem.energy(u).abs().clamp_min(1e-12)  # L-BFGS sees an O(1) objective
+    optimiser = torch.optim.LBFGS([u], lr=1.0, max_iter=patience, history_size=20, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-9, tolerance_change=1e-12)
+    best: list[float] = []
+
+    def closure() -> Tensor:
+        optimiser.zero_grad()
+        loss = problem.energy(u) / scale
+        loss.backward()
+        energy = float(loss.detach() * scale)
+        best.append(min(energy, best[-1]) if best else energy)
+        record.level.append(level)
+        record.seconds.append(time.perf_counter() - record.started)
+        record.energy.append(energy)
+        if on_evaluation is not None:
+            on_evaluation(level, energy)
+        return loss
+
+    while len(best) < max_evaluations:
+        optimiser.step(closure)
+        if len(best) > patience and best[-patience - 1] - best[-1] <= rtol * abs(best[-1]):
+            return u.detach(), True
+    return u.detach(), False
+
+
+def solve(
+    problem: Problem,
+    initial: Tensor | None = None,
+    *,
+    levels: int | None = 2,
+    rtol: float = 1e-4,
+    patience: int = 10,
+    max_evaluations: int = 2000,
+    on_evaluation: Callable[[int, float], None] | None = None,
+) -> SolverResult:
+    """Minimise ``problem``'s energy, coarse to fine over ``levels`` grids (None: as many as fit).
+
+    Without ``initial`` the coarsest level starts from the potential flow (:func:`potential_flow`);
+    with ``initial`` (e.g. a network prediction, ``network+refine``) only the finest level is solved.
+    Coarse levels stop at ``10 * rtol``: they only prepare the start of the next.
+    """
+    problems = [problem] if initial is not None else pyramid(problem, levels)
+    record = SolverRecord(converged=True)
+    u = initial if initial is not None else potential_flow(problems[-1].atrophy, problems[-1].spacing)
+    for level in reversed(range(len(problems))):
+        level_problem = problems[level]
+        if u.shape[2:] != level_problem.atrophy.shape[2:]:
+            u = refine_field(u, tuple(level_problem.atrophy.shape[2:]))
+        u, converged = minimise(level_problem, u, rtol=rtol if level == 0 else 10 * rtol, patience=patience,
+                                max_evaluations=max_evaluations, record=record, level=level,
+                                on_evaluation=on_evaluation)
+        record.converged = record.converged and converged
+    return SolverResult(displacement=u, record=record)
