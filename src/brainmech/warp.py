@@ -46,9 +46,3 @@ def compose(u_step: Tensor, u_previous: Tensor) -> Tensor:
     """Field of ``y -> x`` after ``u_previous`` then ``u_step`` in pull-back order (DESIGN §3):
     ``u(y) = u_step(y) + u_previous(y + u_step(y))``."""
     return u_step + warp_image(u_previous, u_step)
-
-
-def identity_grid(shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
-    """Voxel coordinates ``(1, d, *shape)`` of every grid point."""
-    axes = [torch.arange(n, dtype=dtype, device=device) for n in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
