@@ -9,7 +9,15 @@ import torch
 
 from brainmech.mechanics import Problem, build_problem, det_f_map, neo_hookean_density, deformation_gradients, quadrature
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Identities are checked to 1e-10: run this module in double precision, then restore."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def uniform_problem(shape, spacing, atrophy=1.0, mu=1.0, scheme="nodal", lambdas=(0.0, 0.0)):

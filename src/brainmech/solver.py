@@ -87,7 +87,8 @@ def potential_flow(atrophy: Tensor, spacing: tuple[float, ...]) -> Tensor:
     With K >> mu the minimiser keeps div U ~ log a; among fields with that divergence the
     curl-free U = grad(phi), with Laplace(phi) = log a [phi in mm^2], has the least shear energy in a
     homogeneous medium (Helmholtz decomposition). Solved by FFT of the mirror-extended grid
-    (Neumann boundary: no flow through the box); heterogeneity is left to the minimiser.
+    (Neumann boundary: no flow through the box, so the box keeps its volume and div U = log a minus
+    its mean over the box); heterogeneity is left to the minimiser.
     """
     d = len(spacing)
     source = torch.log(atrophy[:, 0]).double()

@@ -1,0 +1,64 @@
+"""The direct solver: exact answers where they exist, a true minimum where they do not."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from brainmech.data import load_subject
+from brainmech.mechanics import Problem, build_problem, det_f_map
+from brainmech.solver import coarsen, potential_flow, refine_field, solve
+
+
+def test_uniform_growth_is_solved_exactly():
+    shape, a = (20, 18), 1.06
+    ones = torch.ones(1, 1, *shape)
+    problem = Problem(atrophy=a * ones, mu=ones, bulk=100 * ones, background=0 * ones,
+                      centre=torch.tensor([[9.5, 8.5]]), spacing=(1.0, 1.3))
+    result = solve(problem, rtol=1e-7)
+    assert result.record.converged
+    assert torch.allclose(det_f_map(result.displacement, problem.spacing), a * ones, atol=1e-3)
+    assert problem.energy(result.displacement) < 1e-5 * problem.energy(torch.zeros(1, 2, *shape))
+
+
+def test_potential_flow_has_the_prescribed_divergence():
+    shape, spacing = (40, 44), (1.0, 0.8)
+    x = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 40), torch.linspace(-1, 1, 44), indexing="ij"))
+    atrophy = torch.exp(0.05 * torch.exp(-8 * (x**2).sum(0)))[None, None]
+    u_mm = potential_flow(atrophy, spacing) * torch.tensor(spacing).reshape(1, 2, 1, 1)
+    divergence = sum(torch.gradient(u_mm[0, k], spacing=spacing[k], dim=k)[0] for k in range(2))
+    interior = (slice(4, -4), slice(4, -4))
+    source = torch.log(atrophy[0, 0])
+    # a closed box keeps its volume: the flow realises log a minus its mean over the box
+    assert torch.allclose(divergence[interior], (source - source.mean())[interior], atol=2e-3)
+
+
+def test_solution_of_a_brain_phantom_is_a_minimum(subject_files):
+    subject = load_subject(subject_files["image"], subject_files["labels"])
+    atrophy = torch.where(subject.tissue, 1.04, 1.0)
+    problem = build_problem(subject.probabilities, atrophy, subject.spacing)
+    result = solve(problem, rtol=1e-6, patience=20)
+    u = result.displacement
+    energy = problem.energy(u)
+    assert energy < 0.2 * problem.energy(potential_flow(atrophy, subject.spacing))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        nudge = 0.01 * torch.randn(u.shape, generator=generator)
+        assert problem.energy(u + nudge) > energy
+    energies = [e for level, e in zip(result.record.level, result.record.energy) if level == 0]
+    assert min(energies) == pytest.approx(float(energy), rel=1e-5)
+
+
+def test_pyramid_levels_describe_the_same_physical_problem():
+    shape = (33, 41)
+    ones = torch.ones(1, 1, *shape)
+    problem = Problem(atrophy=1.05 * ones, mu=ones, bulk=100 * ones, background=0 * ones,
+                      centre=torch.tensor([[16.0, 20.0]]), spacing=(1.0, 2.0))
+    coarse = coarsen(problem)
+    assert coarse.atrophy.shape[2:] == (17, 21)
+    assert coarse.spacing == pytest.approx((2.0, 4.0))
+    # a physical affine map keeps its energy (an integral over the same box) on both grids
+    u = torch.stack(torch.meshgrid(torch.arange(17.0), torch.arange(21.0), indexing="ij"))[None] * 0.02
+    fine_u = refine_field(u, shape)
+    assert problem.energy(fine_u).item() == pytest.approx(coarse.energy(u).item(), rel=1e-4)
+    assert replace(problem).energy(fine_u) == problem.energy(fine_u)
