@@ -1,0 +1,125 @@
+"""The command line on user files: outputs keep the geometry; bad input is one line, exit 2, nothing written."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from brainmech.cli import app
+
+runner = CliRunner()
+
+
+def simulate(paths, out, *extra):
+    args = ["simulate", "--image", str(paths["image"]), "--labels", str(paths["labels"]),
+            "--atrophy", str(paths["atrophy"]), "--out", str(out), *extra]
+    return runner.invoke(app, args)
+
+
+def test_simulate_writes_every_output_with_the_input_geometry(subject_files, tmp_path):
+    out = tmp_path / "out"
+    result = simulate(subject_files, out)
+    assert result.exit_code == 0, result.output
+    source = nib.load(subject_files["image"])
+    for name in ["warped_image", "warped_labels", "det_f", "atrophy"]:
+        image = nib.load(out / f"{name}.nii.gz")
+        assert image.shape == source.shape and np.allclose(image.affine, source.affine)
+    labels = nib.load(out / "warped_labels.nii.gz").get_fdata()
+    assert set(np.unique(labels)) <= {0, 1, 2, 3}
+    displacement = nib.load(out / "displacement.nii.gz")
+    assert displacement.shape == (*source.shape, 1, 3)
+    assert displacement.header.get_intent()[0] == "vector"
+    report = json.loads((out / "report.json").read_text())
+    assert report["folded_voxels_brain"] == 0
+    assert report["mse_atrophy_tissue"] < 1e-3
+    det_f = nib.load(out / "det_f.nii.gz").get_fdata()
+    tissue = nib.load(subject_files["labels"]).get_fdata() >= 2
+    assert det_f[tissue].mean() > 1.0  # the map asked for tissue loss (a = 1.03)
+    assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_2d_file_is_simulated_in_2d(subject_files, tmp_path):
+    paths = {}
+    for name in ["image", "labels", "atrophy"]:
+        image = nib.load(subject_files[name])
+        paths[name] = tmp_path / f"{name}2d.nii.gz"
+        nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj)[:, :, 9:10], image.affine), paths[name])
+    result = simulate(paths, tmp_path / "out2d")
+    assert result.exit_code == 0, result.output
+    assert nib.load(tmp_path / "out2d" / "displacement.nii.gz").shape == (20, 22, 1, 1, 3)
+    assert json.loads((tmp_path / "out2d" / "report.json").read_text())["spacing_mm"] == pytest.approx([1.0, 1.5])
+
+
+def write_like(paths, name, array, tmp_path, affine=None):
+    path = tmp_path / f"bad_{name}.nii.gz"
+    nib.save(nib.Nifti1Image(array, nib.load(paths["image"]).affine if affine is None else affine), path)
+    return {**paths, name: path}
+
+
+def atrophy_with(paths, tmp_path, value):
+    atrophy = nib.load(paths["atrophy"]).get_fdata().astype(np.float32)
+    atrophy[10, 10, 9] = value
+    return write_like(paths, "atrophy", atrophy, tmp_path)
+
+
+BAD_INPUTS = {
+    "shape": (lambda p, t: write_like(p, "labels", np.zeros((5, 5, 5), np.int16), t), "shape"),
+    "affine": (lambda p, t: write_like(p, "atrophy", nib.load(p["atrophy"]).get_fdata().astype(np.float32), t,
+                                       affine=np.diag([2.0, 2.0, 2.0, 1.0])), "affine"),
+    "nan": (lambda p, t: atrophy_with(p, t, np.nan), "NaN"),
+    "inf": (lambda p, t: atrophy_with(p, t, np.inf), "infinite"),
+    "non-positive": (lambda p, t: atrophy_with(p, t, -0.5), "non-positive"),
+    "unknown label": (lambda p, t: write_like(p, "labels", np.where(nib.load(p["labels"]).get_fdata() == 3, 17, nib.load(p["labels"]).get_fdata()).astype(np.int16), t), "17"),
+    "empty brain": (lambda p, t: write_like(p, "labels", np.zeros(nib.load(p["labels"]).shape, np.int16), t), "no brain"),
+    "missing file": (lambda p, t: {**p, "image": t / "nowhere.nii.gz"}, "not found"),
+    "unreadable file": (lambda p, t: (t / "junk.nii.gz").write_bytes(b"not a nifti") and {**p, "labels": t / "junk.nii.gz"}, "cannot read"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, subject_files, tmp_path):
+    make, message = BAD_INPUTS[case]
+    paths = make(subject_files, tmp_path)
+    out = tmp_path / "out"
+    result = simulate(paths, out)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_an_existing_output_folder_is_refused_unless_overwrite(subject_files, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = simulate(subject_files, out)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    assert simulate(subject_files, out, "--overwrite").exit_code == 0
+    assert not (out / "keep.txt").exists() and (out / "report.json").exists()
+
+
+def test_label_table_maps_other_labellings(subject_files, tmp_path):
+    labels = nib.load(subject_files["labels"]).get_fdata()
+    paths = write_like(subject_files, "labels", (labels * 10).astype(np.int16), tmp_path)
+    table = tmp_path / "table.yaml"
+    table.write_text("0: background\n10: csf\n20: gm\n30: wm\n")
+    assert simulate(paths, tmp_path / "out", "--label-table", str(table)).exit_code == 0
+    assert set(np.unique(nib.load(tmp_path / "out" / "warped_labels.nii.gz").get_fdata())) <= {0, 10, 20, 30}
+
+
+def test_atrophy_map_is_reproducible_from_its_seed(subject_files, tmp_path):
+    def make(name, seed):
+        args = ["atrophy-map", "--image", str(subject_files["image"]), "--labels", str(subject_files["labels"]),
+                "--out", str(tmp_path / name), "--seed", str(seed), "--fwhm-mm", "4", "--tissue-percent", "-2"]
+        assert runner.invoke(app, args).exit_code == 0
+        return nib.load(tmp_path / name).get_fdata()
+
+    first, again, other = make("a.nii.gz", 1), make("b.nii.gz", 1), make("c.nii.gz", 2)
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    tissue = nib.load(subject_files["labels"]).get_fdata() >= 2
+    assert np.mean(1 / first[tissue] - 1) == pytest.approx(-0.02, abs=2e-3)  # -2 % volume in tissue
