@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as nnf
 import yaml
 from torch import Tensor
 
@@ -132,15 +133,14 @@ def load_mni(resolution: int = 2, *, axial_slice_mm: float | None = None) -> Sub
     probabilities = np.stack([1.0 - mask, csf, grey, white]).astype(np.float32)
     image = template.get_fdata(dtype=np.float32)
     image = image / np.percentile(image[mask], 99)  # intensities ~[0, 1]
-    affine, header = template.affine.copy(), template.header.copy()
-    if axial_slice_mm is not None:
-        k = int(np.clip(round(np.linalg.solve(affine, [0, 0, axial_slice_mm, 1])[2]), 0, image.shape[2] - 1))
-        image, probabilities = image[:, :, k], probabilities[..., k]
-        affine[:3, 3] = affine[:3, :3] @ [0, 0, k] + affine[:3, 3]
     labels = np.argmax(probabilities, axis=0)
-    name = f"mni152-{resolution}mm" + ("" if axial_slice_mm is None else f"-z{axial_slice_mm:g}")
-    return Subject(image=torch.from_numpy(image)[None, None], labels=torch.from_numpy(labels)[None, None],
-                   probabilities=torch.from_numpy(probabilities)[None], affine=affine, header=header, name=name)
+    subject = Subject(image=torch.from_numpy(image)[None, None], labels=torch.from_numpy(labels)[None, None],
+                      probabilities=torch.from_numpy(probabilities)[None], affine=template.affine.copy(),
+                      header=template.header.copy(), name=f"mni152-{resolution}mm")
+    if axial_slice_mm is None:
+        return subject
+    k = int(np.clip(round(np.linalg.solve(subject.affine, [0, 0, axial_slice_mm, 1])[2]), 0, image.shape[2] - 1))
+    return replace(axial_slice(subject, k), name=f"mni152-{resolution}mm-z{axial_slice_mm:g}")
 
 
 def read_nifti(path: str | Path, what: str) -> nib.Nifti1Image:
@@ -268,3 +268,42 @@ def write_outputs(images: dict[str, nib.Nifti1Image], extra: dict[str, bytes], o
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def axial_slice(subject: Subject, k: int) -> Subject:
+    """Axial slice ``k`` (third voxel axis) of a 3D subject as a 2D subject with the slice's geometry."""
+    affine = subject.affine.copy()
+    affine[:3, 3] = affine[:3, :3] @ [0, 0, k] + affine[:3, 3]
+    return Subject(image=subject.image[..., k], labels=subject.labels[..., k],
+                   probabilities=subject.probabilities[..., k], affine=affine, header=subject.header,
+                   name=f"{subject.name}-k{k}")
+
+
+def pseudo_subject(template: Subject, seed: int, *, deformation_mm: float = 4.0, smoothness_mm: float = 12.0,
+                   intensity_gamma: float = 0.2) -> Subject:
+    """A new subject made from ``template``: a random smooth diffeomorphism (velocity field smoothed
+    with a Gaussian of ``smoothness_mm`` FWHM, integrated by scaling and squaring, largest
+    displacement ~``deformation_mm``) applied to image and tissue probabilities, and a random
+    intensity gamma ``exp(N(0, intensity_gamma))``. Reproducible from ``seed``."""
+    from monai.networks.blocks import DVF2DDF
+    from scipy.ndimage import gaussian_filter
+
+    from .warp import warp_image, warp_labels
+
+    rng = np.random.default_rng(seed)
+    coarse = tuple(max(n // 4, 2) for n in template.shape)  # the field is smooth: draw it on a 4x coarser grid
+    coarse_spacing = [h * n / m for h, n, m in zip(template.spacing, template.shape, coarse)]
+    sigma = [smoothness_mm / 2.3548 / h for h in coarse_spacing]  # FWHM -> sigma, in coarse voxels
+    velocity = np.stack([gaussian_filter(rng.standard_normal(coarse), sigma, mode="reflect")
+                         for _ in range(template.ndim)])
+    spacing = np.asarray(template.spacing).reshape(-1, *([1] * template.ndim))
+    ratio = np.asarray([(n - 1) / (m - 1) for n, m in zip(template.shape, coarse)]).reshape(spacing.shape)
+    velocity *= deformation_mm / (np.abs(velocity).max() + 1e-12) / (spacing * ratio)  # mm -> coarse voxels
+    u = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="zeros")(torch.from_numpy(velocity[None]).float())
+    mode = "bilinear" if template.ndim == 2 else "trilinear"
+    u = nnf.interpolate(u, size=template.shape, mode=mode, align_corners=True) * torch.from_numpy(ratio[None]).float()
+    probabilities = warp_image(template.probabilities, u)
+    probabilities = probabilities / probabilities.sum(1, keepdim=True).clamp_min(1e-6)
+    image = warp_image(template.image, u).clamp_min(0) ** float(np.exp(rng.normal(0.0, intensity_gamma)))
+    return Subject(image=image, labels=warp_labels(template.labels, u), probabilities=probabilities,
+                   affine=template.affine, header=template.header, name=f"{template.name}-pseudo{seed}")
