@@ -20,7 +20,7 @@ def simulate(paths, out, *extra):
 
 def test_simulate_writes_every_output_with_the_input_geometry(subject_files, tmp_path):
     out = tmp_path / "out"
-    result = simulate(subject_files, out)
+    result = simulate(subject_files, out, "--method", "solver")
     assert result.exit_code == 0, result.output
     source = nib.load(subject_files["image"])
     for name in ["warped_image", "warped_labels", "det_f", "atrophy"]:

@@ -56,7 +56,7 @@ def _simulate_with_progress(simulator_kwargs: dict, subject, atrophy):
     from .simulator import Simulator
 
     with _progress() as progress:
-        task = progress.add_task("solving", total=None)
+        task = progress.add_task("simulating", total=None)
         evaluations = [0]
 
         def on_evaluation(level: int, energy: float) -> None:
@@ -70,9 +70,13 @@ def _simulate_with_progress(simulator_kwargs: dict, subject, atrophy):
 
 def _summarise(simulation, out_dir: Path) -> None:
     report = simulation.report
-    solver = report["solver"]
-    console.print(f"[bold]{report['subject']}[/]: {report['method']} in {report['timings']['solve_s']:.1f} s "
-                  f"({solver['evaluations']} energy evaluations, converged: {solver['converged']})", highlight=False)
+    how = report["method"] + (f", {report['steps']} steps" if report["steps"] > 1 else "")
+    if report["solver"]:
+        evaluations = sum(r["evaluations"] for r in report["solver"])
+        converged = all(r["converged"] for r in report["solver"])
+        how += f"; {evaluations} energy evaluations, converged: {converged}"
+    console.print(f"[bold]{report['subject']}[/]: simulated in {report['timings']['simulate_s']:.2f} s ({how})",
+                  highlight=False)
     console.print(f"  MSE(det F, a): tissue {report['mse_atrophy_tissue']:.2e}, brain {report['mse_atrophy_brain']:.2e}; "
                   f"folded voxels: {report['folded_voxels_brain']}; max |u| {report['max_displacement_mm']:.2f} mm",
                   highlight=False)
@@ -93,6 +97,8 @@ def demo(
     resolution: Annotated[int, typer.Option(help="MNI template resolution in mm: 1 or 2.")] = 2,
     two_d: Annotated[bool, typer.Option("--2d", help="Simulate one axial slice (z = 10 mm) instead of the volume.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random atrophy map.")] = 0,
+    method: Annotated[str, typer.Option(help="network (pretrained U-Net), solver (direct minimisation) or network+refine.")] = "network",
+    steps: Annotated[int, typer.Option(help="Simulate in this many composed steps.")] = 1,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT even if it is not a previous brainmech output.")] = False,
 ) -> None:
@@ -105,7 +111,7 @@ def demo(
         subject = load_mni(resolution, axial_slice_mm=MNI_AXIAL_SLICE_MM if two_d else None)
         atrophy = random_atrophy(subject, seed=seed)
     console.print(f"random atrophy map (seed {seed}): {describe(atrophy, subject)}", highlight=False)
-    simulation = _simulate_with_progress({"device": device}, subject, atrophy)
+    simulation = _simulate_with_progress({"method": method, "steps": steps, "device": device}, subject, atrophy)
     simulation.save(out, overwrite=True)
     _summarise(simulation, out)
 
@@ -120,7 +126,9 @@ def simulate(
     convention: Annotated[str, typer.Option(help="ratio (baseline/follow-up volume, >1 = loss), inverse (follow-up/baseline) or percent (change, <0 = loss).")] = "ratio",
     label_table: Annotated[Optional[Path], typer.Option(help="YAML 'label: tissue class' table for other labellings.")] = None,
     brain_only: Annotated[bool, typer.Option(help="Prescribe the map in tissue only; CSF volume is free to compensate.")] = False,
-    method: Annotated[str, typer.Option(help="solver")] = "solver",
+    method: Annotated[Optional[str], typer.Option(help="network (pretrained U-Net; the default), solver (direct minimisation; the default with --brain-only) or network+refine.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d or a model.pt from 'brainmech train' (default: by dimension).")] = None,
+    steps: Annotated[int, typer.Option(help="Simulate in this many composed steps (large or multi-year changes).")] = 1,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -132,7 +140,9 @@ def simulate(
     subject = load_subject(image, labels, label_table)
     atrophy_map = load_atrophy(atrophy, subject, convention)
     console.print(f"atrophy map ({convention}): {describe(atrophy_map, subject)}", highlight=False)
-    simulation = _simulate_with_progress({"method": method, "brain_only": brain_only, "device": device},
+    method = method or ("solver" if brain_only else "network")
+    simulation = _simulate_with_progress({"method": method, "model": model, "steps": steps, "brain_only": brain_only,
+                                          "device": device},
                                          subject, atrophy_map)
     simulation.save(out, overwrite=overwrite)
     _summarise(simulation, out)
@@ -169,3 +179,71 @@ def atrophy_map(
     write_image(subject.to_nifti(atrophy), out, overwrite=overwrite)
     console.print(f"{describe(atrophy, subject)} over {years:g} year(s)", highlight=False)
     print(f"wrote {out}")
+
+
+@app.command()
+@friendly_errors
+def train(
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints/, logs/ (CSV), model.pt and model.json.")],
+    model: Annotated[str, typer.Option(help="2d (1 mm axial slices) or 3d (2 mm volumes).")] = "2d",
+    steps: Annotated[int, typer.Option(help="Optimiser steps in total (a resumed run continues to this count).")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Cases per step.")] = 4,
+    learning_rate: Annotated[float, typer.Option(help="Adam learning rate (cosine decay to 1/20 of it).")] = 2e-3,
+    data: Annotated[Optional[Path], typer.Option(help="Your subjects: DATA/images/NAME.nii.gz + DATA/labels/NAME.nii.gz (default: MNI pseudo-subjects).")] = None,
+    label_table: Annotated[Optional[Path], typer.Option(help="YAML 'label: tissue class' table for --data.")] = None,
+    validation_cases: Annotated[int, typer.Option(help="Held-out pseudo-subjects for validation.")] = 4,
+    validate_every: Annotated[int, typer.Option(help="Validate and checkpoint every this many steps.")] = 250,
+    seed: Annotated[int, typer.Option(help="Seed of everything random.")] = 0,
+    accelerator: Annotated[str, typer.Option(help="auto, cpu or gpu.")] = "auto",
+    devices: Annotated[str, typer.Option(help="Devices per node (a number or 'auto'); > 1 uses DDP.")] = "1",
+    num_nodes: Annotated[int, typer.Option(help="Nodes (DDP across machines, launched by your cluster).")] = 1,
+    workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 0,
+    resume: Annotated[Optional[Path], typer.Option(help="Checkpoint to resume from (e.g. OUT/checkpoints/last.ckpt).")] = None,
+) -> None:
+    """Train the U-Net on the energy (no solver answers needed), with lightning."""
+    from .train import train as run_training
+
+    if steps < 1 or batch_size < 1 or validate_every < 1:
+        from .data import InputError
+
+        raise InputError("steps, batch size and validate-every must be >= 1")
+    path = run_training(out, model=model, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                        data=str(data) if data else None, label_table=str(label_table) if label_table else None,
+                        validation_cases=validation_cases, validate_every=validate_every, seed=seed,
+                        accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices,
+                        num_nodes=num_nodes, workers=workers, resume=resume)
+    print(f"wrote {path} (model card {path.with_suffix('.json')}); use it with: brainmech simulate --model {path}")
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    out: Annotated[Path, typer.Option(help="Output folder: cases.csv (every case) and table.md (means per method).")],
+    cases: Annotated[Optional[Path], typer.Option(help="CSV: baseline, labels, atrophy, followup[, followup_labels] (default: synthetic benchmark).")] = None,
+    model: Annotated[str, typer.Option(help="Synthetic benchmark: 2d or 3d.")] = "2d",
+    count: Annotated[int, typer.Option(help="Synthetic benchmark: number of held-out pseudo-subjects.")] = 4,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods to compare.")] = "network,solver",
+    network: Annotated[Optional[str], typer.Option(help="Network to evaluate: mni-2d, mni-3d or a model.pt.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Table 1 metrics (MSE_atrophy, MSE_image, Dice, energy gap, RMSE to solver, folds, time) over cases."""
+    from .benchmark import evaluate_cases, markdown_table, csv_text, read_cases, summarise, synthetic_cases
+    from .data import InputError, write_outputs
+    from .simulator import METHODS, Simulator
+
+    _refuse_existing(out, overwrite)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    if not chosen or set(chosen) - set(METHODS):
+        raise InputError(f"methods must be among {list(METHODS)}, got {methods!r}")
+    if cases is None and model not in ("2d", "3d"):
+        raise InputError(f"--model must be 2d or 3d, got {model!r}")
+    with console.status("preparing cases (the synthetic benchmark's follow-ups come from the converged solver)"):
+        case_list = read_cases(cases) if cases else synthetic_cases(model, count)
+    simulators = {m: Simulator(m, model=network) for m in chosen}
+    with console.status(f"evaluating {len(case_list)} cases x {len(chosen)} methods"):
+        rows = evaluate_cases(case_list, simulators)
+    table = markdown_table(summarise(rows))
+    write_outputs({}, {"cases.csv": csv_text(rows).encode(), "table.md": (table + "\n").encode()}, out,
+                  overwrite=overwrite)
+    print(table)
+    print(f"wrote {out}/ (cases.csv, table.md)")

@@ -66,3 +66,14 @@ def figure_png(image: Tensor, atrophy: Tensor, det_f: Tensor, displacement_mm: T
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def dice_per_tissue(labels: Tensor, reference: Tensor, classes: dict[int, str]) -> dict[str, float]:
+    """Dice between two label maps ``(B, 1, *N)`` for each label in ``classes`` (label -> tissue name),
+    by MONAI's DiceMetric; a tissue absent from both maps gets NaN."""
+    from monai.metrics import DiceMetric
+
+    values = list(classes)
+    one_hot = lambda t: torch.cat([(t == v) for v in values], 1).float()  # noqa: E731
+    scores = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(one_hot(labels), one_hot(reference))
+    return {classes[v]: float(scores[0, i]) for i, v in enumerate(values)}

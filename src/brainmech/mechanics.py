@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
+warnings.filterwarnings("ignore", message="Sparse (CSR tensor support is in beta|invariant checks are implicitly)", category=UserWarning)
 SCHEMES = ("nodal", "central")
 TISSUE_CLASSES = ("background", "csf", "gm", "wm", "dgm")
 DEFAULT_SHEAR_MODULUS = {"background": 0.0, "csf": 0.01, "gm": 1.0, "wm": 1.0, "dgm": 1.0}

@@ -4,7 +4,7 @@ Example::
 
     from brainmech import Simulator, load_mni, random_atrophy
     subject = load_mni(2)
-    result = Simulator(method="solver")(subject, random_atrophy(subject, seed=0))
+    result = Simulator.pretrained("mni-3d")(subject, random_atrophy(subject, seed=0))
     result.save("out/")
 """
 
@@ -25,10 +25,11 @@ from . import __version__
 from .data import InputError, Subject, write_outputs
 from .evaluate import atrophy_mse, figure_png, folded_voxels
 from .mechanics import build_problem, det_f_map, to_millimetres
-from .solver import solve
-from .warp import warp_image, warp_labels
+from .network import PRETRAINED, load_network, load_pretrained
+from .solver import SolverRecord, solve
+from .warp import compose, warp_image, warp_labels
 
-METHODS = ("solver",)
+METHODS = ("network", "solver", "network+refine")
 
 
 @dataclass
@@ -80,29 +81,81 @@ class Simulator:
     """Simulate the follow-up of a subject under an atrophy map.
 
     Args:
-        method: ``"solver"`` (direct minimisation of the energy).
-        brain_only: prescribe the atrophy in tissue only; CSF volume is free to compensate.
+        method: ``"network"`` (the pretrained U-Net: milliseconds to seconds), ``"solver"`` (direct
+            minimisation of the energy: the ground truth) or ``"network+refine"`` (the solver started
+            from the network's answer).
+        model: the network: a pretrained name (``"mni-2d"``, ``"mni-3d"``), a ``.pt`` file from
+            ``brainmech train``, or None for the pretrained model of the subject's dimension.
+        steps: split the map into ``steps`` equal steps ``a^(1/steps)``, each simulated on the
+            tissue moved by the previous ones, and compose the fields (large or multi-year changes).
+        brain_only: prescribe the atrophy in tissue only; CSF volume is free to compensate (solver).
         rtol: the solver's stopping tolerance (relative energy decrease over its patience window).
         device: where the physics runs (``"cpu"``, ``"cuda"``).
-        on_evaluation: called with ``(level, energy)`` after each energy evaluation (progress bars).
+        on_evaluation: called with ``(level, energy)`` after each solver energy evaluation (progress bars).
+
+    Example::
+
+        simulation = Simulator.pretrained("mni-3d")(subject, atrophy)
     """
 
-    def __init__(self, method: str = "solver", *, brain_only: bool = False, rtol: float = 1e-4,
-                 device: str | torch.device = "cpu", on_evaluation: Callable[[int, float], None] | None = None):
+    def __init__(self, method: str = "network", *, model: str | Path | None = None, steps: int = 1,
+                 brain_only: bool = False, rtol: float = 1e-4, device: str | torch.device = "cpu",
+                 on_evaluation: Callable[[int, float], None] | None = None):
         if method not in METHODS:
             raise InputError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-        self.method, self.brain_only, self.rtol = method, brain_only, rtol
+        if steps < 1:
+            raise InputError(f"steps must be >= 1, got {steps}")
+        if brain_only and method != "solver":
+            raise InputError("--brain-only needs --method solver (the networks are trained with CSF prescribed)")
+        self.method, self.model, self.steps, self.brain_only, self.rtol = method, model, steps, brain_only, rtol
         self.device, self.on_evaluation = torch.device(device), on_evaluation
+        self._networks: dict[int, tuple[torch.nn.Module, dict]] = {}
+
+    @classmethod
+    def pretrained(cls, name: str = "mni-3d", **kwargs) -> Simulator:
+        """The network simulator with a pretrained model (``"mni-2d"`` or ``"mni-3d"``)."""
+        return cls("network", model=name, **kwargs)
+
+    def network(self, ndim: int) -> tuple[torch.nn.Module, dict]:
+        """The network for ``ndim``-D subjects and its model card (loaded once)."""
+        if ndim not in self._networks:
+            model = self.model or f"mni-{ndim}d"
+            try:
+                network, card = load_pretrained(model) if model in PRETRAINED else load_network(model)
+            except FileNotFoundError:
+                raise InputError(f"model file not found: {model}") from None
+            if network.ndim != ndim:
+                raise InputError(f"model {model} is {network.ndim}D; the subject is {ndim}D")
+            self._networks[ndim] = (network.to(self.device), card)
+        return self._networks[ndim]
+
+    def step(self, probabilities: Tensor, atrophy: Tensor, spacing: tuple[float, ...]) -> tuple[Tensor, SolverRecord | None]:
+        """One simulation step on the device: displacement (voxels) and the solver's record if it ran."""
+        u, record = None, None
+        if self.method != "solver":
+            network, _ = self.network(len(spacing))
+            with torch.no_grad():
+                u = network(atrophy, probabilities, spacing)
+        if self.method != "network":
+            problem = build_problem(probabilities, atrophy, spacing, brain_only=self.brain_only)
+            result = solve(problem, initial=u, rtol=self.rtol, on_evaluation=self.on_evaluation)
+            u, record = result.displacement, result.record
+        return u, record
 
     def __call__(self, subject: Subject, atrophy: Tensor) -> Simulation:
         check_atrophy(atrophy, subject)
-        timings = {}
+        timings: dict[str, float] = {}
         start = time.perf_counter()
-        problem = build_problem(subject.probabilities, atrophy, subject.spacing,
-                                brain_only=self.brain_only).to(self.device)
-        result = solve(problem, rtol=self.rtol, on_evaluation=self.on_evaluation)
-        timings["solve_s"] = time.perf_counter() - start
-        u = result.displacement
+        probabilities, full_atrophy = subject.probabilities.to(self.device), atrophy.to(self.device)
+        u, records = None, []
+        for _ in range(self.steps):  # DESIGN §3: each step on the tissue the previous steps moved
+            moved_probabilities = probabilities if u is None else warp_image(probabilities, u)
+            moved_atrophy = full_atrophy if u is None else warp_image(full_atrophy, u)
+            u_step, record = self.step(moved_probabilities, moved_atrophy ** (1.0 / self.steps), subject.spacing)
+            u = u_step if u is None else compose(u_step, u)
+            records.append(record)
+        timings["simulate_s"] = time.perf_counter() - start
+        problem = build_problem(probabilities, full_atrophy, subject.spacing, brain_only=self.brain_only)
         det_f = det_f_map(u, subject.spacing)
         terms = {k: float(v.sum()) for k, v in problem.energy_terms(u).items()}
         start = time.perf_counter()
@@ -113,6 +166,8 @@ class Simulator:
         u, det_f = cpu(u), cpu(det_f)
         report = {
             "method": self.method,
+            "model": None if self.method == "solver" else self.network(subject.ndim)[1],
+            "steps": self.steps,
             "subject": subject.name,
             "shape": list(subject.shape),
             "spacing_mm": list(subject.spacing),
@@ -122,10 +177,13 @@ class Simulator:
             "energy": terms,
             "mse_atrophy_tissue": atrophy_mse(det_f, atrophy, subject.tissue),
             "mse_atrophy_brain": atrophy_mse(det_f, atrophy, subject.brain),
+            # the same in the follow-up's material frame: det F(y) vs a(y + u(y)) over the moved tissue
+            "mse_atrophy_tissue_moved": atrophy_mse(det_f, warp_image(atrophy, u),
+                                                    warp_image(subject.tissue.float(), u) > 0.5),
             "folded_voxels_brain": folded_voxels(det_f, subject.brain),
             "max_displacement_mm": float(to_millimetres(u, subject.spacing).norm(dim=1).max()),
             "brain_centre_voxel": problem.centre[0].tolist(),
-            "solver": result.record.as_dict(),
+            "solver": [r.as_dict() for r in records] if self.method != "network" else None,
             "versions": {"brainmech": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
         return Simulation(subject=subject, atrophy=atrophy, displacement=u, det_f=det_f,

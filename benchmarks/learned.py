@@ -1,0 +1,135 @@
+"""The pretrained networks against the direct solver on the same held-out cases (run by hand).
+
+    pip install -e ".[bench]"
+    python benchmarks/learned.py                # mni-2d and mni-3d, 2 threads, README table
+    python benchmarks/learned.py --cases 2 --skip-torchio
+
+Cases: held-out MNI pseudo-subjects (brainmech.benchmark.synthetic_cases) whose reference is the
+solver converged to rtol 1e-6. For each model: tissue MSE(det F, a) of the network and of the
+reference, energy gap, displacement RMSE to the reference (voxels), folded voxels, network time
+(median of 5 after a warm-up), and the time the default solver needs from zero to reach the
+network's tissue MSE (monitoring time excluded). At 1 mm the 3D model predicts on a 2 mm grid and
+upsamples; it is timed against TorchIO's RandomElasticDeformation of the same 1 mm volume.
+"""
+
+import argparse
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from brainmech.benchmark import synthetic_cases
+from brainmech.data import load_mni
+from brainmech.evaluate import atrophy_mse, folded_voxels
+from brainmech.mechanics import Problem, build_problem, det_f_map
+from brainmech.network import load_pretrained
+from brainmech.solver import solve
+
+warnings.filterwarnings("ignore")
+
+
+def median_seconds(function, repeats: int = 5) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class WatchedProblem(Problem):
+    """A problem that notes, at full-grid energy evaluations, the elapsed solver time and tissue MSE."""
+
+    watch: dict | None = None
+
+    def energy(self, u):
+        value = super().energy(u)
+        w = self.watch
+        if w is not None and u.shape[2:] == w["atrophy"].shape[2:]:
+            pause = time.perf_counter()
+            mse = atrophy_mse(det_f_map(u.detach(), self.spacing), w["atrophy"], w["tissue"])
+            if w["reached"] is None and mse <= w["target"]:
+                w["reached"] = pause - w["start"] - w["monitoring"]
+            w["monitoring"] += time.perf_counter() - pause
+        return value
+
+
+def seconds_to_reach(case, target_mse: float) -> float:
+    """Wall time of the default solver (from zero) until its tissue MSE <= target (inf if never)."""
+    s = case.subject
+    base = build_problem(s.probabilities, case.atrophy, s.spacing)
+    watch = {"atrophy": case.atrophy, "tissue": s.tissue, "target": target_mse, "reached": None, "monitoring": 0.0}
+    problem = WatchedProblem(**{f: getattr(base, f) for f in base.__dataclass_fields__}, watch=watch)
+    watch["start"] = time.perf_counter()
+    solve(problem, rtol=1e-5)
+    return watch["reached"] if watch["reached"] is not None else float("inf")
+
+
+def run(model: str, count: int) -> dict:
+    network, card = load_pretrained(f"mni-{model}")
+    rows = []
+    for case in synthetic_cases(model, count):
+        s = case.subject
+        problem = build_problem(s.probabilities, case.atrophy, s.spacing)
+        with torch.no_grad():
+            u = network(case.atrophy, s.probabilities, s.spacing)
+            seconds = median_seconds(lambda: network(case.atrophy, s.probabilities, s.spacing))
+        det_f = det_f_map(u, s.spacing)
+        reference_det_f = det_f_map(case.reference_displacement, s.spacing)
+        mse = atrophy_mse(det_f, case.atrophy, s.tissue)
+        solver_seconds = seconds_to_reach(case, mse)
+        rows.append({"mse": mse, "mse_solver": atrophy_mse(reference_det_f, case.atrophy, s.tissue),
+                     "gap": (float(problem.energy(u)) - case.reference_energy) / abs(case.reference_energy),
+                     "rmse": float(((u - case.reference_displacement) ** 2).sum(1).mean().sqrt()),
+                     "folded": folded_voxels(det_f, s.brain), "seconds": seconds, "solver_seconds": solver_seconds})
+    mean = {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
+    mean["speedup"] = statistics.mean(r["solver_seconds"] / r["seconds"] for r in rows)
+    mean["voxels"] = s.image.numel()
+    mean["steps"] = card.get("training_steps")
+    return mean
+
+
+def one_mm_volume_timing() -> tuple[float, float]:
+    """Seconds for the 3D network (predicting at 2 mm, upsampled) and TorchIO's elastic deformation at 1 mm."""
+    import torchio
+
+    subject = load_mni(1)
+    network, _ = load_pretrained("mni-3d")
+    network.coarse = 2
+    atrophy = torch.ones_like(subject.image) * 1.01
+    with torch.no_grad():
+        ours = median_seconds(lambda: network(atrophy, subject.probabilities, subject.spacing), repeats=3)
+    tio_subject = torchio.Subject(t1=torchio.ScalarImage(tensor=subject.image[0], affine=subject.affine),
+                                  labels=torchio.LabelMap(tensor=subject.labels[0], affine=subject.affine))
+    elastic = torchio.RandomElasticDeformation()
+    theirs = median_seconds(lambda: elastic(tio_subject), repeats=3)
+    return ours, theirs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", type=int, default=4)
+    parser.add_argument("--skip-torchio", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print("| model | voxels | tissue MSE net / solver | energy gap | RMSE to solver (vox) | folded | network time | "
+          "solver time to same MSE | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model in ("2d", "3d"):
+        r = run(model, args.cases)
+        print(f"| mni-{model} | {r['voxels']:,} | {r['mse']:.2e} / {r['mse_solver']:.2e} ({r['mse'] / r['mse_solver']:.2f} x) "
+              f"| {100 * r['gap']:.1f} % | {r['rmse']:.3f} | {r['folded']:.0f} | {1000 * r['seconds']:.0f} ms "
+              f"| {r['solver_seconds']:.2f} s | {r['speedup']:.0f} x |", flush=True)
+    if not args.skip_torchio:
+        ours, theirs = one_mm_volume_timing()
+        print(f"\n1 mm MNI volume: mni-3d (2 mm grid, upsampled) {ours:.2f} s; "
+              f"TorchIO RandomElasticDeformation {theirs:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The learned simulator (DESIGN §3): a U-Net that corrects the potential flow, and pretrained loading.
+
+``u = potential_flow(a) + UNet(log a, tissue, CSF, potential flow)``, in voxels. The potential flow
+(an FFT Poisson solve, no parameters) carries the long-range, nearly incompressible part of the
+answer that a small convolutional network cannot see across a whole brain; the U-Net learns the
+local corrections that the materials cause (soft CSF, the free background). Its last layer starts
+at zero, so an untrained network already returns the physics-based estimate.
+
+Example::
+
+    from brainmech.network import load_pretrained
+    network, card = load_pretrained("mni-2d")
+    u = network(atrophy, probabilities, spacing=(1.0, 1.0))  # (B, 2, H, W) voxels
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as nnf
+from monai.networks.nets import BasicUNet
+from torch import Tensor, nn
+
+from .solver import potential_flow, refine_field
+
+INPUT_SCALE = 20.0  # log a and u are a few hundredths: x20 brings them to O(1) for the network
+PRETRAINED = ("mni-2d", "mni-3d")
+UNET_MULTIPLE = 16  # BasicUNet halves the grid four times
+
+
+class AtrophyNet(nn.Module):
+    """Displacement (voxels) from an atrophy map and tissue probabilities, 2D or 3D.
+
+    Args:
+        ndim: 2 or 3.
+        features: MONAI ``BasicUNet`` widths (6 numbers: 5 encoder levels, last decoder).
+        coarse: predict the correction on a grid ``coarse`` times coarser per axis and upsample
+            it (it is smooth; 1 mm volumes stay fast); the potential flow stays at full resolution.
+    """
+
+    def __init__(self, ndim: int, features: tuple[int, ...] = (8, 16, 16, 32, 32, 8), coarse: int = 1):
+        super().__init__()
+        self.ndim, self.features, self.coarse = ndim, tuple(features), coarse
+        self.unet = BasicUNet(spatial_dims=ndim, in_channels=3 + ndim, out_channels=ndim, features=self.features,
+                              norm=None, upsample="nontrainable")
+        last = self.unet.final_conv
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def config(self) -> dict:
+        return {"ndim": self.ndim, "features": list(self.features), "coarse": self.coarse}
+
+    def inputs(self, atrophy: Tensor, probabilities: Tensor, spacing: tuple[float, ...]) -> Tensor:
+        """The U-Net's input at full resolution, ``(B, 3 + d, *N)``: x20 log a, tissue and CSF
+        probability, x20 potential flow (voxels)."""
+        if atrophy.ndim - 2 != self.ndim:
+            raise ValueError(f"a {self.ndim}D network got a {atrophy.ndim - 2}D atrophy map")
+        tissue = probabilities[:, 2:].sum(1, keepdim=True)
+        flow = potential_flow(atrophy, spacing)
+        return torch.cat([INPUT_SCALE * torch.log(atrophy), tissue, probabilities[:, 1:2], INPUT_SCALE * flow], 1)
+
+    def displacement(self, inputs: Tensor) -> Tensor:
+        """Potential flow plus the U-Net's correction (predicted ``coarse`` times coarser, upsampled), voxels."""
+        shape = tuple(inputs.shape[2:])
+        flow = inputs[:, 3:] / INPUT_SCALE
+        if self.coarse == 1:
+            return flow + self._unet(inputs) / INPUT_SCALE
+        coarse_shape = tuple((n - 1) // self.coarse + 1 for n in shape)
+        correction = self._unet(nnf.interpolate(inputs, size=coarse_shape, mode="area")) / INPUT_SCALE
+        return flow + refine_field(correction, shape)
+
+    def _unet(self, inputs: Tensor) -> Tensor:
+        """The U-Net on inputs padded (edge values repeated) to a multiple of its 16x downsampling."""
+        shape = inputs.shape[2:]
+        padding = [p for n in reversed(shape) for p in (0, -n % UNET_MULTIPLE)]
+        output = self.unet(nnf.pad(inputs, padding, mode="replicate"))
+        return output[(slice(None), slice(None), *(slice(0, n) for n in shape))]
+
+    def forward(self, atrophy: Tensor, probabilities: Tensor, spacing: tuple[float, ...]) -> Tensor:
+        """``atrophy (B, 1, *N)`` (target det F), ``probabilities (B, K, *N)`` in TISSUE_CLASSES order
+        (K >= 2), ``spacing`` in mm -> displacement ``(B, d, *N)`` in voxels (pull-back, DESIGN §1)."""
+        return self.displacement(self.inputs(atrophy, probabilities, spacing))
+
+
+def save_network(network: AtrophyNet, path: str | Path, card: dict) -> None:
+    """Write weights and architecture (``.pt``) with a model card (``.json`` beside it)."""
+    path = Path(path)
+    torch.save({"config": network.config(), "state_dict": network.state_dict()}, path)
+    path.with_suffix(".json").write_text(json.dumps(card, indent=2))
+
+
+def load_network(path: str | Path) -> tuple[AtrophyNet, dict]:
+    """A network saved by :func:`save_network` (or a lightning checkpoint of ``train.py``), with its card."""
+    path = Path(path)
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if "state_dict" in saved and "config" not in saved:  # a lightning checkpoint
+        config = saved["hyper_parameters"]["network"]
+        state = {k.removeprefix("network."): v for k, v in saved["state_dict"].items() if k.startswith("network.")}
+    else:
+        config, state = saved["config"], saved["state_dict"]
+    network = AtrophyNet(config["ndim"], tuple(config["features"]), config["coarse"])
+    network.load_state_dict(state)
+    card_path = path.with_suffix(".json")
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    return network.eval(), card
+
+
+def pretrained_path(name: str) -> Path:
+    """The weights file of a model shipped inside the package (``mni-2d`` or ``mni-3d``)."""
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown pretrained model {name!r}; choose one of {list(PRETRAINED)}")
+    return Path(str(resources.files("brainmech") / "models" / f"{name}.pt"))
+
+
+def load_pretrained(name: str) -> tuple[AtrophyNet, dict]:
+    """A pretrained network by name, in eval mode, and its model card."""
+    return load_network(pretrained_path(name))

@@ -1,0 +1,238 @@
+"""Training the learned simulator with lightning (DESIGN §3): unsupervised, on the energy itself.
+
+The loss of a case is its growth energy L(u) (DESIGN §2) divided by the voxel count; no solver
+output is needed. Cases are pseudo-subjects of the MNI brain (random smooth diffeomorphisms and
+intensity changes, :func:`brainmech.data.pseudo_subject`) or a user's NIfTI folder, each with a
+random atrophy map. Validation reports the loss, MSE(det F, a) in tissue, folded voxels, and (with
+reference solves) the energy gap to the direct solver on held-out cases.
+
+Example (a few CPU minutes)::
+
+    brainmech train --model 2d --steps 2000 --out runs/mni-2d
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .atrophy import random_atrophy
+from .data import InputError, Subject, axial_slice, load_mni, load_subject, pseudo_subject
+from .evaluate import atrophy_mse, folded_voxels
+from .mechanics import build_problem, det_f_map
+from .network import AtrophyNet, save_network
+from .solver import solve
+
+#: The shipped models: template resolution (mm), dimension, network settings.
+MODELS = {
+    "2d": {"resolution": 1, "ndim": 2, "network": {"ndim": 2, "features": (8, 16, 16, 32, 32, 8), "coarse": 1}},
+    "3d": {"resolution": 2, "ndim": 3, "network": {"ndim": 3, "features": (8, 16, 16, 32, 32, 8), "coarse": 1}},
+}
+AXIAL_SLICES_MM = (-20.0, 50.0)  # 2D cases are axial slices of the template in this world-z range
+
+
+@dataclass(frozen=True)
+class AtrophyPrior:
+    """Ranges random atrophy maps are drawn from (percent volume change per case, < 0 = loss)."""
+
+    tissue_percent: tuple[float, float] = (-5.0, 1.5)
+    spread_percent: tuple[float, float] = (0.5, 3.0)
+    fwhm_mm: tuple[float, float] = (6.0, 16.0)
+
+    def draw(self, subject: Subject, seed: int) -> torch.Tensor:
+        rng = np.random.default_rng([seed, 1])
+        return random_atrophy(subject, seed=seed, tissue_percent=rng.uniform(*self.tissue_percent),
+                              spread_percent=rng.uniform(*self.spread_percent), fwhm_mm=rng.uniform(*self.fwhm_mm))
+
+
+def case(subject: Subject, atrophy: torch.Tensor) -> dict:
+    """One training/evaluation case as the tensors a batch needs (batch axis dropped)."""
+    return {"probabilities": subject.probabilities[0], "atrophy": atrophy[0], "image": subject.image[0],
+            "labels": subject.labels[0], "spacing": torch.tensor(subject.spacing)}
+
+
+class PseudoSubjects(Dataset):
+    """``count`` random cases of a template, case ``i`` reproducible from ``(seed, i)``.
+
+    2D: each case is a pseudo-subject of a random axial slice (in :data:`AXIAL_SLICES_MM`) of the 3D
+    template. 3D: a pseudo-subject of the whole template.
+    """
+
+    def __init__(self, template: Subject, count: int, seed: int, ndim: int, prior: AtrophyPrior = AtrophyPrior()):
+        self.template, self.count, self.seed, self.ndim, self.prior = template, count, seed, ndim, prior
+
+    def __len__(self) -> int:
+        return self.count
+
+    def subject(self, index: int) -> Subject:
+        seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0])
+        source = self.template
+        if self.ndim == 2 and source.ndim == 3:
+            low, high = (int(round(np.linalg.solve(source.affine, [0, 0, z, 1])[2])) for z in AXIAL_SLICES_MM)
+            source = axial_slice(source, int(np.random.default_rng(seed).integers(low, high + 1)))
+        return pseudo_subject(source, seed)
+
+    def __getitem__(self, index: int) -> dict:
+        subject = self.subject(index)
+        return case(subject, self.prior.draw(subject, seed=self.seed * 1_000_003 + index))
+
+
+class SubjectFolder(Dataset):
+    """A user's subjects: ``folder/images/NAME.nii.gz`` with ``folder/labels/NAME.nii.gz``; each pass
+    draws a new random atrophy map per subject (``epoch`` is advanced by the data module)."""
+
+    def __init__(self, folder: str | Path, seed: int, label_table: str | Path | None = None,
+                 prior: AtrophyPrior = AtrophyPrior()):
+        images = sorted((Path(folder) / "images").glob("*.nii*"))
+        if not images:
+            raise InputError(f"no images in {Path(folder) / 'images'}; expected images/NAME.nii.gz and labels/NAME.nii.gz")
+        self.subjects = [load_subject(path, Path(folder) / "labels" / path.name, label_table) for path in images]
+        self.seed, self.prior, self.epoch = seed, prior, 0
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def __getitem__(self, index: int) -> dict:
+        subject = self.subjects[index]
+        return case(subject, self.prior.draw(subject, seed=self.seed * 1_000_003 + self.epoch * 10_007 + index))
+
+
+class CaseDataModule(L.LightningDataModule):
+    """Training cases (pseudo-subjects or a folder) and held-out validation pseudo-subjects.
+
+    ``reference_solves``: solve each validation case with the direct solver once (at setup) so that
+    validation reports the energy gap to it.
+    """
+
+    def __init__(self, model: str = "2d", data: str | None = None, cases: int = 256, validation_cases: int = 4,
+                 batch_size: int = 4, seed: int = 0, reference_solves: bool = True, workers: int = 0,
+                 label_table: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        settings = MODELS[model]
+        self.ndim, self.resolution = settings["ndim"], settings["resolution"]
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        template = load_mni(self.resolution)
+        self.train_set = (SubjectFolder(h.data, h.seed, h.label_table) if h.data
+                          else PseudoSubjects(template, h.cases, h.seed, self.ndim))
+        validation = PseudoSubjects(template, h.validation_cases, h.seed + 7919, self.ndim)  # held out: other seeds
+        self.validation_set = [validation[i] for i in range(len(validation))]
+        if h.reference_solves:
+            for item in self.validation_set:
+                item["reference_energy"] = torch.tensor(reference_energy(item))
+
+    def train_dataloader(self) -> DataLoader:
+        if isinstance(self.train_set, SubjectFolder):
+            self.train_set.epoch = self.trainer.current_epoch if self.trainer else 0
+            return DataLoader(self.train_set, batch_size=1, shuffle=True, num_workers=self.hparams.workers)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
+                          num_workers=self.hparams.workers, persistent_workers=self.hparams.workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.validation_set, batch_size=1)
+
+
+def batch_spacing(batch: dict) -> tuple[float, ...]:
+    """Voxel size (mm) of a batch's cases (a batch holds cases of one grid)."""
+    return tuple(float(h) for h in batch["spacing"][0])
+
+
+def reference_energy(item: dict, rtol: float = 1e-4) -> float:
+    """Energy of the direct solver's converged answer for one case (the validation yardstick)."""
+    problem = build_problem(item["probabilities"][None], item["atrophy"][None], tuple(item["spacing"].tolist()))
+    return float(problem.energy(solve(problem, rtol=rtol).displacement))
+
+
+class AtrophyNetModule(L.LightningModule):
+    """The network and its unsupervised loss: energy per voxel (mu, DESIGN §2), whole cases."""
+
+    def __init__(self, network: dict, learning_rate: float = 1e-3):
+        super().__init__()
+        self.save_hyperparameters()
+        self.network = AtrophyNet(network["ndim"], tuple(network["features"]), network["coarse"])
+
+    def _energy(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        spacing = batch_spacing(batch)
+        problem = build_problem(batch["probabilities"], batch["atrophy"], spacing)
+        u = self.network(batch["atrophy"], batch["probabilities"], spacing)
+        return problem.energy_terms(u)["total"], u
+
+    def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+        energy, _ = self._energy(batch)
+        loss = energy.mean() / math.prod(batch["atrophy"].shape[2:])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(energy))
+        return loss
+
+    def validation_step(self, batch: dict, batch_index: int) -> None:
+        energy, u = self._energy(batch)
+        voxels = math.prod(batch["atrophy"].shape[2:])
+        det_f = det_f_map(u, batch_spacing(batch))
+        tissue = batch["probabilities"][:, 2:].sum(1, keepdim=True) >= 0.5
+        brain = batch["probabilities"][:, :1] < 0.5
+        metrics = {"val/loss": energy.mean() / voxels,
+                   "val/mse_atrophy_tissue": atrophy_mse(det_f, batch["atrophy"], tissue),
+                   "val/folded_voxels": float(folded_voxels(det_f, brain))}
+        if "reference_energy" in batch:
+            reference = batch["reference_energy"]
+            metrics["val/energy_gap"] = ((energy - reference) / reference.abs()).mean()
+        self.log_dict(metrics, prog_bar=True, batch_size=1)
+
+    def configure_optimizers(self):
+        """Adam with a cosine decay to 1/20 of the rate at ``max_steps``; the decay is read from the
+        trainer at every step, so a resumed run with more steps stretches it instead of restarting it."""
+        optimiser = torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+
+        def factor(step: int) -> float:
+            progress = min(step / max(self.trainer.max_steps, 1), 1.0)
+            return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+        return {"optimizer": optimiser, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: int = 4, learning_rate: float = 1e-3,
+          data: str | None = None, label_table: str | None = None, cases: int = 100_000, validation_cases: int = 4,
+          validate_every: int = 250, seed: int = 0, accelerator: str = "auto", devices: int | str = 1,
+          num_nodes: int = 1, workers: int = 0, resume: str | Path | None = None, reference_solves: bool = True,
+          progress: bool = True) -> Path:
+    """Train (or resume) a network; writes ``out/checkpoints/``, CSV logs in ``out/logs/`` and the
+    final ``out/model.pt`` with its model card ``out/model.json``. Returns the path of ``model.pt``.
+
+    Several GPUs or nodes: ``devices`` / ``num_nodes`` go to lightning's DDP as they are.
+    """
+    if model not in MODELS:
+        raise InputError(f"unknown model {model!r}; choose one of {list(MODELS)}")
+    if resume is not None and not Path(resume).is_file():
+        raise InputError(f"checkpoint to resume not found: {resume}")
+    L.seed_everything(seed, workers=True, verbose=False)
+    out = Path(out)
+    settings = MODELS[model]
+    datamodule = CaseDataModule(model, data, cases, validation_cases, batch_size, seed, reference_solves, workers,
+                                label_table)
+    module = AtrophyNetModule(settings["network"], learning_rate)
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", save_last=True,
+                                                      every_n_train_steps=validate_every)
+    trainer = L.Trainer(max_steps=steps, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                        default_root_dir=out, logger=L.pytorch.loggers.CSVLogger(out, name="logs"),
+                        callbacks=[checkpoints], reload_dataloaders_every_n_epochs=1, val_check_interval=validate_every, check_val_every_n_epoch=None,
+                        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    card = {"model": model, "data": data or "MNI152 2009a pseudo-subjects (random diffeomorphisms, intensity gamma)",
+            "resolution_mm": settings["resolution"], "ndim": settings["ndim"], "network": settings["network"],
+            "training_steps": trainer.global_step, "batch_size": batch_size, "learning_rate": learning_rate,
+            "seed": seed, "validation_cases": validation_cases, "held_out_metrics": metrics,
+            "atrophy_prior": AtrophyPrior().__dict__}
+    path = out / "model.pt"
+    if trainer.is_global_zero:
+        save_network(module.network, path, card)
+    return path

@@ -1,0 +1,105 @@
+"""The learned simulator: architecture contracts, saving/loading, multi-step, and the shipped models."""
+
+import pytest
+import torch
+
+from brainmech import Simulator
+from brainmech.atrophy import random_atrophy
+from brainmech.benchmark import evaluate_cases, summarise, synthetic_cases
+from brainmech.data import MNI_AXIAL_SLICE_MM, load_mni
+from brainmech.mechanics import build_problem, det_f_map
+from brainmech.network import AtrophyNet, load_network, load_pretrained, save_network
+from brainmech.solver import potential_flow
+from brainmech.warp import warp_image
+
+
+def inputs(shape, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    atrophy = torch.exp(0.03 * torch.randn(1, 1, *shape, generator=generator))
+    probabilities = torch.softmax(torch.randn(1, 4, *shape, generator=generator), 1)
+    return atrophy, probabilities
+
+
+@pytest.mark.parametrize("shape", [(21, 18), (13, 15, 11)])
+def test_untrained_network_returns_the_potential_flow(shape):
+    atrophy, probabilities = inputs(shape)
+    spacing = (1.0, 1.5, 2.0)[: len(shape)]
+    u = AtrophyNet(len(shape))(atrophy, probabilities, spacing)
+    assert u.shape == (1, len(shape), *shape)
+    assert torch.allclose(u, potential_flow(atrophy, spacing), atol=1e-6)
+
+
+def test_coarse_prediction_is_upsampled_to_the_input_grid():
+    atrophy, probabilities = inputs((33, 29))
+    u = AtrophyNet(2, coarse=2)(atrophy, probabilities, (1.0, 1.0))
+    assert u.shape == (1, 2, 33, 29)
+    fine = potential_flow(atrophy, (1.0, 1.0))
+    assert (u - fine).abs().mean() < 0.3 * fine.abs().mean()  # the same field, seen at half resolution
+
+
+def test_the_network_is_differentiable_in_its_inputs():
+    atrophy, probabilities = inputs((16, 17))
+    atrophy.requires_grad_()
+    network = AtrophyNet(2)
+    torch.nn.init.normal_(network.unet.final_conv.weight, std=0.1)
+    network(atrophy, probabilities, (1.0, 1.0)).square().sum().backward()
+    assert torch.isfinite(atrophy.grad).all() and atrophy.grad.abs().sum() > 0
+
+
+def test_save_and_load_round_trip(tmp_path):
+    network = AtrophyNet(2, features=(4, 4, 8, 8, 8, 4))
+    torch.nn.init.normal_(network.unet.final_conv.weight, std=0.1)
+    save_network(network, tmp_path / "m.pt", {"note": "test"})
+    loaded, card = load_network(tmp_path / "m.pt")
+    atrophy, probabilities = inputs((20, 20))
+    assert card == {"note": "test"}
+    assert torch.equal(network(atrophy, probabilities, (1.0, 1.0)), loaded(atrophy, probabilities, (1.0, 1.0)))
+
+
+def test_steps_track_the_moving_tissue_and_compose_to_the_prescribed_change():
+    subject = load_mni(2, axial_slice_mm=MNI_AXIAL_SLICE_MM)
+    atrophy = random_atrophy(subject, seed=3, tissue_percent=-8.0)  # a large change: 8 % tissue loss
+    one = Simulator("solver")(subject, atrophy)
+    two = Simulator("solver", steps=2)(subject, atrophy)
+    assert two.report["steps"] == 2 and len(two.report["solver"]) == 2
+    # in the follow-up, det F at y is compared with the a of the material now at y: a(y + u(y))
+    assert two.report["mse_atrophy_tissue_moved"] < 0.6 * one.report["mse_atrophy_tissue_moved"]
+    followup_tissue = float((warp_image(subject.tissue.float(), two.displacement) > 0.5).sum())
+    assert float(subject.tissue.sum()) / followup_tissue == pytest.approx(float(atrophy[subject.tissue].mean()), abs=0.01)
+    difference = (two.displacement - one.displacement).square().sum(1).mean().sqrt()
+    assert difference < 0.4 * one.displacement.square().sum(1).mean().sqrt()  # the same change, in steps
+
+
+@pytest.mark.parametrize("name,ndim", [("mni-2d", 2), ("mni-3d", 3)])
+def test_pretrained_models_load_by_name_with_a_model_card(name, ndim):
+    network, card = load_pretrained(name)
+    assert network.ndim == ndim and card["ndim"] == ndim
+    assert {"data", "resolution_mm", "training_steps", "held_out_metrics"} <= set(card)
+
+
+def test_mni_2d_on_held_out_cases_matches_its_model_card_and_beats_the_physics_prior():
+    cases = synthetic_cases("2d", count=2)
+    rows = summarise(evaluate_cases(cases, {"network": Simulator("network", model="mni-2d")}))
+    network_row = rows[0]
+    _, card = load_pretrained("mni-2d")
+    assert network_row["folded_voxels"] == 0
+    assert network_row["energy_gap"] < 1.5 * card["held_out_metrics"]["energy_gap"]
+    prior_gaps = []
+    for case in cases:
+        problem = build_problem(case.subject.probabilities, case.atrophy, case.subject.spacing)
+        flow = potential_flow(case.atrophy, case.subject.spacing)
+        prior_gaps.append((float(problem.energy(flow)) - case.reference_energy) / case.reference_energy)
+    assert network_row["energy_gap"] < 0.5 * sum(prior_gaps) / len(prior_gaps)
+    assert network_row["rmse_to_solver_voxels"] < 0.1
+
+
+def test_mni_3d_lowers_the_energy_of_the_physics_prior_without_folding():
+    subject = load_mni(2)
+    atrophy = random_atrophy(subject, seed=11, tissue_percent=-2.0)
+    problem = build_problem(subject.probabilities, atrophy, subject.spacing)
+    network, _ = load_pretrained("mni-3d")
+    with torch.no_grad():
+        u = network(atrophy, subject.probabilities, subject.spacing)
+    prior = potential_flow(atrophy, subject.spacing)
+    assert float(problem.energy(u)) < 0.8 * float(problem.energy(prior))
+    assert (det_f_map(u, subject.spacing)[subject.brain] > 0).all()
