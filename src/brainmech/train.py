@@ -14,6 +14,7 @@ Example (a few CPU minutes)::
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,7 +213,8 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
         raise InputError(f"unknown model {model!r}; choose one of {list(MODELS)}")
     if resume is not None and not Path(resume).is_file():
         raise InputError(f"checkpoint to resume not found: {resume}")
-    L.seed_everything(seed, workers=True, verbose=False)
+    resumed_step = torch.load(resume, map_location="cpu", weights_only=False)["global_step"] if resume else 0
+    L.seed_everything(seed + resumed_step, workers=True, verbose=False)  # a resumed run draws new cases
     out = Path(out)
     settings = MODELS[model]
     datamodule = CaseDataModule(model, data, cases, validation_cases, batch_size, seed, reference_solves, workers,
@@ -225,13 +227,15 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
                         callbacks=[checkpoints], reload_dataloaders_every_n_epochs=1, val_check_interval=validate_every, check_val_every_n_epoch=None,
                         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
                         num_sanity_val_steps=0)
+    started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     card = {"model": model, "data": data or "MNI152 2009a pseudo-subjects (random diffeomorphisms, intensity gamma)",
             "resolution_mm": settings["resolution"], "ndim": settings["ndim"], "network": settings["network"],
             "training_steps": trainer.global_step, "batch_size": batch_size, "learning_rate": learning_rate,
             "seed": seed, "validation_cases": validation_cases, "held_out_metrics": metrics,
-            "atrophy_prior": AtrophyPrior().__dict__}
+            "atrophy_prior": AtrophyPrior().__dict__, "hardware": f"{type(trainer.accelerator).__name__} x {trainer.num_devices}",
+            "wall_seconds_this_run": round(time.perf_counter() - started)}
     path = out / "model.pt"
     if trainer.is_global_zero:
         save_network(module.network, path, card)
