@@ -2,7 +2,7 @@
 
     pip install -e ".[bench]"
     python benchmarks/learned.py                # mni-2d and mni-3d, 2 threads, README table
-    python benchmarks/learned.py --cases 2 --skip-torchio
+    python benchmarks/learned.py --models 3d --cases 1 --reference-rtol 1e-5
 
 Cases: held-out MNI pseudo-subjects (brainmech.benchmark.synthetic_cases) whose reference is the
 solver converged to rtol 1e-6. For each model: tissue MSE(det F, a) of the network and of the
@@ -69,10 +69,10 @@ def seconds_to_reach(case, target_mse: float) -> float:
     return watch["reached"] if watch["reached"] is not None else float("inf")
 
 
-def run(model: str, count: int) -> dict:
+def run(model: str, count: int, reference_rtol: float) -> dict:
     network, card = load_pretrained(f"mni-{model}")
     rows = []
-    for case in synthetic_cases(model, count):
+    for case in synthetic_cases(model, count, rtol=reference_rtol):
         s = case.subject
         problem = build_problem(s.probabilities, case.atrophy, s.spacing)
         with torch.no_grad():
@@ -114,14 +114,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", type=int, default=4)
+    parser.add_argument("--models", default="2d,3d")
+    parser.add_argument("--reference-rtol", type=float, default=1e-6, help="stopping tolerance of the reference solves")
     parser.add_argument("--skip-torchio", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("| model | voxels | tissue MSE net / solver | energy gap | RMSE to solver (vox) | folded | network time | "
           "solver time to same MSE | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for model in ("2d", "3d"):
-        r = run(model, args.cases)
+    for model in args.models.split(","):
+        r = run(model, args.cases, args.reference_rtol)
         print(f"| mni-{model} | {r['voxels']:,} | {r['mse']:.2e} / {r['mse_solver']:.2e} ({r['mse'] / r['mse_solver']:.2f} x) "
               f"| {100 * r['gap']:.1f} % | {r['rmse']:.3f} | {r['folded']:.0f} | {1000 * r['seconds']:.0f} ms "
               f"| {r['solver_seconds']:.2f} s | {r['speedup']:.0f} x |", flush=True)
