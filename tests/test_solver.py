@@ -7,7 +7,8 @@ import torch
 
 from brainmech.data import load_subject
 from brainmech.mechanics import Problem, build_problem, det_f_map
-from brainmech.solver import coarsen, potential_flow, refine_field, solve
+from brainmech.solver import (_inverse_laplacian_eigenvalues, _NeumannPoissonDCT, _solve_by_mirror_fft, coarsen,
+                              potential_flow, refine_field, solve)
 
 
 def test_uniform_growth_is_solved_exactly():
@@ -31,6 +32,31 @@ def test_potential_flow_has_the_prescribed_divergence():
     source = torch.log(atrophy[0, 0])
     # a closed box keeps its volume: the flow realises log a minus its mean over the box
     assert torch.allclose(divergence[interior], (source - source.mean())[interior], atol=2e-3)
+
+
+def neumann_laplacian(phi: torch.Tensor, spacing: tuple[float, ...]) -> torch.Tensor:
+    """The 2d+1-point Laplacian of ``phi (B, *N)`` with mirrored (half-sample) borders, written out."""
+    padded = torch.nn.functional.pad(phi[:, None], (1, 1) * len(spacing), mode="replicate")[:, 0]
+    total = torch.zeros_like(phi)
+    for axis, h in enumerate(spacing):
+        def shifted(offset):
+            return padded[(slice(None), *(slice(1 + offset * (a == axis), padded.shape[a + 1] - 1 + offset * (a == axis))
+                                          for a in range(len(spacing))))]
+        total += (shifted(1) - 2 * shifted(0) + shifted(-1)) / h**2
+    return total
+
+
+def test_neumann_poisson_solves_are_exact_and_agree():
+    shape, spacing = (9, 12, 7), (1.0, 1.5, 0.8)
+    source = torch.randn(2, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    inverse = _inverse_laplacian_eigenvalues(shape, shape, spacing, source)
+    phi = _NeumannPoissonDCT.apply(source, inverse)
+    # a closed box: the Laplacian of phi gives back the source minus its mean
+    assert torch.allclose(neumann_laplacian(phi, spacing), source - source.mean(dim=(1, 2, 3), keepdim=True), atol=1e-10)
+    assert torch.allclose(_solve_by_mirror_fft(source, spacing), phi, atol=1e-10)  # the GPU path
+    small = source[:1, :4, :5, :3].clone().requires_grad_()
+    small_inverse = _inverse_laplacian_eigenvalues((4, 5, 3), (4, 5, 3), spacing, source)
+    assert torch.autograd.gradcheck(lambda f: _NeumannPoissonDCT.apply(f, small_inverse), small)
 
 
 def test_solution_of_a_brain_phantom_is_a_minimum(subject_files):

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import scipy.fft
 import torch
 import torch.nn.functional as nnf
 from torch import Tensor
@@ -81,33 +82,74 @@ def pyramid(problem: Problem, levels: int | None = None) -> list[Problem]:
     return problems
 
 
+def _inverse_laplacian_eigenvalues(modes: tuple[int, ...], shape: tuple[int, ...], spacing: tuple[float, ...],
+                                   like: Tensor) -> Tensor:
+    """1 / eigenvalue [mm^2] of the 2d+1-point Laplacian on cosine modes ``k = 0 .. modes - 1`` per axis
+    of a grid of ``shape`` (eigenvalue sum_j (2 cos(pi k_j / N_j) - 2) / h_j^2); 0 for the constant mode."""
+    eigenvalue = 0.0
+    for axis, (m, n, h) in enumerate(zip(modes, shape, spacing)):
+        k = torch.arange(m, dtype=like.dtype, device=like.device)
+        eigenvalue = eigenvalue + ((2.0 * torch.cos(torch.pi * k / n) - 2.0) / h**2).reshape(
+            [-1 if a == axis else 1 for a in range(len(shape))])
+    return 1.0 / torch.where(eigenvalue == 0, torch.inf, eigenvalue)  # the mean of phi is free: set 0
+
+
+def _solve_by_dct(source: Tensor, inverse_eigenvalue: Tensor) -> Tensor:
+    """Laplace^-1 of ``source (B, *N)`` by scipy's orthonormal DCT-II (the Neumann eigenbasis), on the CPU."""
+    axes = tuple(range(1, source.ndim))
+    workers = torch.get_num_threads()
+    spectrum = scipy.fft.dctn(source.detach().numpy(), type=2, axes=axes, norm="ortho", workers=workers)
+    spectrum *= inverse_eigenvalue.numpy()
+    return torch.from_numpy(scipy.fft.idctn(spectrum, type=2, axes=axes, norm="ortho", workers=workers))
+
+
+class _NeumannPoissonDCT(torch.autograd.Function):
+    """phi = Laplace^-1 f with Neumann borders (CPU). The operator C^T diag(1/lambda) C (C orthonormal)
+    is symmetric, so its backward is itself."""
+
+    @staticmethod
+    def forward(ctx, source: Tensor, inverse_eigenvalue: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse_eigenvalue)
+        return _solve_by_dct(source, inverse_eigenvalue)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse_eigenvalue,) = ctx.saved_tensors
+        return _solve_by_dct(grad.contiguous(), inverse_eigenvalue), None
+
+
+def _solve_by_mirror_fft(source: Tensor, spacing: tuple[float, ...]) -> Tensor:
+    """Laplace^-1 of ``source (B, *N)`` with Neumann borders by a real FFT of the mirror-extended grid
+    (period 2N, even about the borders): the same solve as the DCT, for GPUs."""
+    shape = tuple(source.shape[1:])
+    extended = source
+    for axis in range(1, source.ndim):
+        extended = torch.cat([extended, extended.flip(axis)], dim=axis)
+    modes = tuple(2 * n for n in shape[:-1]) + (shape[-1] + 1,)  # the half spectrum rfftn keeps
+    axes = tuple(range(1, source.ndim))
+    spectrum = torch.fft.rfftn(extended, dim=axes) * _inverse_laplacian_eigenvalues(modes, shape, spacing, source)
+    return torch.fft.irfftn(spectrum, s=extended.shape[1:], dim=axes)[(slice(None), *(slice(0, n) for n in shape))]
+
+
 def potential_flow(atrophy: Tensor, spacing: tuple[float, ...]) -> Tensor:
     """Small-strain, nearly incompressible estimate of the solution, in voxels ``(B, d, *N)``.
 
     With K >> mu the minimiser keeps div U ~ log a; among fields with that divergence the
     curl-free U = grad(phi), with Laplace(phi) = log a [phi in mm^2], has the least shear energy in a
-    homogeneous medium (Helmholtz decomposition). Solved by FFT of the mirror-extended grid
-    (Neumann boundary: no flow through the box, so the box keeps its volume and div U = log a minus
-    its mean over the box); heterogeneity is left to the minimiser.
+    homogeneous medium (Helmholtz decomposition). Neumann borders (no flow through the box, so the
+    box keeps its volume and div U = log a minus its mean over the box), solved in the cosine
+    eigenbasis; heterogeneity is left to the minimiser. float32 is plenty: log a ~ 1e-2.
     """
     d = len(spacing)
-    source = torch.log(atrophy[:, 0])  # float32 is plenty: log a ~ 1e-2, FFT error ~1e-7 relative
-    extended = source
-    for axis in range(1, d + 1):  # half-sample mirror: period 2N, even about the borders
-        extended = torch.cat([extended, extended.flip(axis)], dim=axis)
-    axes = tuple(range(1, d + 1))
-    eigenvalue = 0.0  # of the 2d+1-point Laplacian [1/mm^2], on the half spectrum rfftn keeps
-    for axis, (n, h) in enumerate(zip(source.shape[1:], spacing)):
-        k = torch.arange(2 * n if axis < d - 1 else n + 1, dtype=atrophy.dtype, device=atrophy.device)
-        shape = [1] * d
-        shape[axis] = len(k)
-        eigenvalue = eigenvalue + ((2.0 * torch.cos(torch.pi * k / n) - 2.0) / h**2).reshape(shape)
-    spectrum = torch.fft.rfftn(extended, dim=axes)
-    spectrum = spectrum / torch.where(eigenvalue == 0, torch.inf, eigenvalue)  # mean of phi is free: set 0
-    phi = torch.fft.irfftn(spectrum, s=extended.shape[1:], dim=axes)[(slice(None), *(slice(0, n) for n in source.shape[1:]))]
-    gradient_mm = torch.stack(torch.gradient(phi, spacing=list(spacing), dim=axes), dim=1)
-    h = torch.as_tensor(spacing, dtype=torch.float64, device=atrophy.device).reshape(1, d, *([1] * d))
-    return (gradient_mm / h).to(atrophy.dtype)
+    source = torch.log(atrophy[:, 0])
+    shape = tuple(source.shape[1:])
+    if source.device.type == "cpu":
+        phi = _NeumannPoissonDCT.apply(source, _inverse_laplacian_eigenvalues(shape, shape, spacing, source))
+    else:
+        phi = _solve_by_mirror_fft(source, spacing)
+    gradient_mm = torch.stack(torch.gradient(phi, spacing=list(spacing), dim=tuple(range(1, d + 1))), dim=1)
+    h = torch.as_tensor(spacing, dtype=atrophy.dtype, device=atrophy.device).reshape(1, d, *([1] * d))
+    return gradient_mm / h
 
 
 def minimise(
