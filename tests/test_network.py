@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as nnf
 
 from brainmech import Simulator
 from brainmech.atrophy import random_atrophy
@@ -35,6 +36,26 @@ def test_coarse_prediction_is_upsampled_to_the_input_grid():
     assert u.shape == (1, 2, 33, 29)
     fine = potential_flow(atrophy, (1.0, 1.0))
     assert (u - fine).abs().mean() < 0.3 * fine.abs().mean()  # the same field, seen at half resolution
+
+
+def smooth(field, passes=4):
+    for _ in range(passes):
+        field = nnf.avg_pool2d(nnf.pad(field, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return field
+
+
+def test_a_model_works_on_its_training_grid_whatever_the_subjects_voxels():
+    generator = torch.Generator().manual_seed(0)
+    atrophy = torch.exp(smooth(0.05 * torch.randn(1, 1, 33, 29, generator=generator)))
+    probabilities = torch.softmax(smooth(3.0 * torch.randn(1, 4, 33, 29, generator=generator)), 1)
+    network = AtrophyNet(2, resolution_mm=2.0)
+    torch.nn.init.normal_(network.unet.final_conv.weight, std=0.1)
+    assert network.grid_factors((1.0, 1.0)) == (2, 2) and network.grid_factors((2.0, 0.9)) == (1, 2)
+    finer = lambda t: nnf.interpolate(t, size=(65, 57), mode="bilinear", align_corners=True)  # noqa: E731
+    with torch.no_grad():  # the U-Net's correction in mm: at 2 mm directly, at 1 mm through its 2 mm grid
+        at_2mm = 2.0 * (network(atrophy, probabilities, (2.0, 2.0)) - potential_flow(atrophy, (2.0, 2.0)))
+        at_1mm = network(finer(atrophy), finer(probabilities), (1.0, 1.0)) - potential_flow(finer(atrophy), (1.0, 1.0))
+    assert (at_1mm[..., ::2, ::2] - at_2mm).abs().mean() < 0.02 * at_2mm.abs().mean()
 
 
 def test_the_network_is_differentiable_in_its_inputs():

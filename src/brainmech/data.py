@@ -20,7 +20,7 @@ import torch.nn.functional as nnf
 import yaml
 from torch import Tensor
 
-from .mechanics import TISSUE_CLASSES
+from .mechanics import TISSUE_CLASSES, brain_mask, tissue_mask
 
 DEFAULT_LABEL_TABLE = {0: "background", 1: "csf", 2: "gm", 3: "wm", 4: "dgm"}
 MNI_AXIAL_SLICE_MM = 10.0  # world z of the default 2D slice: through the lateral ventricles
@@ -68,12 +68,12 @@ class Subject:
     @property
     def brain(self) -> Tensor:
         """Boolean brain mask ``(1, 1, *N)``: not background."""
-        return self.probabilities[:, :1] < 0.5
+        return brain_mask(self.probabilities)
 
     @property
     def tissue(self) -> Tensor:
         """Boolean tissue mask ``(1, 1, *N)``: grey, white or deep grey matter dominates."""
-        return self.probabilities[:, 2:].sum(1, keepdim=True) >= 0.5
+        return tissue_mask(self.probabilities)
 
     def to_nifti(self, volume: Tensor | np.ndarray, dtype: type = np.float32) -> nib.Nifti1Image:
         """A NIfTI image of a ``(1, C, *N)`` volume (C = 1) with this subject's geometry."""

@@ -255,6 +255,16 @@ def shear_modulus(probabilities: Tensor, moduli: dict[str, float] | None = None)
     return (probabilities * values.reshape(1, -1, *([1] * (probabilities.ndim - 2)))).sum(1, keepdim=True)
 
 
+def brain_mask(probabilities: Tensor) -> Tensor:
+    """Boolean brain mask ``(B, 1, *N)`` from probabilities in TISSUE_CLASSES order: not background."""
+    return probabilities[:, :1] < 0.5
+
+
+def tissue_mask(probabilities: Tensor) -> Tensor:
+    """Boolean tissue mask ``(B, 1, *N)``: grey, white or deep grey matter dominates."""
+    return probabilities[:, 2:].sum(1, keepdim=True) >= 0.5
+
+
 def brain_centre(brain: Tensor) -> Tensor:
     """Unweighted centre of mass (voxel coordinates, ``(B, d)``) of a boolean brain mask ``(B, 1, *N)``."""
     centres = []
@@ -285,7 +295,7 @@ def build_problem(
         csf_mu = probabilities[:, 1:2] * (moduli or DEFAULT_SHEAR_MODULUS).get("csf", DEFAULT_SHEAR_MODULUS["csf"])
         bulk = BULK_RATIO * (mu - csf_mu)
     background = probabilities[:, :1]
-    centre = brain_centre(background < 0.5).to(probabilities)
+    centre = brain_centre(brain_mask(probabilities)).to(probabilities)
     return Problem(atrophy=atrophy.to(probabilities), mu=mu, bulk=bulk, background=background, centre=centre,
                    spacing=tuple(float(h) for h in spacing), lambda_background=lambda_background,
                    lambda_centre=lambda_centre, scheme=scheme)

@@ -24,9 +24,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .atrophy import random_atrophy
-from .data import InputError, Subject, axial_slice, load_mni, load_subject, pseudo_subject
+from .data import InputError, Subject, axial_slice, load_mni, load_subject, pseudo_subject, read_nifti
 from .evaluate import atrophy_mse, folded_voxels
-from .mechanics import build_problem, det_f_map
+from .mechanics import brain_mask, build_problem, det_f_map, tissue_mask
 from .network import AtrophyNet, save_network
 from .solver import solve
 
@@ -90,10 +90,8 @@ class SubjectFolder(Dataset):
 
     def __init__(self, folder: str | Path, seed: int, label_table: str | Path | None = None,
                  prior: AtrophyPrior = AtrophyPrior()):
-        images = sorted((Path(folder) / "images").glob("*.nii*"))
-        if not images:
-            raise InputError(f"no images in {Path(folder) / 'images'}; expected images/NAME.nii.gz and labels/NAME.nii.gz")
-        self.subjects = [load_subject(path, Path(folder) / "labels" / path.name, label_table) for path in images]
+        self.subjects = [load_subject(path, Path(folder) / "labels" / path.name, label_table)
+                         for path in folder_images(folder)]
         self.seed, self.prior, self.epoch = seed, prior, 0
 
     def __len__(self) -> int:
@@ -141,6 +139,19 @@ class CaseDataModule(L.LightningDataModule):
         return DataLoader(self.validation_set, batch_size=1)
 
 
+def folder_images(folder: str | Path) -> list[Path]:
+    """The images of a training folder (``folder/images/*.nii*``), or an :class:`InputError`."""
+    images = sorted((Path(folder) / "images").glob("*.nii*"))
+    if not images:
+        raise InputError(f"no images in {Path(folder) / 'images'}; expected images/NAME.nii.gz and labels/NAME.nii.gz")
+    return images
+
+
+def folder_resolution(folder: str | Path) -> float:
+    """The finest voxel size (mm) of the first image of a training folder: the network's working grid."""
+    return float(min(read_nifti(folder_images(folder)[0], "image").header.get_zooms()[:3]))
+
+
 def batch_spacing(batch: dict) -> tuple[float, ...]:
     """Voxel size (mm) of a batch's cases (a batch holds cases of one grid)."""
     return tuple(float(h) for h in batch["spacing"][0])
@@ -158,7 +169,8 @@ class AtrophyNetModule(L.LightningModule):
     def __init__(self, network: dict, learning_rate: float = 1e-3):
         super().__init__()
         self.save_hyperparameters()
-        self.network = AtrophyNet(network["ndim"], tuple(network["features"]), network["coarse"])
+        self.network = AtrophyNet(network["ndim"], tuple(network["features"]), network["coarse"],
+                                  network.get("resolution_mm"))
 
     def _energy(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         spacing = batch_spacing(batch)
@@ -176,11 +188,9 @@ class AtrophyNetModule(L.LightningModule):
         energy, u = self._energy(batch)
         voxels = math.prod(batch["atrophy"].shape[2:])
         det_f = det_f_map(u, batch_spacing(batch))
-        tissue = batch["probabilities"][:, 2:].sum(1, keepdim=True) >= 0.5
-        brain = batch["probabilities"][:, :1] < 0.5
         metrics = {"val/loss": energy.mean() / voxels,
-                   "val/mse_atrophy_tissue": atrophy_mse(det_f, batch["atrophy"], tissue),
-                   "val/folded_voxels": float(folded_voxels(det_f, brain))}
+                   "val/mse_atrophy_tissue": atrophy_mse(det_f, batch["atrophy"], tissue_mask(batch["probabilities"])),
+                   "val/folded_voxels": float(folded_voxels(det_f, brain_mask(batch["probabilities"])))}
         if "reference_energy" in batch:
             reference = batch["reference_energy"]
             metrics["val/energy_gap"] = ((energy - reference) / reference.abs()).mean()
@@ -219,7 +229,9 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
     settings = MODELS[model]
     datamodule = CaseDataModule(model, data, cases, validation_cases, batch_size, seed, reference_solves, workers,
                                 label_table)
-    module = AtrophyNetModule(settings["network"], learning_rate)
+    resolution = float(settings["resolution"]) if data is None else folder_resolution(data)
+    network = {**settings["network"], "resolution_mm": resolution}
+    module = AtrophyNetModule(network, learning_rate)
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", save_last=True,
                                                       every_n_train_steps=validate_every)
     trainer = L.Trainer(max_steps=steps, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
@@ -231,7 +243,7 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     card = {"model": model, "data": data or "MNI152 2009a pseudo-subjects (random diffeomorphisms, intensity gamma)",
-            "resolution_mm": settings["resolution"], "ndim": settings["ndim"], "network": settings["network"],
+            "resolution_mm": resolution, "ndim": settings["ndim"], "network": network,
             "training_steps": trainer.global_step, "batch_size": batch_size, "learning_rate": learning_rate,
             "seed": seed, "validation_cases": validation_cases, "held_out_metrics": metrics,
             "atrophy_prior": AtrophyPrior().__dict__, "hardware": f"{type(trainer.accelerator).__name__} x {trainer.num_devices}",
