@@ -31,11 +31,7 @@ def warp_labels(labels: Tensor, u: Tensor) -> Tensor:
     for start in range(0, len(values), LABEL_CHUNK):
         chunk = values[start:start + LABEL_CHUNK]
         indicators = (labels == chunk.reshape(1, -1, *([1] * (labels.ndim - 2)))).to(u.dtype)
-        batch, count = indicators.shape[:2]
-        weights = warp_image(indicators.transpose(0, 1).reshape(count * batch, 1, *labels.shape[2:]),
-                             u.repeat(count, *([1] * (u.ndim - 1))))
-        weights = weights.reshape(count, batch, *labels.shape[2:]).transpose(0, 1)
-        weight, index = weights.max(dim=1, keepdim=True)
+        weight, index = warp_image(indicators, u).max(dim=1, keepdim=True)  # channels share one sampling grid
         better = weight > best_weight
         best_weight = torch.where(better, weight, best_weight)
         best_label = torch.where(better, chunk[index], best_label)
