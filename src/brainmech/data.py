@@ -21,6 +21,7 @@ import yaml
 from torch import Tensor
 
 from .mechanics import TISSUE_CLASSES, brain_mask, tissue_mask
+from .solver import voxel_ratio
 
 DEFAULT_LABEL_TABLE = {0: "background", 1: "csf", 2: "gm", 3: "wm", 4: "dgm"}
 MNI_AXIAL_SLICE_MM = 10.0  # world z of the default 2D slice: through the lateral ventricles
@@ -297,7 +298,7 @@ def pseudo_subject(template: Subject, seed: int, *, deformation_mm: float = 4.0,
     velocity = np.stack([gaussian_filter(rng.standard_normal(coarse), sigma, mode="reflect")
                          for _ in range(template.ndim)])
     spacing = np.asarray(template.spacing).reshape(-1, *([1] * template.ndim))
-    ratio = np.asarray([(n - 1) / (m - 1) for n, m in zip(template.shape, coarse)]).reshape(spacing.shape)
+    ratio = np.asarray(voxel_ratio(template.shape, coarse)).reshape(spacing.shape)
     velocity *= deformation_mm / (np.abs(velocity).max() + 1e-12) / (spacing * ratio)  # mm -> coarse voxels
     u = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="zeros")(torch.from_numpy(velocity[None]).float())
     mode = "bilinear" if template.ndim == 2 else "trilinear"

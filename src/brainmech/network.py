@@ -24,7 +24,7 @@ import torch.nn.functional as nnf
 from monai.networks.nets import BasicUNet
 from torch import Tensor, nn
 
-from .solver import potential_flow, refine_field
+from .solver import potential_flow, refine_field, voxel_ratio
 
 INPUT_SCALE = 20.0  # log a and u are a few hundredths: x20 brings them to O(1) for the network
 PRETRAINED = ("mni-2d", "mni-3d")
@@ -83,8 +83,7 @@ class AtrophyNet(nn.Module):
         if all(f == 1 for f in factors):
             return flow + self._unet(inputs) / INPUT_SCALE
         coarse_shape = tuple((n - 1) // f + 1 for n, f in zip(shape, factors))
-        ratio = torch.tensor([(n - 1) / max(m - 1, 1) for n, m in zip(shape, coarse_shape)], dtype=inputs.dtype,
-                             device=inputs.device)  # fine voxels per coarse voxel
+        ratio = torch.tensor(voxel_ratio(shape, coarse_shape), dtype=inputs.dtype, device=inputs.device)
         coarse = nnf.interpolate(inputs, size=coarse_shape, mode="area")
         coarse = torch.cat([coarse[:, :3], coarse[:, 3:] / ratio.reshape(1, -1, *([1] * self.ndim))], 1)
         return flow + refine_field(self._unet(coarse) / INPUT_SCALE, shape)

@@ -52,11 +52,16 @@ def _resize(volume: Tensor, shape: tuple[int, ...]) -> Tensor:
     return nnf.interpolate(volume, size=shape, mode=mode, align_corners=True)
 
 
+def voxel_ratio(fine: tuple[int, ...], coarse: tuple[int, ...]) -> tuple[float, ...]:
+    """Fine voxels per coarse voxel along each axis of two align-corners grids spanning the same box."""
+    return tuple((n - 1) / max(m - 1, 1) for n, m in zip(fine, coarse))
+
+
 def coarsen(problem: Problem) -> Problem:
     """The same problem on a grid with half the voxels per axis (align-corners geometry)."""
     fine = problem.atrophy.shape[2:]
     coarse = tuple((n + 1) // 2 for n in fine)
-    ratio = [(n - 1) / (m - 1) for n, m in zip(fine, coarse)]  # fine voxels per coarse voxel
+    ratio = voxel_ratio(fine, coarse)
     shrink = lambda t: nnf.interpolate(t, size=coarse, mode="area")  # noqa: E731 - averages, keeps ranges
     return replace(
         problem,
@@ -70,7 +75,7 @@ def coarsen(problem: Problem) -> Problem:
 def refine_field(u: Tensor, shape: tuple[int, ...]) -> Tensor:
     """Upsample a voxel-unit displacement to a finer align-corners grid, rescaling its voxel units."""
     coarse = u.shape[2:]
-    ratio = torch.tensor([(n - 1) / (m - 1) for n, m in zip(shape, coarse)], dtype=u.dtype, device=u.device)
+    ratio = torch.tensor(voxel_ratio(shape, coarse), dtype=u.dtype, device=u.device)
     return _resize(u, shape) * ratio.reshape(1, -1, *([1] * len(shape)))
 
 
