@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -31,7 +30,6 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
-warnings.filterwarnings("ignore", message="Sparse (CSR tensor support is in beta|invariant checks are implicitly)", category=UserWarning)
 SCHEMES = ("nodal", "central")
 TISSUE_CLASSES = ("background", "csf", "gm", "wm", "dgm")
 DEFAULT_SHEAR_MODULUS = {"background": 0.0, "csf": 0.01, "gm": 1.0, "wm": 1.0, "dgm": 1.0}
@@ -43,33 +41,20 @@ MIN_DET_F = 1e-4  # det F floor inside J^(-2/d): keeps folded trial steps finite
 class Quadrature:
     """Quadrature points of a scheme on a grid (see :func:`quadrature`).
 
-    ``difference`` is a sparse ``(d * Q, P)`` matrix, axis-major: row ``j * Q + q`` gives
-    du/dxi_j at point q (voxels per voxel) from the ``P`` nodal values; ``difference_t`` is its
-    transpose, precomputed for the backward pass. Point q lives at voxel ``node[q]`` (its material)
-    and stands for ``weight`` of a voxel's volume.
+    Axis-major entry ``j * Q + q`` gives du/dxi_j at point q (voxels per voxel) as
+    ``(u[plus] - u[minus]) * inverse_step`` from the flat nodal values. Point q lives at voxel
+    ``node[q]`` (its material) and stands for ``weight`` of a voxel's volume.
     """
 
-    node: Tensor  # (Q,)
-    difference: Tensor
-    difference_t: Tensor
+    node: Tensor  # (Q,) flat voxel index of each point
+    plus: Tensor  # (d * Q,) flat voxel index of the difference's forward end
+    minus: Tensor  # (d * Q,) flat voxel index of its backward end
+    inverse_step: Tensor | None  # (d * Q,) 1 / (plus - minus) in voxels; None where it is always 1
     weight: float
 
     @property
     def count(self) -> int:
         return self.node.numel()
-
-
-class _SparseProduct(torch.autograd.Function):
-    """``matrix @ rows`` with the transpose given, so the backward is one more sparse product."""
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, matrix: Tensor, transpose: Tensor) -> Tensor:
-        ctx.transpose = transpose
-        return matrix @ rows
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return ctx.transpose @ grad.contiguous(), None, None
 
 
 def quadrature(shape: tuple[int, ...], scheme: str = "nodal", active: Tensor | None = None, *,
@@ -103,19 +88,11 @@ def quadrature(shape: tuple[int, ...], scheme: str = "nodal", active: Tensor | N
             plus.append(flat[inside] + strides * (1 - side))
             minus.append(flat[inside] - strides * side)
         node, plus, minus = torch.cat(nodes), torch.cat(plus, 1), torch.cat(minus, 1)
-        inverse_step = torch.ones(plus.shape)
+        inverse_step = None  # every edge is one voxel long
         weight = 1.0 / 2**d
-    count, size = node.numel(), flat.numel()
-    columns = torch.stack([minus.reshape(-1), plus.reshape(-1)], 1).reshape(-1)  # row r: entries 2r, 2r + 1
-    values = (inverse_step.reshape(-1, 1) * torch.tensor([-1.0, 1.0])).reshape(-1).to(dtype)
-    row_starts = torch.arange(0, 2 * d * count + 1, 2)
-    difference = torch.sparse_csr_tensor(row_starts, columns, values, (d * count, size))
-    order = torch.argsort(columns, stable=True)  # the transpose: entries sorted by node
-    transpose = torch.sparse_csr_tensor(
-        torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(columns, minlength=size).cumsum(0)]),
-        torch.arange(2 * d * count).div(2, rounding_mode="floor")[order], values[order], (size, d * count))
-    return Quadrature(node=node.to(device), difference=difference.to(device), difference_t=transpose.to(device),
-                      weight=weight)
+    to = lambda t: t.reshape(-1).to(device)  # noqa: E731
+    return Quadrature(node=node.to(device), plus=to(plus), minus=to(minus), weight=weight,
+                      inverse_step=None if inverse_step is None else to(inverse_step.to(dtype)))
 
 
 def deformation_gradients(u: Tensor, spacing: tuple[float, ...], points: Quadrature) -> Tensor:
@@ -124,8 +101,10 @@ def deformation_gradients(u: Tensor, spacing: tuple[float, ...], points: Quadrat
     dU_i/dX_j = (h_i / h_j) du_i/dxi_j: ``u`` is in voxels, ``spacing`` h in mm.
     """
     batch, d = u.shape[:2]
-    rows = u.flatten(2).permute(2, 1, 0).reshape(-1, d * batch)  # (P, d * B): node-major
-    du = _SparseProduct.apply(rows, points.difference, points.difference_t)  # (d_j * Q, d_i * B)
+    rows = u.flatten(2).permute(2, 1, 0).reshape(-1, d * batch).contiguous()  # (P, d * B): node-major
+    du = rows.index_select(0, points.plus) - rows.index_select(0, points.minus)  # (d_j * Q, d_i * B)
+    if points.inverse_step is not None:
+        du = du * points.inverse_step[:, None]
     du = du.reshape(d, points.count, d, batch).permute(2, 0, 3, 1)  # (d_i, d_j, B, Q)
     h = torch.as_tensor(spacing, dtype=u.dtype, device=u.device)
     scale = (h[:, None] / h[None, :]).reshape(d, d, 1, 1)
