@@ -90,9 +90,9 @@ def quadrature(shape: tuple[int, ...], scheme: str = "nodal", active: Tensor | N
         node, plus, minus = torch.cat(nodes), torch.cat(plus, 1), torch.cat(minus, 1)
         inverse_step = None  # every edge is one voxel long
         weight = 1.0 / 2**d
-    to = lambda t: t.reshape(-1).to(device)  # noqa: E731
-    return Quadrature(node=node.to(device), plus=to(plus), minus=to(minus), weight=weight,
-                      inverse_step=None if inverse_step is None else to(inverse_step.to(dtype)))
+    return Quadrature(node=node.to(device), plus=plus.reshape(-1).to(device), minus=minus.reshape(-1).to(device),
+                      inverse_step=None if inverse_step is None else inverse_step.reshape(-1).to(device, dtype),
+                      weight=weight)
 
 
 def deformation_gradients(u: Tensor, spacing: tuple[float, ...], points: Quadrature) -> Tensor:
