@@ -18,16 +18,18 @@ def test_train_writes_a_model_and_resumes_from_its_checkpoint(tmp_path):
     first = runner.invoke(app, [*common, "--steps", "2"])
     assert first.exit_code == 0, first.output
     after_two, _ = load_network(out / "model.pt")
-    resumed = runner.invoke(app, [*common, "--steps", "4", "--resume", str(out / "checkpoints" / "last.ckpt")])
+    resumed = runner.invoke(app, [*common, "--steps", "5", "--resume", str(out / "checkpoints" / "last.ckpt")])
     assert resumed.exit_code == 0, resumed.output
-    after_four, card = load_network(out / "model.pt")
-    assert card["training_steps"] == 4
-    assert "energy_gap" in card["held_out_metrics"]
-    changed = [not torch.equal(a, b) for a, b in zip(after_two.state_dict().values(), after_four.state_dict().values())]
+    after_five, card = load_network(out / "model.pt")
+    assert card["training_steps"] == 5
+    changed = [not torch.equal(a, b) for a, b in zip(after_two.state_dict().values(), after_five.state_dict().values())]
     assert any(changed)  # the resumed run trained further
-    logged_steps = {int(row["step"]) for version in (out / "logs").iterdir()
-                    for row in csv.DictReader((version / "metrics.csv").open())}
-    assert 3 in logged_steps and 1 in logged_steps
+    validations = {int(row["step"]): float(row["val/energy_gap"]) for version in (out / "logs").iterdir()
+                   for row in csv.DictReader((version / "metrics.csv").open()) if row["val/energy_gap"]}
+    assert {1, 3} <= set(validations)  # validation every 2 steps, in both runs
+    # step 5 is off the validation schedule: the saved weights are validated once more for their card
+    assert card["held_out_metrics"]["energy_gap"] == validations[5]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5  # resumable from the end
 
 
 def test_resume_from_a_missing_checkpoint_is_one_line_exit_2(tmp_path):

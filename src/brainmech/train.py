@@ -118,6 +118,8 @@ class CaseDataModule(L.LightningDataModule):
         self.ndim, self.resolution = settings["ndim"], settings["resolution"]
 
     def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "validation_set"):  # lightning calls setup again for trainer.validate after fit
+            return
         h = self.hparams
         template = load_mni(self.resolution)
         self.train_set = (SubjectFolder(h.data, h.seed, h.label_table) if h.data
@@ -241,6 +243,9 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
                         num_sanity_val_steps=0)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    if trainer.global_step % validate_every:  # off the schedule: checkpoint and validate the final weights
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")  # so that --resume goes on from here
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     card = {"model": model, "data": data or "MNI152 2009a pseudo-subjects (random diffeomorphisms, intensity gamma)",
             "resolution_mm": resolution, "ndim": settings["ndim"], "network": network,
