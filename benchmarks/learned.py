@@ -2,13 +2,15 @@
 
     pip install -e ".[bench]"
     python benchmarks/learned.py                # mni-2d (4 cases) and mni-3d (1 case), 2 threads, README table
-    python benchmarks/learned.py --models 3d --cases-3d 2 --reference-rtol 1e-5
+    python benchmarks/learned.py --models 3d --cases-3d 2 --reference-rtol 1e-5 --refine
 
 Cases: held-out MNI pseudo-subjects (brainmech.benchmark.synthetic_cases) whose reference is the
 solver converged to rtol 1e-6. For each model: tissue MSE(det F, a) of the network and of the
 reference, energy gap, displacement RMSE to the reference (voxels), folded voxels, network time
 (median of 5 after a warm-up), and the time the default solver needs from zero to reach the
-network's tissue MSE (monitoring time excluded). At 1 mm the 3D model predicts its correction on
+network's tissue MSE (monitoring time excluded). With --refine, also network+refine: the solver at
+its default rtol 1e-4 started from the network's field (``--method network+refine``), timed as
+network plus solver. At 1 mm the 3D model predicts its correction on
 its 2 mm grid and upsamples it; deforming the 1 mm MNI image and labels with it (network + warps) is
 timed against TorchIO's RandomElasticDeformation of the same image and labels.
 """
@@ -82,28 +84,40 @@ def seconds_to_reach(case, target_mse: float) -> float:
     return watch["reached"] if watch["reached"] is not None else float("inf")
 
 
-def run(model: str, count: int, reference_rtol: float) -> dict:
-    network, card = load_pretrained(f"mni-{model}")
-    rows = []
+def row(case, problem: Problem, u, seconds: float) -> dict:
+    """Table metrics of a displacement ``u`` (voxels) that took ``seconds`` on ``case``."""
+    s = case.subject
+    det_f = det_f_map(u, s.spacing)
+    mse = atrophy_mse(det_f, case.atrophy, s.tissue)
+    return {"mse": mse, "mse_solver": atrophy_mse(det_f_map(case.reference_displacement, s.spacing), case.atrophy, s.tissue),
+            "gap": (float(problem.energy(u)) - case.reference_energy) / abs(case.reference_energy),
+            "rmse": float(((u - case.reference_displacement) ** 2).sum(1).mean().sqrt()),
+            "folded": folded_voxels(det_f, s.brain), "seconds": seconds, "solver_seconds": seconds_to_reach(case, mse)}
+
+
+def mean_row(rows: list[dict]) -> dict:
+    mean = {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
+    mean["speedup"] = statistics.mean(r["solver_seconds"] / r["seconds"] for r in rows)
+    return mean
+
+
+def run(model: str, count: int, reference_rtol: float, refine: bool) -> dict[str, dict]:
+    """Mean table rows of the network (and of network+refine: the solver's default rtol 1e-4 from the
+    network's field, as ``--method network+refine`` runs it) over ``count`` held-out cases."""
+    network, _ = load_pretrained(f"mni-{model}")
+    rows: dict[str, list[dict]] = {f"mni-{model}": [], f"mni-{model} + refine": []}
     for case in synthetic_cases(model, count, rtol=reference_rtol):
         s = case.subject
         problem = build_problem(s.probabilities, case.atrophy, s.spacing)
         with torch.no_grad():
             u = network(case.atrophy, s.probabilities, s.spacing)
             seconds = median_seconds(lambda: network(case.atrophy, s.probabilities, s.spacing))
-        det_f = det_f_map(u, s.spacing)
-        reference_det_f = det_f_map(case.reference_displacement, s.spacing)
-        mse = atrophy_mse(det_f, case.atrophy, s.tissue)
-        solver_seconds = seconds_to_reach(case, mse)
-        rows.append({"mse": mse, "mse_solver": atrophy_mse(reference_det_f, case.atrophy, s.tissue),
-                     "gap": (float(problem.energy(u)) - case.reference_energy) / abs(case.reference_energy),
-                     "rmse": float(((u - case.reference_displacement) ** 2).sum(1).mean().sqrt()),
-                     "folded": folded_voxels(det_f, s.brain), "seconds": seconds, "solver_seconds": solver_seconds})
-    mean = {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
-    mean["speedup"] = statistics.mean(r["solver_seconds"] / r["seconds"] for r in rows)
-    mean["voxels"] = s.image.numel()
-    mean["steps"] = card.get("training_steps")
-    return mean
+        rows[f"mni-{model}"].append(row(case, problem, u, seconds))
+        if refine:
+            start = time.perf_counter()
+            refined = solve(problem, initial=u, rtol=1e-4).displacement
+            rows[f"mni-{model} + refine"].append(row(case, problem, refined, seconds + time.perf_counter() - start))
+    return {name: {**mean_row(r), "voxels": s.image.numel()} for name, r in rows.items() if r}
 
 
 def one_mm_volume_timing() -> tuple[float, float, float]:
@@ -129,6 +143,14 @@ def one_mm_volume_timing() -> tuple[float, float, float]:
     return network_only, ours, theirs
 
 
+def _duration(seconds: float) -> str:
+    return f"{1000 * seconds:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _reached(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds < float("inf") else "not reached by rtol 1e-5"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -137,16 +159,17 @@ def main() -> None:
     parser.add_argument("--models", default="2d,3d")
     parser.add_argument("--reference-rtol", type=float, default=1e-6, help="stopping tolerance of the reference solves")
     parser.add_argument("--skip-torchio", action="store_true")
+    parser.add_argument("--refine", action="store_true", help="also time network+refine (solver from the network)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("| model | voxels | tissue MSE net / solver | energy gap | RMSE to solver (vox) | folded | network time | "
           "solver time to same MSE | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
-        r = run(model, args.cases if model == "2d" else args.cases_3d, args.reference_rtol)
-        print(f"| mni-{model} | {r['voxels']:,} | {r['mse']:.2e} / {r['mse_solver']:.2e} ({r['mse'] / r['mse_solver']:.2f} x) "
-              f"| {100 * r['gap']:.1f} % | {r['rmse']:.3f} | {r['folded']:.0f} | {1000 * r['seconds']:.0f} ms "
-              f"| {r['solver_seconds']:.2f} s | {r['speedup']:.0f} x |", flush=True)
+        for name, r in run(model, args.cases if model == "2d" else args.cases_3d, args.reference_rtol, args.refine).items():
+            print(f"| {name} | {r['voxels']:,} | {r['mse']:.2e} / {r['mse_solver']:.2e} ({r['mse'] / r['mse_solver']:.2f} x) "
+                  f"| {100 * r['gap']:.1f} % | {r['rmse']:.3f} | {r['folded']:.0f} | {_duration(r['seconds'])} "
+                  f"| {_reached(r['solver_seconds'])} | {r['speedup']:.0f} x |", flush=True)
     if not args.skip_torchio:
         network_only, ours, theirs = one_mm_volume_timing()
         print(f"\n1 mm MNI volume (image + labels): mni-3d network {network_only:.2f} s, with both warps {ours:.2f} s; "

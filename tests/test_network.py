@@ -98,10 +98,11 @@ def test_pretrained_models_load_by_name_with_a_model_card(name, ndim):
     assert {"data", "resolution_mm", "training_steps", "held_out_metrics"} <= set(card)
 
 
-def test_mni_2d_on_held_out_cases_matches_its_model_card_and_beats_the_physics_prior():
+def test_mni_2d_on_held_out_cases_matches_its_model_card_beats_the_physics_prior_and_refines():
     cases = synthetic_cases("2d", count=2)
-    rows = summarise(evaluate_cases(cases, {"network": Simulator("network", model="mni-2d")}))
-    network_row = rows[0]
+    rows = summarise(evaluate_cases(cases, {"network": Simulator("network", model="mni-2d"),
+                                            "network+refine": Simulator("network+refine", model="mni-2d")}))
+    network_row, refined_row = rows
     _, card = load_pretrained("mni-2d")
     assert network_row["folded_voxels"] == 0
     assert network_row["energy_gap"] < 1.5 * card["held_out_metrics"]["energy_gap"]
@@ -112,6 +113,10 @@ def test_mni_2d_on_held_out_cases_matches_its_model_card_and_beats_the_physics_p
         prior_gaps.append((float(problem.energy(flow)) - case.reference_energy) / case.reference_energy)
     assert network_row["energy_gap"] < 0.5 * sum(prior_gaps) / len(prior_gaps)
     assert network_row["rmse_to_solver_voxels"] < 0.1
+    # refining (solver at rtol 1e-4 from the network) lands on the reference minimum (converged to 1e-6)
+    assert refined_row["energy_gap"] < min(0.01, 0.1 * network_row["energy_gap"])
+    assert refined_row["mse_atrophy_tissue"] < network_row["mse_atrophy_tissue"]
+    assert refined_row["folded_voxels"] == 0
 
 
 def test_mni_3d_lowers_the_energy_of_the_physics_prior_without_folding():
