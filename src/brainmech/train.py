@@ -234,7 +234,8 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
     resolution = float(settings["resolution"]) if data is None else folder_resolution(data)
     network = {**settings["network"], "resolution_mm": resolution}
     module = AtrophyNetModule(network, learning_rate)
-    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", save_last=True,
+    checkpoint_dir = out / "checkpoints"
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, save_last=True,
                                                       every_n_train_steps=validate_every)
     trainer = L.Trainer(max_steps=steps, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                         default_root_dir=out, logger=L.pytorch.loggers.CSVLogger(out, name="logs"),
@@ -244,7 +245,7 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     if trainer.global_step % validate_every:  # off the schedule: checkpoint and validate the final weights
-        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")  # so that --resume goes on from here
+        trainer.save_checkpoint(checkpoint_dir / "last.ckpt")  # so that --resume goes on from here
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     card = {"model": model, "data": data or "MNI152 2009a pseudo-subjects (random diffeomorphisms, intensity gamma)",
