@@ -8,9 +8,9 @@ Cases: held-out MNI pseudo-subjects (brainmech.benchmark.synthetic_cases) whose 
 solver converged to rtol 1e-6. For each model: tissue MSE(det F, a) of the network and of the
 reference, energy gap, displacement RMSE to the reference (voxels), folded voxels, network time
 (median of 5 after a warm-up), and the time the default solver needs from zero to reach the
-network's tissue MSE (monitoring time excluded). With --refine, also network+refine: the solver at
-its default rtol 1e-4 started from the network's field, run by the Simulator as
-``--method network+refine`` runs it and timed as a whole (network plus solver). At 1 mm the 3D model predicts its correction on
+network's tissue MSE (monitoring time excluded). With --refine, also network+refine: the network's
+field polished by the Simulator's default budget of solver energy evaluations (or
+--refine-evaluations), run as ``--method network+refine`` runs it and timed as a whole. At 1 mm the 3D model predicts its correction on
 its 2 mm grid and upsamples it; deforming the 1 mm MNI image and labels with it (network + warps) is
 timed against TorchIO's RandomElasticDeformation of the same image and labels.
 """
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from brainmech import Simulator
+from brainmech.simulator import REFINE_EVALUATIONS
 from brainmech.atrophy import random_atrophy
 from brainmech.benchmark import synthetic_cases
 from brainmech.data import load_mni
@@ -103,11 +104,12 @@ def mean_row(rows: list[dict]) -> dict:
     return mean
 
 
-def run(model: str, count: int, reference_rtol: float, refine: bool) -> dict[str, dict]:
-    """Mean table rows of the network (and of ``--method network+refine``: the solver at its default
-    rtol started from the network's field) over ``count`` held-out cases."""
+def run(model: str, count: int, reference_rtol: float, refine_evaluations: int | None) -> dict[str, dict]:
+    """Mean table rows of the network (and, unless ``refine_evaluations`` is None, of
+    ``--method network+refine`` with that budget) over ``count`` held-out cases."""
     network, _ = load_pretrained(f"mni-{model}")
-    refiner = Simulator("network+refine", model=f"mni-{model}")
+    refiner = (Simulator("network+refine", model=f"mni-{model}", refine_evaluations=refine_evaluations)
+               if refine_evaluations is not None else None)
     rows: dict[str, list[dict]] = {f"mni-{model}": [], f"mni-{model} + refine": []}
     for case in synthetic_cases(model, count, rtol=reference_rtol):
         s = case.subject
@@ -117,7 +119,7 @@ def run(model: str, count: int, reference_rtol: float, refine: bool) -> dict[str
             u = network(case.atrophy, s.probabilities, s.spacing)
             seconds = median_seconds(lambda: network(case.atrophy, s.probabilities, s.spacing))
         rows[f"mni-{model}"].append(row(case, problem, reference_mse, u, seconds))
-        if refine:
+        if refiner is not None:
             start = time.perf_counter()
             refined, _ = refiner.step(s.probabilities, case.atrophy, s.spacing)  # network, then solver
             rows[f"mni-{model} + refine"].append(row(case, problem, reference_mse, refined, time.perf_counter() - start))
@@ -164,16 +166,20 @@ def main() -> None:
     parser.add_argument("--reference-rtol", type=float, default=1e-6, help="stopping tolerance of the reference solves")
     parser.add_argument("--skip-torchio", action="store_true")
     parser.add_argument("--refine", action="store_true", help="also time network+refine (solver from the network)")
+    parser.add_argument("--refine-evaluations", type=int, default=REFINE_EVALUATIONS,
+                        help="network+refine's budget of solver energy evaluations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("| model | voxels | tissue MSE net / solver | energy gap | RMSE to solver (vox) | folded | network time | "
           "solver time to same MSE | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
-        for name, r in run(model, args.cases if model == "2d" else args.cases_3d, args.reference_rtol, args.refine).items():
+        count = args.cases if model == "2d" else args.cases_3d
+        for name, r in run(model, count, args.reference_rtol, args.refine_evaluations if args.refine else None).items():
+            speedup = f"{r['speedup']:.0f} x" if r["speedup"] < float("inf") else "-"
             print(f"| {name} | {r['voxels']:,} | {r['mse']:.2e} / {r['mse_solver']:.2e} ({r['mse'] / r['mse_solver']:.2f} x) "
                   f"| {100 * r['gap']:.1f} % | {r['rmse']:.3f} | {r['folded']:.0f} | {_duration(r['seconds'])} "
-                  f"| {_reached(r['solver_seconds'])} | {r['speedup']:.0f} x |", flush=True)
+                  f"| {_reached(r['solver_seconds'])} | {speedup} |", flush=True)
     if not args.skip_torchio:
         network_only, ours, theirs = one_mm_volume_timing()
         print(f"\n1 mm MNI volume (image + labels): mni-3d network {network_only:.2f} s, with both warps {ours:.2f} s; "

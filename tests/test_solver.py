@@ -75,6 +75,19 @@ def test_solution_of_a_brain_phantom_is_a_minimum(subject_files):
     assert min(energies) == pytest.approx(float(energy), rel=1e-5)
 
 
+def test_an_evaluation_budget_is_kept_and_more_evaluations_lower_the_energy(subject_files):
+    subject = load_subject(subject_files["image"], subject_files["labels"])
+    atrophy = torch.where(subject.tissue, 1.04, 1.0)
+    problem = build_problem(subject.probabilities, atrophy, subject.spacing)
+    start = potential_flow(atrophy, subject.spacing)
+    energies = {}
+    for budget in (2, 9, 30):  # an L-BFGS step needs 2 evaluations: the budget is spent, or all but one
+        result = solve(problem, initial=start, max_evaluations=budget)
+        assert budget - 1 <= len(result.record.energy) <= budget and not result.record.converged
+        energies[budget] = float(problem.energy(result.displacement))
+    assert energies[30] < energies[9] < energies[2] < float(problem.energy(start))
+
+
 def test_pyramid_levels_describe_the_same_physical_problem():
     shape = (33, 41)
     ones = torch.ones(1, 1, *shape)

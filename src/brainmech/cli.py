@@ -15,9 +15,12 @@ import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from .simulator import REFINE_EVALUATIONS
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Biomechanical simulation of brain atrophy and growth on MRI.")
 console = Console(stderr=True)
+RefineEvaluations = Annotated[int, typer.Option(help="network+refine: solver energy evaluations after the network (more: closer to the solver's minimum).")]
 
 
 def friendly_errors(command):
@@ -99,6 +102,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the random atrophy map.")] = 0,
     method: Annotated[str, typer.Option(help="network (pretrained U-Net), solver (direct minimisation) or network+refine.")] = "network",
     steps: Annotated[int, typer.Option(help="Simulate in this many composed steps.")] = 1,
+    refine_evaluations: RefineEvaluations = REFINE_EVALUATIONS,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT even if it is not a previous brainmech output.")] = False,
 ) -> None:
@@ -111,7 +115,8 @@ def demo(
         subject = load_mni(resolution, axial_slice_mm=MNI_AXIAL_SLICE_MM if two_d else None)
         atrophy = random_atrophy(subject, seed=seed)
     console.print(f"random atrophy map (seed {seed}): {describe(atrophy, subject)}", highlight=False)
-    simulation = _simulate_with_progress({"method": method, "steps": steps, "device": device}, subject, atrophy)
+    simulation = _simulate_with_progress({"method": method, "steps": steps, "refine_evaluations": refine_evaluations,
+                                          "device": device}, subject, atrophy)
     simulation.save(out, overwrite=True)
     _summarise(simulation, out)
 
@@ -129,6 +134,7 @@ def simulate(
     method: Annotated[Optional[str], typer.Option(help="network (pretrained U-Net; the default), solver (direct minimisation; the default with --brain-only) or network+refine.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d or a model.pt from 'brainmech train' (default: by dimension).")] = None,
     steps: Annotated[int, typer.Option(help="Simulate in this many composed steps (large or multi-year changes).")] = 1,
+    refine_evaluations: RefineEvaluations = REFINE_EVALUATIONS,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -142,7 +148,7 @@ def simulate(
     console.print(f"atrophy map ({convention}): {describe(atrophy_map, subject)}", highlight=False)
     method = method or ("solver" if brain_only else "network")
     simulation = _simulate_with_progress({"method": method, "model": model, "steps": steps, "brain_only": brain_only,
-                                          "device": device},
+                                          "refine_evaluations": refine_evaluations, "device": device},
                                          subject, atrophy_map)
     simulation.save(out, overwrite=overwrite)
     _summarise(simulation, out)
@@ -224,6 +230,7 @@ def evaluate(
     count: Annotated[int, typer.Option(help="Synthetic benchmark: number of held-out pseudo-subjects.")] = 4,
     methods: Annotated[str, typer.Option(help="Comma-separated methods to compare.")] = "network,solver",
     network: Annotated[Optional[str], typer.Option(help="Network to evaluate: mni-2d, mni-3d or a model.pt.")] = None,
+    refine_evaluations: RefineEvaluations = REFINE_EVALUATIONS,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Table 1 metrics (MSE_atrophy, MSE_image, Dice, energy gap, RMSE to solver, folds, time) over cases."""
@@ -239,7 +246,7 @@ def evaluate(
         raise InputError(f"--model must be 2d or 3d, got {model!r}")
     with console.status("preparing cases (the synthetic benchmark's follow-ups come from the converged solver)"):
         case_list = read_cases(cases) if cases else synthetic_cases(model, count)
-    simulators = {m: Simulator(m, model=network) for m in chosen}
+    simulators = {m: Simulator(m, model=network, refine_evaluations=refine_evaluations) for m in chosen}
     with console.status(f"evaluating {len(case_list)} cases x {len(chosen)} methods"):
         rows = evaluate_cases(case_list, simulators)
     table = markdown_table(summarise(rows))

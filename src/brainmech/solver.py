@@ -5,7 +5,8 @@ problem is the same physical energy on a coarser grid (the energy is an integral
 levels agree); a level's solution, upsampled, starts the next one.
 
 Stopping rule, per level: stop when the best energy improved by less than ``rtol`` (relative)
-over the last ``patience`` energy evaluations, or after ``max_evaluations``.
+over the last ``patience`` energy evaluations, or when ``max_evaluations`` are spent (it never
+spends more, and at most one fewer).
 """
 
 from __future__ import annotations
@@ -192,7 +193,11 @@ def minimise(
             on_evaluation(level, energy)
         return loss
 
-    while len(best) < max_evaluations:
+    per_step = optimiser.param_groups[0]["max_eval"]
+    # an L-BFGS step re-evaluates its start and may overrun its max_eval by the line search's first
+    # trial: it needs two evaluations to move, and max_eval = remaining - 1 keeps it within budget
+    while max_evaluations - len(best) >= 2:
+        optimiser.param_groups[0]["max_eval"] = min(per_step, max_evaluations - len(best) - 1)
         optimiser.step(closure)
         if len(best) > patience and best[-patience - 1] - best[-1] <= rtol * abs(best[-1]):
             return u.detach(), True
