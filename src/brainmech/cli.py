@@ -76,8 +76,10 @@ def _summarise(simulation, out_dir: Path) -> None:
     how = report["method"] + (f", {report['steps']} steps" if report["steps"] > 1 else "")
     if report["solver"]:
         evaluations = sum(r["evaluations"] for r in report["solver"])
-        converged = all(r["converged"] for r in report["solver"])
-        how += f"; {evaluations} energy evaluations, converged: {converged}"
+        if report["refine_evaluations"]:  # a budget, not a convergence test
+            how += f"; {evaluations} solver energy evaluations (budget {report['refine_evaluations']} per step)"
+        else:
+            how += f"; {evaluations} energy evaluations, converged: {all(r['converged'] for r in report['solver'])}"
     console.print(f"[bold]{report['subject']}[/]: simulated in {report['timings']['simulate_s']:.2f} s ({how})",
                   highlight=False)
     console.print(f"  MSE(det F, a): tissue {report['mse_atrophy_tissue']:.2e}, brain {report['mse_atrophy_brain']:.2e}; "
