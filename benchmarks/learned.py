@@ -10,9 +10,10 @@ reference, energy gap, displacement RMSE to the reference (voxels), folded voxel
 (median of 5 after a warm-up), and the time the default solver needs from zero to reach the
 network's tissue MSE (monitoring time excluded). With --refine, also network+refine: the network's
 field polished by the Simulator's default budget of solver energy evaluations (or
---refine-evaluations), run as ``--method network+refine`` runs it and timed as a whole. At 1 mm the 3D model predicts its correction on
-its 2 mm grid and upsamples it; deforming the 1 mm MNI image and labels with it (network + warps) is
-timed against TorchIO's RandomElasticDeformation of the same image and labels.
+--refine-evaluations), run as ``--method network+refine`` runs it and timed as a whole. At 1 mm
+the 3D model predicts its correction on its 2 mm grid and upsamples it; deforming the 1 mm MNI
+image and labels with it (network + warps) is timed against TorchIO's RandomElasticDeformation of
+the same image and labels.
 """
 
 import argparse

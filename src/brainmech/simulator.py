@@ -26,7 +26,7 @@ from .data import InputError, Subject, write_outputs
 from .evaluate import atrophy_mse, figure_png, folded_voxels
 from .mechanics import build_problem, det_f_map, to_millimetres
 from .network import PRETRAINED, load_network, load_pretrained
-from .solver import SolverRecord, solve
+from .solver import MAX_EVALUATIONS, SolverRecord, solve
 from .warp import compose, warp_image, warp_labels
 
 METHODS = ("network", "solver", "network+refine")
@@ -145,8 +145,8 @@ class Simulator:
                 u = network(atrophy, probabilities, spacing)
         if self.method != "network":
             problem = build_problem(probabilities, atrophy, spacing, brain_only=self.brain_only)
-            budget = {} if u is None else {"max_evaluations": self.refine_evaluations}
-            result = solve(problem, initial=u, rtol=self.rtol, on_evaluation=self.on_evaluation, **budget)
+            budget = self.refine_evaluations if self.method == "network+refine" else MAX_EVALUATIONS
+            result = solve(problem, initial=u, rtol=self.rtol, max_evaluations=budget, on_evaluation=self.on_evaluation)
             u, record = result.displacement, result.record
         return u, record
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from .mechanics import Problem
 
 MIN_COARSE_SIZE = 24  # the pyramid stops before any axis gets shorter than this
+MAX_EVALUATIONS = 2000  # per level: a safety net, far above what the rtol rule needs
 
 
 @dataclass
@@ -164,7 +165,7 @@ def minimise(
     *,
     rtol: float = 1e-4,
     patience: int = 10,
-    max_evaluations: int = 2000,
+    max_evaluations: int = MAX_EVALUATIONS,
     record: SolverRecord | None = None,
     level: int = 0,
     on_evaluation: Callable[[int, float], None] | None = None,
@@ -211,7 +212,7 @@ def solve(
     levels: int | None = 2,
     rtol: float = 1e-4,
     patience: int = 10,
-    max_evaluations: int = 2000,
+    max_evaluations: int = MAX_EVALUATIONS,
     on_evaluation: Callable[[int, float], None] | None = None,
 ) -> SolverResult:
     """Minimise ``problem``'s energy, coarse to fine over ``levels`` grids (None: as many as fit).
