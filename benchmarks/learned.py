@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from brainmech import Simulator
+from brainmech import Simulator, retain_freed_memory
 from brainmech.simulator import REFINE_EVALUATIONS
 from brainmech.atrophy import random_atrophy
 from brainmech.benchmark import synthetic_cases
@@ -161,6 +161,8 @@ def _reached(seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc returning freed memory to the OS (slower; as before retain_freed_memory)")
     parser.add_argument("--cases", type=int, default=4, help="held-out cases for mni-2d")
     parser.add_argument("--cases-3d", type=int, default=1, help="held-out cases for mni-3d (each solve takes minutes)")
     parser.add_argument("--models", default="2d,3d")
@@ -171,6 +173,8 @@ def main() -> None:
                         help="network+refine's budget of solver energy evaluations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        retain_freed_memory()
     print("| model | voxels | tissue MSE net / solver | energy gap | RMSE to solver (vox) | folded | network time | "
           "solver time to same MSE | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")

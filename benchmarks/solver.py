@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from brainmech import retain_freed_memory
 from brainmech.atrophy import random_atrophy
 from brainmech.data import MNI_AXIAL_SLICE_MM, load_mni
 from brainmech.evaluate import atrophy_mse
@@ -40,9 +41,13 @@ def run(name: str, subject, seed: int, reference_evaluations: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc returning freed memory to the OS (slower; as before retain_freed_memory)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        retain_freed_memory()
     rows = [run("2D 1 mm axial slice", load_mni(1, axial_slice_mm=MNI_AXIAL_SLICE_MM), args.seed, 3000),
             run("3D 2 mm volume", load_mni(2), args.seed, 600)]
     print(f"| case | voxels | to 1 % of E* (s) | default stop (s) | evaluations | energy gap at stop | tissue MSE(det F, a) |")

@@ -15,12 +15,18 @@ import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from .allocator import retain_freed_memory
 from .simulator import REFINE_EVALUATIONS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Biomechanical simulation of brain atrophy and growth on MRI.")
 console = Console(stderr=True)
 RefineEvaluations = Annotated[int, typer.Option(help="network+refine: solver energy evaluations after the network (more: closer to the solver's minimum).")]
+
+
+@app.callback()
+def _before_every_command() -> None:
+    retain_freed_memory()  # solver and training ~2x faster on Linux: no page faults of re-allocated memory
 
 
 def friendly_errors(command):
