@@ -1,5 +1,6 @@
 """retain_freed_memory: a freed block is reused without page faults (Linux, glibc only)."""
 
+import platform
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ def page_faults(mode: str) -> int:
     return int(run.stdout)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
 def test_retained_memory_is_reused_without_page_faults():
     pages = 5 * 64 * 2**20 // 4096  # every page of five fresh 64 MB blocks
     assert page_faults("default") > 0.5 * pages  # glibc maps each block afresh

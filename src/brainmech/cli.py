@@ -26,7 +26,7 @@ RefineEvaluations = Annotated[int, typer.Option(help="network+refine: solver ene
 
 @app.callback()
 def _before_every_command() -> None:
-    retain_freed_memory()  # solver and training ~2x faster on Linux: no page faults of re-allocated memory
+    retain_freed_memory()  # on Linux: 3D solver ~2x, training ~1.4x faster (no page faults of re-allocated memory)
 
 
 def friendly_errors(command):
