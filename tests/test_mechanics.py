@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from brainmech.mechanics import Problem, build_problem, det_f_map, neo_hookean_density, deformation_gradients, quadrature
-
+from brainmech.mechanics import (Problem, build_problem, det_f_map, deformation_gradients, determinant,
+                                 neo_hookean_density, quadrature)
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +71,18 @@ def test_homogeneous_growth_is_exact(shape, spacing, a, scheme):
     problem = uniform_problem(shape, spacing, atrophy=a, scheme=scheme)
     assert problem.energy(u).abs() < 1e-10
     assert torch.allclose(det_f_map(u, spacing, scheme), torch.full((1, 1, *shape), a), atol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", ["nodal", "central"])
+@pytest.mark.parametrize("shape,spacing", [((9, 10), (1.0, 0.5)), ((6, 7, 5), (1.0, 2.0, 0.7))])
+def test_det_f_map_is_the_mean_det_f_of_each_voxels_quadrature_points(shape, spacing, scheme):
+    """The sliced det F map against its definition: gather every quadrature point, average per voxel."""
+    u = 0.2 * torch.randn(2, len(shape), *shape, generator=torch.Generator().manual_seed(1))
+    points = quadrature(shape, scheme)
+    dets = determinant(deformation_gradients(u, spacing, points))  # (B, Q)
+    total = torch.zeros(2, math.prod(shape)).index_add_(1, points.node, dets)
+    mean = total / torch.bincount(points.node, minlength=math.prod(shape))
+    assert torch.allclose(det_f_map(u, spacing, scheme), mean.reshape(2, 1, *shape), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape,spacing", [((9, 10), (1.0, 0.5)), ((6, 7, 8), (1.0, 2.0, 0.7))])
