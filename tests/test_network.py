@@ -99,12 +99,17 @@ def test_pretrained_models_load_by_name_with_a_model_card(name, ndim):
     assert {"data", "resolution_mm", "training_steps", "held_out_metrics"} <= set(card)
 
 
-def test_mni_2d_on_held_out_cases_matches_its_model_card_beats_the_physics_prior_and_refines_to_the_targets():
-    cases = synthetic_cases("2d", count=2)
-    rows = summarise(evaluate_cases(cases, {"network": Simulator("network", model="mni-2d"),
-                                            "network+refine": Simulator("network+refine", model="mni-2d")}))
+# 3D reference: the solver's default tolerance with twice its patience, within ~0.03 % of the
+# converged energy (benchmarks/solver.py), a hundredth of the 5 % target; 2D: converged to 1e-6
+@pytest.mark.parametrize("model,count,reference_rtol", [("2d", 2, 1e-6), ("3d", 1, 1e-4)])
+def test_pretrained_model_on_held_out_cases_matches_its_card_beats_the_physics_prior_and_refines_to_the_targets(
+        model, count, reference_rtol):
+    cases = synthetic_cases(model, count=count, rtol=reference_rtol)
+    name = f"mni-{model}"
+    rows = summarise(evaluate_cases(cases, {"network": Simulator("network", model=name),
+                                            "network+refine": Simulator("network+refine", model=name)}))
     network_row, refined_row = rows
-    _, card = load_pretrained("mni-2d")
+    _, card = load_pretrained(name)
     assert network_row["folded_voxels"] == 0
     assert network_row["energy_gap"] < 1.5 * card["held_out_metrics"]["energy_gap"]
     prior_gaps = []
@@ -115,21 +120,9 @@ def test_mni_2d_on_held_out_cases_matches_its_model_card_beats_the_physics_prior
     assert network_row["energy_gap"] < 0.5 * sum(prior_gaps) / len(prior_gaps)
     assert network_row["rmse_to_solver_voxels"] < 0.1
     # refining (the default budget of solver evaluations from the network) meets the accuracy targets:
-    # energy within 5 % of the reference minimum (converged to 1e-6), tissue MSE within 1.2 x its MSE
+    # energy within 5 % of the reference minimum, tissue MSE within 1.2 x the reference's
     reference_mse = sum(atrophy_mse(det_f_map(case.reference_displacement, case.subject.spacing), case.atrophy,
                                     case.subject.tissue) for case in cases) / len(cases)
     assert refined_row["energy_gap"] <= 0.05 and refined_row["energy_gap"] < 0.5 * network_row["energy_gap"]
     assert refined_row["mse_atrophy_tissue"] <= 1.2 * reference_mse
     assert refined_row["folded_voxels"] == 0
-
-
-def test_mni_3d_lowers_the_energy_of_the_physics_prior_without_folding():
-    subject = load_mni(2)
-    atrophy = random_atrophy(subject, seed=11, tissue_percent=-2.0)
-    problem = build_problem(subject.probabilities, atrophy, subject.spacing)
-    network, _ = load_pretrained("mni-3d")
-    with torch.no_grad():
-        u = network(atrophy, subject.probabilities, subject.spacing)
-    prior = potential_flow(atrophy, subject.spacing)
-    assert float(problem.energy(u)) < 0.8 * float(problem.energy(prior))
-    assert (det_f_map(u, subject.spacing)[subject.brain] > 0).all()
