@@ -85,6 +85,27 @@ def test_det_f_map_is_the_mean_det_f_of_each_voxels_quadrature_points(shape, spa
     assert torch.allclose(det_f_map(u, spacing, scheme), mean.reshape(2, 1, *shape), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("scheme", ["nodal", "central"])
+@pytest.mark.parametrize("shape,spacing", [((9, 10), (1.0, 0.5)), ((6, 7, 5), (1.0, 2.0, 0.7))])
+def test_sliced_energy_equals_the_gathered_sum_and_its_gradient(shape, spacing, scheme):
+    """Both assemblies of the energy on heterogeneous material with void (mu = 0) voxels, batch of 2:
+    the gathered one skips the void, the sliced one sums the whole grid."""
+    g = torch.Generator().manual_seed(2)
+    probabilities = torch.rand(2, 5, *shape, generator=g)
+    probabilities[:, 0] *= 6 * (torch.rand(2, *shape, generator=g) > 0.6)  # background dominates there
+    probabilities /= probabilities.sum(1, keepdim=True)
+    problem = build_problem(probabilities, 0.8 + 0.4 * torch.rand(2, 1, *shape, generator=g), spacing, scheme=scheme)
+    problem = replace(problem, mu=problem.mu * (probabilities[:, :1] < 0.5), bulk=problem.bulk * (probabilities[:, :1] < 0.5))
+    assert problem.points.count < len(quadrature(shape, scheme).node)  # void points really are skipped
+    u = (0.2 * torch.randn(2, len(shape), *shape, generator=g)).requires_grad_()
+    gathered, sliced = problem.energy_terms(u), problem.energy_terms(u, sliced=True)
+    for name in gathered:
+        assert torch.allclose(sliced[name], gathered[name], rtol=1e-12, atol=0)
+    grad_gathered, = torch.autograd.grad(gathered["total"].sum(), u)
+    grad_sliced, = torch.autograd.grad(sliced["total"].sum(), u)
+    assert torch.allclose(grad_sliced, grad_gathered, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape,spacing", [((9, 10), (1.0, 0.5)), ((6, 7, 8), (1.0, 2.0, 0.7))])
 def test_rigid_rotation_has_zero_energy(shape, spacing):
     d = len(shape)

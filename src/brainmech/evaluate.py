@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .mechanics import vector_length
+
 
 def atrophy_mse(det_f: Tensor, atrophy: Tensor, mask: Tensor) -> float:
     """MSE_atrophy: mean (det F - a)^2 over ``mask`` (dimensionless)."""
@@ -38,7 +40,7 @@ def figure_png(image: Tensor, atrophy: Tensor, det_f: Tensor, displacement_mm: T
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    magnitude = displacement_mm.norm(dim=1, keepdim=True)
+    magnitude = vector_length(displacement_mm)
     outside = ~brain
     masked = lambda v: np.ma.masked_where(_axial_slice(outside, slice_index) > 0, _axial_slice(v, slice_index))  # noqa: E731
     ratio_range = max(float((atrophy[brain] - 1).abs().max()), 1e-3)

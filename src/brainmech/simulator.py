@@ -24,7 +24,7 @@ from torch import Tensor
 from . import __version__
 from .data import InputError, Subject, write_outputs
 from .evaluate import atrophy_mse, figure_png, folded_voxels
-from .mechanics import build_problem, det_f_map, to_millimetres
+from .mechanics import build_problem, det_f_map, to_millimetres, vector_length
 from .network import PRETRAINED, load_network, load_pretrained
 from .solver import MAX_EVALUATIONS, SolverRecord, solve
 from .warp import compose, warp_image, warp_labels
@@ -168,7 +168,7 @@ class Simulator:
         timings["simulate_s"] = time.perf_counter() - start
         problem = build_problem(probabilities, full_atrophy, subject.spacing, brain_only=self.brain_only)
         det_f = det_f_map(u, subject.spacing)
-        terms = {k: float(v.sum()) for k, v in problem.energy_terms(u).items()}
+        terms = {k: float(v.sum()) for k, v in problem.energy_terms(u, sliced=True).items()}  # no 1 mm index arrays
         start = time.perf_counter()
         warped_image = warp_image(subject.image.to(self.device), u)
         warped_labels = warp_labels(subject.labels.to(self.device), u)
@@ -193,7 +193,7 @@ class Simulator:
             "mse_atrophy_tissue_moved": atrophy_mse(det_f, warp_image(atrophy, u),
                                                     warp_image(subject.tissue.float(), u) > 0.5),
             "folded_voxels_brain": folded_voxels(det_f, subject.brain),
-            "max_displacement_mm": float(to_millimetres(u, subject.spacing).norm(dim=1).max()),
+            "max_displacement_mm": float(vector_length(to_millimetres(u, subject.spacing)).max()),
             "brain_centre_voxel": problem.centre[0].tolist(),
             "solver": [r.as_dict() for r in records] if self.method != "network" else None,
             "versions": {"brainmech": __version__, "torch": torch.__version__, "python": platform.python_version()},
