@@ -6,7 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from brainmech.cli import app
-from brainmech.network import load_network
+from brainmech.network import load_network, load_pretrained
 
 runner = CliRunner()
 
@@ -30,6 +30,29 @@ def test_train_writes_a_model_and_resumes_from_its_checkpoint(tmp_path):
     # step 5 is off the validation schedule: the saved weights are validated once more for their card
     assert card["held_out_metrics"]["energy_gap"] == validations[5]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5  # resumable from the end
+
+
+def test_train_can_start_from_a_pretrained_network(tmp_path):
+    """--init-from loads the weights (a negligible rate keeps them): validation sees the trained network."""
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--out", str(out), "--model", "2d", "--batch-size", "1", "--steps", "1",
+                                 "--validation-cases", "1", "--validate-every", "1", "--learning-rate", "1e-12",
+                                 "--accelerator", "cpu", "--init-from", "mni-2d"])
+    assert result.exit_code == 0, result.output
+    tuned, card = load_network(out / "model.pt")
+    pretrained, pretrained_card = load_pretrained("mni-2d")
+    assert tuned.config() == pretrained.config() and card["init_from"] == "mni-2d"
+    for a, b in zip(tuned.state_dict().values(), pretrained.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-9)
+    assert card["held_out_metrics"]["energy_gap"] < 2 * pretrained_card["held_out_metrics"]["energy_gap"]
+    best, _ = load_network(out / "checkpoints" / "best.ckpt")  # the best validated weights, loadable as a model
+    assert best.config() == tuned.config()
+
+
+def test_init_from_a_network_of_the_other_dimension_is_one_line_exit_2(tmp_path):
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--model", "3d", "--init-from", "mni-2d"])
+    assert result.exit_code == 2 and "2D network" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_resume_from_a_missing_checkpoint_is_one_line_exit_2(tmp_path):

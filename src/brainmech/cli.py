@@ -213,6 +213,7 @@ def train(
     num_nodes: Annotated[int, typer.Option(help="Nodes (DDP across machines, launched by your cluster).")] = 1,
     workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 0,
     resume: Annotated[Optional[Path], typer.Option(help="Checkpoint to resume from (e.g. OUT/checkpoints/last.ckpt).")] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="Start from these weights (mni-2d, mni-3d or a model.pt/.ckpt), e.g. to fine-tune on --data.")] = None,
 ) -> None:
     """Train the U-Net on the energy (no solver answers needed), with lightning."""
     from .train import train as run_training
@@ -225,7 +226,7 @@ def train(
                         data=str(data) if data else None, label_table=str(label_table) if label_table else None,
                         validation_cases=validation_cases, validate_every=validate_every, seed=seed,
                         accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices,
-                        num_nodes=num_nodes, workers=workers, resume=resume)
+                        num_nodes=num_nodes, workers=workers, resume=resume, init_from=init_from)
     print(f"wrote {path} (model card {path.with_suffix('.json')}); use it with: brainmech simulate --model {path}")
 
 

@@ -27,7 +27,7 @@ from .atrophy import random_atrophy
 from .data import InputError, Subject, axial_slice, load_mni, load_subject, pseudo_subject, read_nifti
 from .evaluate import atrophy_mse, folded_voxels
 from .mechanics import brain_mask, build_problem, det_f_map, tissue_mask
-from .network import AtrophyNet, save_network
+from .network import PRETRAINED, AtrophyNet, load_network, load_pretrained, save_network
 from .solver import solve
 
 #: The shipped models: template resolution (mm), dimension, network settings.
@@ -159,6 +159,17 @@ def batch_spacing(batch: dict) -> tuple[float, ...]:
     return tuple(float(h) for h in batch["spacing"][0])
 
 
+def initial_network(source: str | Path, ndim: int) -> AtrophyNet:
+    """The network ``--init-from`` names (pretrained name or file), checked to be ``ndim``-D."""
+    try:
+        network, _ = load_pretrained(str(source)) if str(source) in PRETRAINED else load_network(source)
+    except FileNotFoundError:
+        raise InputError(f"network to start from not found: {source}") from None
+    if network.ndim != ndim:
+        raise InputError(f"--init-from {source} is a {network.ndim}D network; this model is {ndim}D")
+    return network
+
+
 def reference_energy(item: dict, rtol: float = 1e-4) -> float:
     """Energy of the direct solver's converged answer for one case (the validation yardstick)."""
     problem = build_problem(item["probabilities"][None], item["atrophy"][None], tuple(item["spacing"].tolist()))
@@ -214,17 +225,24 @@ class AtrophyNetModule(L.LightningModule):
 def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: int = 4, learning_rate: float = 1e-3,
           data: str | None = None, label_table: str | None = None, cases: int = 100_000, validation_cases: int = 4,
           validate_every: int = 250, seed: int = 0, accelerator: str = "auto", devices: int | str = 1,
-          num_nodes: int = 1, workers: int = 0, resume: str | Path | None = None, reference_solves: bool = True,
-          progress: bool = True) -> Path:
-    """Train (or resume) a network; writes ``out/checkpoints/``, CSV logs in ``out/logs/`` and the
+          num_nodes: int = 1, workers: int = 0, resume: str | Path | None = None,
+          init_from: str | Path | None = None, reference_solves: bool = True, progress: bool = True) -> Path:
+    """Train (or resume) a network; writes ``out/checkpoints/`` (``last.ckpt``, and ``best.ckpt``: the
+    lowest validated energy gap, or loss without reference solves), CSV logs in ``out/logs/`` and the
     final ``out/model.pt`` with its model card ``out/model.json``. Returns the path of ``model.pt``.
 
-    Several GPUs or nodes: ``devices`` / ``num_nodes`` go to lightning's DDP as they are.
+    ``init_from``: start from a trained network's weights and architecture (a pretrained name such as
+    ``"mni-3d"``, or a ``.pt``/``.ckpt`` file), e.g. to fine-tune it on ``data``; the optimiser and the
+    learning-rate schedule start afresh. Several GPUs or nodes: ``devices`` / ``num_nodes`` go to
+    lightning's DDP as they are.
     """
     if model not in MODELS:
         raise InputError(f"unknown model {model!r}; choose one of {list(MODELS)}")
     if resume is not None and not Path(resume).is_file():
         raise InputError(f"checkpoint to resume not found: {resume}")
+    if resume is not None and init_from is not None:
+        raise InputError("--resume and --init-from exclude each other: the checkpoint already holds the weights")
+    initial = initial_network(init_from, MODELS[model]["ndim"]) if init_from is not None else None
     resumed_step = torch.load(resume, map_location="cpu", weights_only=False)["global_step"] if resume else 0
     L.seed_everything(seed + resumed_step, workers=True, verbose=False)  # a resumed run draws new cases
     out = Path(out)
@@ -232,14 +250,18 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
     datamodule = CaseDataModule(model, data, cases, validation_cases, batch_size, seed, reference_solves, workers,
                                 label_table)
     resolution = float(settings["resolution"]) if data is None else folder_resolution(data)
-    network = {**settings["network"], "resolution_mm": resolution}
+    network = {**(initial.config() if initial else settings["network"]), "resolution_mm": resolution}
     module = AtrophyNetModule(network, learning_rate)
+    if initial is not None:
+        module.network.load_state_dict(initial.state_dict())
     checkpoint_dir = out / "checkpoints"
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, save_last=True,
                                                       every_n_train_steps=validate_every)
+    best = L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, filename="best", save_top_k=1, mode="min",
+                                               monitor="val/energy_gap" if reference_solves else "val/loss")
     trainer = L.Trainer(max_steps=steps, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                         default_root_dir=out, logger=L.pytorch.loggers.CSVLogger(out, name="logs"),
-                        callbacks=[checkpoints], reload_dataloaders_every_n_epochs=1, val_check_interval=validate_every, check_val_every_n_epoch=None,
+                        callbacks=[checkpoints, best], reload_dataloaders_every_n_epochs=1, val_check_interval=validate_every, check_val_every_n_epoch=None,
                         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
                         num_sanity_val_steps=0)
     started = time.perf_counter()
@@ -251,7 +273,8 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
     card = {"model": model, "data": data or "MNI152 2009a pseudo-subjects (random diffeomorphisms, intensity gamma)",
             "resolution_mm": resolution, "ndim": settings["ndim"], "network": network,
             "training_steps": trainer.global_step, "batch_size": batch_size, "learning_rate": learning_rate,
-            "seed": seed, "validation_cases": validation_cases, "held_out_metrics": metrics,
+            "seed": seed, "init_from": None if init_from is None else str(init_from),
+            "validation_cases": validation_cases, "held_out_metrics": metrics,
             "atrophy_prior": AtrophyPrior().__dict__, "hardware": f"{type(trainer.accelerator).__name__} x {trainer.num_devices}",
             "wall_seconds_this_run": round(time.perf_counter() - started)}
     path = out / "model.pt"
