@@ -24,6 +24,7 @@ import torch.nn.functional as nnf
 from monai.networks.nets import BasicUNet
 from torch import Tensor, nn
 
+from .data import InputError
 from .solver import potential_flow, refine_field, voxel_ratio
 
 INPUT_SCALE = 20.0  # log a and u are a few hundredths: x20 brings them to O(1) for the network
@@ -136,3 +137,15 @@ def pretrained_path(name: str) -> Path:
 def load_pretrained(name: str) -> tuple[AtrophyNet, dict]:
     """A pretrained network by name, in eval mode, and its model card."""
     return load_network(pretrained_path(name))
+
+
+def load_model(source: str | Path, ndim: int) -> tuple[AtrophyNet, dict]:
+    """A network by pretrained name (``mni-2d``, ``mni-3d``) or file (``.pt``/``.ckpt``) with its card;
+    :class:`InputError` if the file is missing or the network is not ``ndim``-D."""
+    try:
+        network, card = load_pretrained(str(source)) if str(source) in PRETRAINED else load_network(source)
+    except FileNotFoundError:
+        raise InputError(f"model file not found: {source}") from None
+    if network.ndim != ndim:
+        raise InputError(f"model {source} is a {network.ndim}D network, not {ndim}D")
+    return network, card

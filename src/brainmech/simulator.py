@@ -25,7 +25,7 @@ from . import __version__
 from .data import InputError, Subject, write_outputs
 from .evaluate import atrophy_mse, figure_png, folded_voxels
 from .mechanics import build_problem, det_f_map, to_millimetres, vector_length
-from .network import PRETRAINED, load_network, load_pretrained
+from .network import load_model
 from .solver import MAX_EVALUATIONS, SolverRecord, solve
 from .warp import compose, warp_image, warp_labels
 
@@ -129,13 +129,7 @@ class Simulator:
     def network(self, ndim: int) -> tuple[torch.nn.Module, dict]:
         """The network for ``ndim``-D subjects and its model card (loaded once)."""
         if ndim not in self._networks:
-            model = self.model or f"mni-{ndim}d"
-            try:
-                network, card = load_pretrained(model) if model in PRETRAINED else load_network(model)
-            except FileNotFoundError:
-                raise InputError(f"model file not found: {model}") from None
-            if network.ndim != ndim:
-                raise InputError(f"model {model} is {network.ndim}D; the subject is {ndim}D")
+            network, card = load_model(self.model or f"mni-{ndim}d", ndim)
             self._networks[ndim] = (network.to(self.device), card)
         return self._networks[ndim]
 

@@ -27,7 +27,7 @@ from .atrophy import random_atrophy
 from .data import InputError, Subject, axial_slice, load_mni, load_subject, pseudo_subject, read_nifti
 from .evaluate import atrophy_mse, folded_voxels
 from .mechanics import brain_mask, build_problem, det_f_map, tissue_mask
-from .network import PRETRAINED, AtrophyNet, load_network, load_pretrained, save_network
+from .network import AtrophyNet, load_model, save_network
 from .solver import solve
 
 #: The shipped models: template resolution (mm), dimension, network settings.
@@ -159,17 +159,6 @@ def batch_spacing(batch: dict) -> tuple[float, ...]:
     return tuple(float(h) for h in batch["spacing"][0])
 
 
-def initial_network(source: str | Path, ndim: int) -> AtrophyNet:
-    """The network ``--init-from`` names (pretrained name or file), checked to be ``ndim``-D."""
-    try:
-        network, _ = load_pretrained(str(source)) if str(source) in PRETRAINED else load_network(source)
-    except FileNotFoundError:
-        raise InputError(f"network to start from not found: {source}") from None
-    if network.ndim != ndim:
-        raise InputError(f"--init-from {source} is a {network.ndim}D network; this model is {ndim}D")
-    return network
-
-
 def reference_energy(item: dict, rtol: float = 1e-4) -> float:
     """Energy of the direct solver's converged answer for one case (the validation yardstick)."""
     problem = build_problem(item["probabilities"][None], item["atrophy"][None], tuple(item["spacing"].tolist()))
@@ -242,7 +231,7 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
         raise InputError(f"checkpoint to resume not found: {resume}")
     if resume is not None and init_from is not None:
         raise InputError("--resume and --init-from exclude each other: the checkpoint already holds the weights")
-    initial = initial_network(init_from, MODELS[model]["ndim"]) if init_from is not None else None
+    initial = load_model(init_from, MODELS[model]["ndim"])[0] if init_from is not None else None
     resumed_step = torch.load(resume, map_location="cpu", weights_only=False)["global_step"] if resume else 0
     L.seed_everything(seed + resumed_step, workers=True, verbose=False)  # a resumed run draws new cases
     out = Path(out)
