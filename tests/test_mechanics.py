@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from brainmech import mechanics
 from brainmech.mechanics import (Problem, build_problem, det_f_map, deformation_gradients, determinant,
                                  neo_hookean_density, quadrature)
 
@@ -73,10 +74,13 @@ def test_homogeneous_growth_is_exact(shape, spacing, a, scheme):
     assert torch.allclose(det_f_map(u, spacing, scheme), torch.full((1, 1, *shape), a), atol=1e-12)
 
 
+@pytest.mark.parametrize("slab", [1, 3, 1000])
 @pytest.mark.parametrize("scheme", ["nodal", "central"])
 @pytest.mark.parametrize("shape,spacing", [((9, 10), (1.0, 0.5)), ((6, 7, 5), (1.0, 2.0, 0.7))])
-def test_det_f_map_is_the_mean_det_f_of_each_voxels_quadrature_points(shape, spacing, scheme):
-    """The sliced det F map against its definition: gather every quadrature point, average per voxel."""
+def test_det_f_map_is_the_mean_det_f_of_each_voxels_quadrature_points(shape, spacing, scheme, slab, monkeypatch):
+    """The sliced det F map against its definition: gather every quadrature point, average per voxel;
+    whether the grid is sliced in slabs of 1 or 3 planes or taken whole."""
+    monkeypatch.setattr(mechanics, "SLAB_PLANES", slab)
     u = 0.2 * torch.randn(2, len(shape), *shape, generator=torch.Generator().manual_seed(1))
     points = quadrature(shape, scheme)
     dets = determinant(deformation_gradients(u, spacing, points))  # (B, Q)
@@ -85,11 +89,13 @@ def test_det_f_map_is_the_mean_det_f_of_each_voxels_quadrature_points(shape, spa
     assert torch.allclose(det_f_map(u, spacing, scheme), mean.reshape(2, 1, *shape), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("slab", [1, 3, 1000])
 @pytest.mark.parametrize("scheme", ["nodal", "central"])
 @pytest.mark.parametrize("shape,spacing", [((9, 10), (1.0, 0.5)), ((6, 7, 5), (1.0, 2.0, 0.7))])
-def test_sliced_energy_equals_the_gathered_sum_and_its_gradient(shape, spacing, scheme):
+def test_sliced_energy_equals_the_gathered_sum_and_its_gradient(shape, spacing, scheme, slab, monkeypatch):
     """Both assemblies of the energy on heterogeneous material with void (mu = 0) voxels, batch of 2:
-    the gathered one skips the void, the sliced one sums the whole grid."""
+    the gathered one skips the void, the sliced one sums the whole grid (in slabs of 1, 3 or all planes)."""
+    monkeypatch.setattr(mechanics, "SLAB_PLANES", slab)
     g = torch.Generator().manual_seed(2)
     probabilities = torch.rand(2, 5, *shape, generator=g)
     probabilities[:, 0] *= 6 * (torch.rand(2, *shape, generator=g) > 0.6)  # background dominates there
