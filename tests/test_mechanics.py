@@ -94,7 +94,8 @@ def test_det_f_map_is_the_mean_det_f_of_each_voxels_quadrature_points(shape, spa
 @pytest.mark.parametrize("shape,spacing", [((9, 10), (1.0, 0.5)), ((6, 7, 5), (1.0, 2.0, 0.7))])
 def test_sliced_energy_equals_the_gathered_sum_and_its_gradient(shape, spacing, scheme, slab, monkeypatch):
     """Both assemblies of the energy on heterogeneous material with void (mu = 0) voxels, batch of 2:
-    the gathered one skips the void, the sliced one sums the whole grid (in slabs of 1, 3 or all planes)."""
+    the gathered one skips the void, the sliced one (the report's) sums the whole grid (in slabs of 1,
+    3 or all planes) and gives the det F map on the way."""
     monkeypatch.setattr(mechanics, "SLAB_PLANES", slab)
     g = torch.Generator().manual_seed(2)
     probabilities = torch.rand(2, 5, *shape, generator=g)
@@ -104,7 +105,8 @@ def test_sliced_energy_equals_the_gathered_sum_and_its_gradient(shape, spacing, 
     problem = replace(problem, mu=problem.mu * (probabilities[:, :1] < 0.5), bulk=problem.bulk * (probabilities[:, :1] < 0.5))
     assert problem.points.count < len(quadrature(shape, scheme).node)  # void points really are skipped
     u = (0.2 * torch.randn(2, len(shape), *shape, generator=g)).requires_grad_()
-    gathered, sliced = problem.energy_terms(u), problem.energy_terms(u, sliced=True)
+    gathered, (sliced, det_map) = problem.energy_terms(u), problem.report_terms(u)
+    assert torch.equal(det_map, det_f_map(u, spacing, scheme))
     for name in gathered:
         assert torch.allclose(sliced[name], gathered[name], rtol=1e-12, atol=0)
     grad_gathered, = torch.autograd.grad(gathered["total"].sum(), u)

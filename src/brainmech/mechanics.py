@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -143,15 +143,16 @@ def determinant(F: Tensor) -> Tensor:
     return _determinant(_components(F))
 
 
-def neo_hookean_density(F: Tensor, atrophy: Tensor, mu: Tensor, bulk: Tensor) -> Tensor:
+def neo_hookean_density(F: Tensor, atrophy: Tensor, mu: Tensor, bulk: Tensor, det_f: Tensor | None = None) -> Tensor:
     """Strain energy density W [mu units] of a grown Neo-Hookean solid, for F ``(d, d, ...)``.
 
     W = mu/2 (tr(Fe Fe^T) J^(-2/d) - d) + K/2 (J - 1)^2 with Fe = F G^-1, G = a^(1/d) I,
     J = det Fe = det F / a. Because G is isotropic, tr(Fe Fe^T) J^(-2/d) = |F|^2 det(F)^(-2/d):
-    growth only enters the volumetric term. ``atrophy``, ``mu``, ``bulk`` have F's trailing shape.
+    growth only enters the volumetric term. ``atrophy``, ``mu``, ``bulk`` have F's trailing shape;
+    ``det_f``: det F where the caller has it already.
     """
     d = F.shape[0]
-    det_f = determinant(F)
+    det_f = determinant(F) if det_f is None else det_f
     isochoric = (F * F).sum(dim=(0, 1)) * det_f.clamp_min(MIN_DET_F) ** (-2.0 / d) - d
     volumetric = (det_f / atrophy - 1.0) ** 2
     return 0.5 * mu * isochoric + 0.5 * bulk * volumetric
@@ -221,19 +222,33 @@ class Problem:
         """``atrophy``, ``mu``, ``bulk`` at the quadrature points, ``(B, Q)`` each."""
         return tuple(f.flatten(1).index_select(1, self.points.node) for f in (self.atrophy, self.mu, self.bulk))
 
-    def energy_terms(self, u: Tensor, *, sliced: bool = False) -> dict[str, Tensor]:
-        """Energy terms of displacement ``u`` (voxels), each ``(B,)`` in mu*mm^3 (paper eq. 2).
+    def energy_terms(self, u: Tensor) -> dict[str, Tensor]:
+        """Energy terms of displacement ``u`` (voxels), each ``(B,)`` in mu*mm^3 (paper eq. 2),
+        summed over the gathered :attr:`points`."""
+        F = deformation_gradients(u, self.spacing, self.points)
+        elastic = neo_hookean_density(F, *self.point_materials).sum(1) * (self.points.weight * self.voxel_volume)
+        return self._with_penalties(u, elastic)
 
-        ``sliced``: sum the elastic energy over the whole grid by slicing instead of gathering the
-        :attr:`points` (the same sum; no index arrays, for evaluating large grids once)."""
-        if sliced:
-            materials = [f[:, 0] for f in (self.atrophy, self.mu, self.bulk)]  # (B, *N)
-            density_sums = [neo_hookean_density(F, *[f[(slice(None),) + nodes] for f in materials]).flatten(1).sum(1)
-                            for F, nodes in grid_gradients(u, self.spacing, self.scheme)]
-            elastic = torch.stack(density_sums).sum(0) * (point_weight(self.scheme, self.ndim) * self.voxel_volume)
-        else:
-            F = deformation_gradients(u, self.spacing, self.points)
-            elastic = neo_hookean_density(F, *self.point_materials).sum(1) * (self.points.weight * self.voxel_volume)
+    def report_terms(self, u: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """:meth:`energy_terms` and :func:`det_f_map` of ``u`` from one sliced pass over the whole grid
+        (:func:`grid_gradients`): F and det F once per point and no index arrays, for a large grid
+        evaluated once (the simulation report at 1 mm)."""
+        materials = [f[:, 0] for f in (self.atrophy, self.mu, self.bulk)]  # (B, *N)
+        density_sums = []
+
+        def point_dets() -> Iterator[tuple[Tensor, tuple[slice, ...]]]:  # sums the density on the way
+            for F, nodes in grid_gradients(u, self.spacing, self.scheme):
+                det_f = determinant(F)
+                at_nodes = [f[(slice(None),) + nodes] for f in materials]
+                density_sums.append(neo_hookean_density(F, *at_nodes, det_f=det_f).flatten(1).sum(1))
+                yield det_f, nodes
+
+        det_map = _voxel_mean(point_dets(), u)
+        elastic = torch.stack(density_sums).sum(0) * (point_weight(self.scheme, self.ndim) * self.voxel_volume)
+        return self._with_penalties(u, elastic), det_map
+
+    def _with_penalties(self, u: Tensor, elastic: Tensor) -> dict[str, Tensor]:
+        """The elastic term with the background and centre penalties (mu*mm^3, ``(B,)`` each) and their total."""
         millimetres = to_millimetres(u, self.spacing)
         background = self.lambda_background * self.voxel_volume * (self.background * millimetres**2).flatten(1).sum(1)
         centre = self.lambda_centre * (sample_at(millimetres, self.centre) ** 2).sum(1)
@@ -294,10 +309,16 @@ def det_f_map(u: Tensor, spacing: tuple[float, ...], scheme: str = "nodal") -> T
     Sliced (:func:`grid_gradients`), so memory stays a few copies of ``u`` (a 1 mm brain has ~70 M
     quadrature points). "nodal": a node's points are the corners it is of, one per cell around it.
     """
+    return _voxel_mean(((determinant(F), nodes) for F, nodes in grid_gradients(u, spacing, scheme)), u)
+
+
+def _voxel_mean(point_values: Iterable[tuple[Tensor, tuple[slice, ...]]], u: Tensor) -> Tensor:
+    """Mean per voxel ``(B, 1, *N)`` of point values ``(B, *M)`` given with the voxels ``nodes`` they
+    live at (as :func:`grid_gradients` yields them) on ``u``'s grid."""
     total = u.new_zeros(u.shape[0], *u.shape[2:])
     count = u.new_zeros(u.shape[2:])
-    for F, nodes in grid_gradients(u, spacing, scheme):
-        total[(slice(None),) + nodes] += determinant(F)
+    for values, nodes in point_values:
+        total[(slice(None),) + nodes] += values
         count[nodes] += 1
     return (total / count).unsqueeze(1)
 
