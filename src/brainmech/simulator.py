@@ -161,8 +161,7 @@ class Simulator:
             records.append(record)
         timings["simulate_s"] = time.perf_counter() - start
         problem = build_problem(probabilities, full_atrophy, subject.spacing, brain_only=self.brain_only)
-        terms, det_f = problem.report_terms(u)  # one sliced pass: no 1 mm index arrays
-        terms = {k: float(v.sum()) for k, v in terms.items()}
+        energy_terms, det_f = problem.report_terms(u)  # one sliced pass: no 1 mm index arrays
         start = time.perf_counter()
         warped_image = warp_image(subject.image.to(self.device), u)
         warped_labels = warp_labels(subject.labels.to(self.device), u)
@@ -182,7 +181,7 @@ class Simulator:
             "brain_only": self.brain_only,
             "atrophy_convention": "a = baseline/follow-up volume = target det F (a > 1: loss)",
             "timings": timings,
-            "energy": terms,
+            "energy": {name: float(term.sum()) for name, term in energy_terms.items()},
             "mse_atrophy_tissue": atrophy_mse(det_f, atrophy, subject.tissue),
             "mse_atrophy_brain": atrophy_mse(det_f, atrophy, subject.brain),
             # the same in the follow-up's material frame: det F(y) vs a(y + u(y)) over the moved tissue
