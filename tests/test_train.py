@@ -6,7 +6,11 @@ import torch
 from typer.testing import CliRunner
 
 from brainmech.cli import app
+from brainmech.data import load_mni
+from brainmech.mechanics import build_problem
 from brainmech.network import load_network, load_pretrained
+from brainmech.solver import potential_flow
+from brainmech.train import MODELS, AtrophyNetModule, PseudoSubjects
 
 runner = CliRunner()
 
@@ -47,6 +51,27 @@ def test_train_can_start_from_a_pretrained_network(tmp_path):
     assert card["held_out_metrics"]["energy_gap"] < 2 * pretrained_card["held_out_metrics"]["energy_gap"]
     best, _ = load_network(out / "checkpoints" / "best.ckpt")  # the best validated weights, loadable as a model
     assert best.config() == tuned.config()
+
+
+def test_untrained_network_has_relative_loss_one_and_energy_loss_its_energy_per_voxel():
+    """An untrained network answers the potential flow (its last layer starts at zero), so each case's
+    energy over its flow's energy is exactly 1; the "energy" loss is the mean energy per voxel."""
+    cases = PseudoSubjects(load_mni(1), 2, seed=3, ndim=2)
+    batch = torch.utils.data.default_collate([cases[0], cases[1]])
+    spacing = tuple(batch["spacing"][0].tolist())
+    flow_energy = build_problem(batch["probabilities"], batch["atrophy"], spacing).energy_terms(
+        potential_flow(batch["atrophy"], spacing))["total"]
+    assert flow_energy[0] != flow_energy[1]  # cases of different size: the two losses weigh them differently
+    relative = AtrophyNetModule(MODELS["2d"]["network"], loss="relative").energy_and_loss(batch)[2]
+    assert torch.allclose(relative, torch.tensor(1.0), rtol=1e-6)
+    energy = AtrophyNetModule(MODELS["2d"]["network"], loss="energy").energy_and_loss(batch)[2]
+    assert torch.allclose(energy, flow_energy.mean() / batch["atrophy"][0].numel(), rtol=1e-6)
+
+
+def test_unknown_loss_is_one_line_exit_2(tmp_path):
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--loss", "mse"])
+    assert result.exit_code == 2 and "unknown loss" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_init_from_a_network_of_the_other_dimension_is_one_line_exit_2(tmp_path):

@@ -214,6 +214,7 @@ def train(
     workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 0,
     resume: Annotated[Optional[Path], typer.Option(help="Checkpoint to resume from (e.g. OUT/checkpoints/last.ckpt).")] = None,
     init_from: Annotated[Optional[str], typer.Option(help="Start from these weights (mni-2d, mni-3d or a model.pt/.ckpt), e.g. to fine-tune on --data.")] = None,
+    loss: Annotated[str, typer.Option(help="relative (each case's energy over its potential flow's: cases weigh alike) or energy (per voxel).")] = "relative",
 ) -> None:
     """Train the U-Net on the energy (no solver answers needed), with lightning."""
     from .train import train as run_training
@@ -226,7 +227,7 @@ def train(
                         data=str(data) if data else None, label_table=str(label_table) if label_table else None,
                         validation_cases=validation_cases, validate_every=validate_every, seed=seed,
                         accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices,
-                        num_nodes=num_nodes, workers=workers, resume=resume, init_from=init_from)
+                        num_nodes=num_nodes, workers=workers, resume=resume, init_from=init_from, loss=loss)
     print(f"wrote {path} (model card {path.with_suffix('.json')}); use it with: brainmech simulate --model {path}")
 
 

@@ -1,7 +1,7 @@
 """Training the learned simulator with lightning (DESIGN §3): unsupervised, on the energy itself.
 
-The loss of a case is its growth energy L(u) (DESIGN §2) divided by the voxel count; no solver
-output is needed. Cases are pseudo-subjects of the MNI brain (random smooth diffeomorphisms and
+The loss of a case is its growth energy L(u) (DESIGN §2) relative to the energy of the potential
+flow (or, with ``loss="energy"``, per voxel); no solver output is needed. Cases are pseudo-subjects of the MNI brain (random smooth diffeomorphisms and
 intensity changes, :func:`brainmech.data.pseudo_subject`) or a user's NIfTI folder, each with a
 random atrophy map. Validation reports the loss, MSE(det F, a) in tissue, folded voxels, and (with
 reference solves) the energy gap to the direct solver on held-out cases.
@@ -28,13 +28,14 @@ from .data import InputError, Subject, axial_slice, load_mni, load_subject, pseu
 from .evaluate import atrophy_mse, folded_voxels
 from .mechanics import brain_mask, build_problem, det_f_map, tissue_mask
 from .network import AtrophyNet, load_model, save_network
-from .solver import solve
+from .solver import potential_flow, solve
 
 #: The shipped models: template resolution (mm), dimension, network settings.
 MODELS = {
     "2d": {"resolution": 1, "ndim": 2, "network": {"ndim": 2, "features": (8, 16, 16, 32, 32, 8), "coarse": 1}},
     "3d": {"resolution": 2, "ndim": 3, "network": {"ndim": 3, "features": (8, 16, 16, 32, 32, 8), "coarse": 1}},
 }
+LOSSES = ("relative", "energy")  # see AtrophyNetModule
 AXIAL_SLICES_MM = (-20.0, 50.0)  # 2D cases are axial slices of the template in this world-z range
 
 
@@ -166,31 +167,41 @@ def reference_energy(item: dict, rtol: float = 1e-4) -> float:
 
 
 class AtrophyNetModule(L.LightningModule):
-    """The network and its unsupervised loss: energy per voxel (mu, DESIGN §2), whole cases."""
+    """The network and its unsupervised loss (DESIGN §2), whole cases.
 
-    def __init__(self, network: dict, learning_rate: float = 1e-3):
+    ``loss``: "relative" (default), each case's energy over the energy of its potential flow (the
+    untrained network's answer), averaged over the batch: every case weighs the same whatever the size
+    of its change, as in the energy gap. "energy": the energy per voxel (mu), which lets cases of large
+    change (energy ~ change squared) dominate; mni-3d was trained on it.
+    """
+
+    def __init__(self, network: dict, learning_rate: float = 1e-3, loss: str = "relative"):
         super().__init__()
         self.save_hyperparameters()
         self.network = AtrophyNet(network["ndim"], tuple(network["features"]), network["coarse"],
                                   network.get("resolution_mm"))
 
-    def _energy(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def energy_and_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Energy of the network's answer per case (mu mm^3), the answer (voxels) and the loss."""
         spacing = batch_spacing(batch)
         problem = build_problem(batch["probabilities"], batch["atrophy"], spacing)
         u = self.network(batch["atrophy"], batch["probabilities"], spacing)
-        return problem.energy_terms(u)["total"], u
+        energy = problem.energy_terms(u)["total"]
+        if self.hparams.loss == "energy":
+            return energy, u, energy.mean() / math.prod(batch["atrophy"].shape[2:])
+        with torch.no_grad():
+            flow_energy = problem.energy_terms(potential_flow(batch["atrophy"], spacing))["total"]
+        return energy, u, (energy / flow_energy).mean()
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
-        energy, _ = self._energy(batch)
-        loss = energy.mean() / math.prod(batch["atrophy"].shape[2:])
+        energy, _, loss = self.energy_and_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(energy))
         return loss
 
     def validation_step(self, batch: dict, batch_index: int) -> None:
-        energy, u = self._energy(batch)
-        voxels = math.prod(batch["atrophy"].shape[2:])
+        energy, u, loss = self.energy_and_loss(batch)
         det_f = det_f_map(u, batch_spacing(batch))
-        metrics = {"val/loss": energy.mean() / voxels,
+        metrics = {"val/loss": loss,
                    "val/mse_atrophy_tissue": atrophy_mse(det_f, batch["atrophy"], tissue_mask(batch["probabilities"])),
                    "val/folded_voxels": float(folded_voxels(det_f, brain_mask(batch["probabilities"])))}
         if "reference_energy" in batch:
@@ -215,18 +226,21 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
           data: str | None = None, label_table: str | None = None, cases: int = 100_000, validation_cases: int = 4,
           validate_every: int = 250, seed: int = 0, accelerator: str = "auto", devices: int | str = 1,
           num_nodes: int = 1, workers: int = 0, resume: str | Path | None = None,
-          init_from: str | Path | None = None, reference_solves: bool = True, progress: bool = True) -> Path:
+          init_from: str | Path | None = None, loss: str = "relative", reference_solves: bool = True,
+          progress: bool = True) -> Path:
     """Train (or resume) a network; writes ``out/checkpoints/`` (``last.ckpt``, and ``best.ckpt``: the
     lowest validated energy gap, or loss without reference solves), CSV logs in ``out/logs/`` and the
     final ``out/model.pt`` with its model card ``out/model.json``. Returns the path of ``model.pt``.
 
-    ``init_from``: start from a trained network's weights and architecture (a pretrained name such as
+    ``loss``: "relative" or "energy" (:class:`AtrophyNetModule`). ``init_from``: start from a trained network's weights and architecture (a pretrained name such as
     ``"mni-3d"``, or a ``.pt``/``.ckpt`` file), e.g. to fine-tune it on ``data``; the optimiser and the
     learning-rate schedule start afresh. Several GPUs or nodes: ``devices`` / ``num_nodes`` go to
     lightning's DDP as they are.
     """
     if model not in MODELS:
         raise InputError(f"unknown model {model!r}; choose one of {list(MODELS)}")
+    if loss not in LOSSES:
+        raise InputError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
     if resume is not None and not Path(resume).is_file():
         raise InputError(f"checkpoint to resume not found: {resume}")
     if resume is not None and init_from is not None:
@@ -240,7 +254,7 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
                                 label_table)
     resolution = float(settings["resolution"]) if data is None else folder_resolution(data)
     network = {**(initial.config() if initial else settings["network"]), "resolution_mm": resolution}
-    module = AtrophyNetModule(network, learning_rate)
+    module = AtrophyNetModule(network, learning_rate, loss)
     if initial is not None:
         module.network.load_state_dict(initial.state_dict())
     checkpoint_dir = out / "checkpoints"
@@ -262,7 +276,7 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
     card = {"model": model, "data": data or "MNI152 2009a pseudo-subjects (random diffeomorphisms, intensity gamma)",
             "resolution_mm": resolution, "ndim": settings["ndim"], "network": network,
             "training_steps": trainer.global_step, "batch_size": batch_size, "learning_rate": learning_rate,
-            "seed": seed, "init_from": None if init_from is None else str(init_from),
+            "seed": seed, "loss": loss, "init_from": None if init_from is None else str(init_from),
             "validation_cases": validation_cases, "held_out_metrics": metrics,
             "atrophy_prior": AtrophyPrior().__dict__, "hardware": f"{type(trainer.accelerator).__name__} x {trainer.num_devices}",
             "wall_seconds_this_run": round(time.perf_counter() - started)}
