@@ -169,7 +169,7 @@ def main() -> None:
                         help="leave glibc returning freed memory to the OS (slower; as before retain_freed_memory)")
     parser.add_argument("--cases", type=int, default=4, help="held-out cases for mni-2d")
     parser.add_argument("--cases-3d", type=int, default=1, help="held-out cases for mni-3d (each solve takes minutes)")
-    parser.add_argument("--models", default="2d,3d")
+    parser.add_argument("--models", default="2d,3d", help='comma-separated; "" for the 1 mm timing alone')
     parser.add_argument("--reference-rtol", type=float, default=1e-6, help="stopping tolerance of the reference solves")
     parser.add_argument("--skip-torchio", action="store_true")
     parser.add_argument("--refine", action="store_true", help="also time network+refine (solver from the network)")
@@ -182,7 +182,7 @@ def main() -> None:
     print("| model | voxels | tissue MSE net / solver | energy gap | RMSE to solver (vox) | folded | network time | "
           "solver time to same MSE | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for model in args.models.split(","):
+    for model in filter(None, args.models.split(",")):
         count = args.cases if model == "2d" else args.cases_3d
         for name, r in run(model, count, args.reference_rtol, args.refine_evaluations if args.refine else None).items():
             speedup = f"{r['speedup']:.0f} x" if r["speedup"] < float("inf") else "-"
