@@ -274,21 +274,22 @@ def grid_gradients(u: Tensor, spacing: tuple[float, ...], scheme: str = "nodal")
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
     planes = u.shape[2]
-    step = SLAB_PLANES
     if scheme == "nodal":  # the cells between planes [first, last] read those planes only
-        for first in range(0, max(planes - 1, 1), step):
-            last = min(first + step, planes - 1)
+        for first in range(0, max(planes - 1, 1), SLAB_PLANES):
+            last = min(first + SLAB_PLANES, planes - 1)
             for F, nodes in _slab_gradients(u[:, :, first:last + 1], spacing, scheme):
                 yield F, (slice(nodes[0].start + first, nodes[0].stop + first), *nodes[1:])
         return
-    for first in range(0, planes, step):  # central: planes [first, stop) and a neighbour plane either side
-        stop = min(first + step, planes)
+    # central: planes [first, stop) and a neighbour plane either side
+    for first in range(0, planes, SLAB_PLANES):
+        stop = min(first + SLAB_PLANES, planes)
         low, high = max(first - 1, 0), min(stop + 1, planes)
         for F, nodes in _slab_gradients(u[:, :, low:high], spacing, scheme):
             yield F[:, :, :, first - low:stop - low], (slice(first, stop), *nodes[1:])
 
 
-def _slab_gradients(u: Tensor, spacing: tuple[float, ...], scheme: str) -> Iterator[tuple[Tensor, tuple[slice, ...]]]:
+def _slab_gradients(u: Tensor, spacing: tuple[float, ...],
+                    scheme: str) -> Iterator[tuple[Tensor, tuple[slice, ...]]]:
     """:func:`grid_gradients` of one block of ``u`` taken whole (node slices local to the block)."""
     d, shape = u.shape[1], tuple(u.shape[2:])
     if scheme == "central":  # unit voxel steps; torch.gradient halves the two-voxel central step

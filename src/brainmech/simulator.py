@@ -169,7 +169,8 @@ class Simulator:
         cpu = lambda t: t.detach().cpu()  # noqa: E731
         u, det_f = cpu(u), cpu(det_f)
         # the moved frame: a(y + u(y)) and the tissue mask carried to the follow-up, in one warp
-        followup_atrophy, followup_tissue = warp_image(torch.cat([atrophy, subject.tissue.to(atrophy.dtype)], 1), u).split(1, 1)
+        carried = warp_image(torch.cat([atrophy, subject.tissue.to(atrophy.dtype)], 1), u)
+        followup_atrophy, followup_tissue = carried.split(1, 1)
         report = {
             "method": self.method,
             "model": None if self.method == "solver" else self.network(subject.ndim)[1],

@@ -1,8 +1,9 @@
 """Training the learned simulator with lightning (DESIGN §3): unsupervised, on the energy itself.
 
 The loss of a case is its growth energy L(u) (DESIGN §2) relative to the energy of the potential
-flow (or, with ``loss="energy"``, per voxel); no solver output is needed. Cases are pseudo-subjects of the MNI brain (random smooth diffeomorphisms and
-intensity changes, :func:`brainmech.data.pseudo_subject`) or a user's NIfTI folder, each with a
+flow (or, with ``loss="energy"``, per voxel); no solver output is needed. Cases are pseudo-subjects
+of the MNI brain (random smooth diffeomorphisms and intensity changes,
+:func:`brainmech.data.pseudo_subject`) or a user's NIfTI folder, each with a
 random atrophy map. Validation reports the loss, MSE(det F, a) in tissue, folded voxels, and (with
 reference solves) the energy gap to the direct solver on held-out cases.
 
@@ -172,7 +173,7 @@ class AtrophyNetModule(L.LightningModule):
     ``loss``: "relative" (default), each case's energy over the energy of its potential flow (the
     untrained network's answer), averaged over the batch: every case weighs the same whatever the size
     of its change, as in the energy gap. "energy": the energy per voxel (mu), which lets cases of large
-    change (energy ~ change squared) dominate; mni-3d was trained on it.
+    change (energy ~ change squared) dominate; both shipped models were trained on it before their last legs.
     """
 
     def __init__(self, network: dict, learning_rate: float = 1e-3, loss: str = "relative"):
@@ -232,9 +233,9 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
     lowest validated energy gap, or loss without reference solves), CSV logs in ``out/logs/`` and the
     final ``out/model.pt`` with its model card ``out/model.json``. Returns the path of ``model.pt``.
 
-    ``loss``: "relative" or "energy" (:class:`AtrophyNetModule`). ``init_from``: start from a trained network's weights and architecture (a pretrained name such as
-    ``"mni-3d"``, or a ``.pt``/``.ckpt`` file), e.g. to fine-tune it on ``data``; the optimiser and the
-    learning-rate schedule start afresh. Several GPUs or nodes: ``devices`` / ``num_nodes`` go to
+    ``loss``: "relative" or "energy" (:class:`AtrophyNetModule`). ``init_from``: start from a trained
+    network's weights and architecture (a pretrained name such as ``"mni-3d"``, or a ``.pt``/``.ckpt``
+    file), e.g. to fine-tune it on ``data``; the optimiser and the learning-rate schedule start afresh. Several GPUs or nodes: ``devices`` / ``num_nodes`` go to
     lightning's DDP as they are.
     """
     if model not in MODELS:
