@@ -235,8 +235,8 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
 
     ``loss``: "relative" or "energy" (:class:`AtrophyNetModule`). ``init_from``: start from a trained
     network's weights and architecture (a pretrained name such as ``"mni-3d"``, or a ``.pt``/``.ckpt``
-    file), e.g. to fine-tune it on ``data``; the optimiser and the learning-rate schedule start afresh. Several GPUs or nodes: ``devices`` / ``num_nodes`` go to
-    lightning's DDP as they are.
+    file), e.g. to fine-tune it on ``data``; the optimiser and the learning-rate schedule start afresh.
+    Several GPUs or nodes: ``devices`` / ``num_nodes`` go to lightning's DDP as they are.
     """
     if model not in MODELS:
         raise InputError(f"unknown model {model!r}; choose one of {list(MODELS)}")
