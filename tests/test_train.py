@@ -10,7 +10,7 @@ from brainmech.data import load_mni
 from brainmech.mechanics import build_problem
 from brainmech.network import load_network, load_pretrained
 from brainmech.solver import potential_flow
-from brainmech.train import MODELS, AtrophyNetModule, PseudoSubjects
+from brainmech.train import MODELS, VALIDATION_SEED, AtrophyNetModule, CaseDataModule, PseudoSubjects
 
 runner = CliRunner()
 
@@ -66,6 +66,23 @@ def test_untrained_network_has_relative_loss_one_and_energy_loss_its_energy_per_
     assert torch.allclose(relative, torch.tensor(1.0), rtol=1e-6)
     energy = AtrophyNetModule(MODELS["2d"]["network"], loss="energy").energy_and_loss(batch)[2]
     assert torch.allclose(energy, flow_energy.mean() / batch["atrophy"][0].numel(), rtol=1e-6)
+
+
+def test_seed_draws_new_training_cases_and_keeps_the_validation_cases():
+    """Runs of different seeds (e.g. a continued run) see other training cases, validated on the same ones."""
+    modules = [CaseDataModule("2d", validation_cases=1, seed=seed, reference_solves=False) for seed in (0, 1)]
+    for module in modules:
+        module.setup()
+    first, second = modules
+    assert torch.equal(first.validation_set[0]["atrophy"], second.validation_set[0]["atrophy"])
+    assert not torch.equal(first.train_set[0]["atrophy"], second.train_set[0]["atrophy"])
+    assert not torch.equal(first.train_set[0]["atrophy"], first.validation_set[0]["atrophy"])
+
+
+def test_the_validation_seed_is_refused_for_training_as_one_line_exit_2(tmp_path):
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--seed", str(VALIDATION_SEED)])
+    assert result.exit_code == 2 and "validation" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_unknown_loss_is_one_line_exit_2(tmp_path):

@@ -207,7 +207,8 @@ def train(
     label_table: Annotated[Optional[Path], typer.Option(help="YAML 'label: tissue class' table for --data.")] = None,
     validation_cases: Annotated[int, typer.Option(help="Held-out pseudo-subjects for validation.")] = 4,
     validate_every: Annotated[int, typer.Option(help="Validate and checkpoint every this many steps.")] = 250,
-    seed: Annotated[int, typer.Option(help="Seed of everything random.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the training cases and their order (validation cases are "
+                                           "fixed); give a continued run a new one to draw new cases.")] = 0,
     accelerator: Annotated[str, typer.Option(help="auto, cpu or gpu.")] = "auto",
     devices: Annotated[str, typer.Option(help="Devices per node (a number or 'auto'); > 1 uses DDP.")] = "1",
     num_nodes: Annotated[int, typer.Option(help="Nodes (DDP across machines, launched by your cluster).")] = 1,

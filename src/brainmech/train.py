@@ -38,6 +38,9 @@ MODELS = {
 }
 LOSSES = ("relative", "energy")  # see AtrophyNetModule
 AXIAL_SLICES_MM = (-20.0, 50.0)  # 2D cases are axial slices of the template in this world-z range
+#: Seed of the held-out validation pseudo-subjects, whatever the training seed: runs with different
+#: seeds draw different training cases and are validated on the same cases (so reserved for them).
+VALIDATION_SEED = 7919
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,7 @@ class CaseDataModule(L.LightningDataModule):
         template = load_mni(self.resolution)
         self.train_set = (SubjectFolder(h.data, h.seed, h.label_table) if h.data
                           else PseudoSubjects(template, h.cases, h.seed, self.ndim))
-        validation = PseudoSubjects(template, h.validation_cases, h.seed + 7919, self.ndim)  # held out: other seeds
+        validation = PseudoSubjects(template, h.validation_cases, VALIDATION_SEED, self.ndim)
         self.validation_set = [validation[i] for i in range(len(validation))]
         if h.reference_solves:
             for item in self.validation_set:
@@ -235,13 +238,17 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
 
     ``loss``: "relative" or "energy" (:class:`AtrophyNetModule`). ``init_from``: start from a trained
     network's weights and architecture (a pretrained name such as ``"mni-3d"``, or a ``.pt``/``.ckpt``
-    file), e.g. to fine-tune it on ``data``; the optimiser and the learning-rate schedule start afresh.
+    file), e.g. to fine-tune it on ``data``; the optimiser and the learning-rate schedule start afresh, and
+    the cases are those of ``seed`` from the start (a new seed draws cases the earlier run did not see).
+    Validation cases are the same for every seed (:data:`VALIDATION_SEED`).
     Several GPUs or nodes: ``devices`` / ``num_nodes`` go to lightning's DDP as they are.
     """
     if model not in MODELS:
         raise InputError(f"unknown model {model!r}; choose one of {list(MODELS)}")
     if loss not in LOSSES:
         raise InputError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
+    if data is None and seed == VALIDATION_SEED:
+        raise InputError(f"seed {VALIDATION_SEED} draws the held-out validation cases; choose another seed")
     if resume is not None and not Path(resume).is_file():
         raise InputError(f"checkpoint to resume not found: {resume}")
     if resume is not None and init_from is not None:
