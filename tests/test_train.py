@@ -2,6 +2,7 @@
 
 import csv
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -10,7 +11,7 @@ from brainmech.data import load_mni
 from brainmech.mechanics import build_problem
 from brainmech.network import load_network, load_pretrained
 from brainmech.solver import potential_flow
-from brainmech.train import MODELS, VALIDATION_SEED, AtrophyNetModule, CaseDataModule, PseudoSubjects
+from brainmech.train import EVALUATION_SEED, MODELS, VALIDATION_SEED, AtrophyNetModule, CaseDataModule, PseudoSubjects
 
 runner = CliRunner()
 
@@ -79,9 +80,10 @@ def test_seed_draws_new_training_cases_and_keeps_the_validation_cases():
     assert not torch.equal(first.train_set[0]["atrophy"], first.validation_set[0]["atrophy"])
 
 
-def test_the_validation_seed_is_refused_for_training_as_one_line_exit_2(tmp_path):
-    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--seed", str(VALIDATION_SEED)])
-    assert result.exit_code == 2 and "validation" in result.output
+@pytest.mark.parametrize("held_out_seed", [VALIDATION_SEED, EVALUATION_SEED])
+def test_a_held_out_seed_is_refused_for_training_as_one_line_exit_2(tmp_path, held_out_seed):
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--seed", str(held_out_seed)])
+    assert result.exit_code == 2 and "held-out" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 

@@ -30,10 +30,9 @@ from .evaluate import dice_per_tissue
 from .mechanics import build_problem
 from .simulator import Simulator
 from .solver import solve
-from .train import MODELS, PseudoSubjects
+from .train import EVALUATION_SEED, MODELS, PseudoSubjects
 from .warp import warp_image, warp_labels
 
-EVALUATION_SEED = 104_729  # pseudo-subjects of the benchmark: a seed no training run uses by default
 TABLE_TISSUES = {1: "csf", 2: "gm", 3: "wm", 4: "dgm"}
 
 

@@ -38,9 +38,10 @@ MODELS = {
 }
 LOSSES = ("relative", "energy")  # see AtrophyNetModule
 AXIAL_SLICES_MM = (-20.0, 50.0)  # 2D cases are axial slices of the template in this world-z range
-#: Seed of the held-out validation pseudo-subjects, whatever the training seed: runs with different
-#: seeds draw different training cases and are validated on the same cases (so reserved for them).
+#: Seeds of held-out pseudo-subjects, refused as training seeds: validation (the same for every
+#: training seed, so runs of different seeds compare on the same cases) and the benchmark's cases.
 VALIDATION_SEED = 7919
+EVALUATION_SEED = 104_729
 
 
 @dataclass(frozen=True)
@@ -247,8 +248,8 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
         raise InputError(f"unknown model {model!r}; choose one of {list(MODELS)}")
     if loss not in LOSSES:
         raise InputError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
-    if data is None and seed == VALIDATION_SEED:
-        raise InputError(f"seed {VALIDATION_SEED} draws the held-out validation cases; choose another seed")
+    if data is None and seed in (VALIDATION_SEED, EVALUATION_SEED):
+        raise InputError(f"seed {seed} draws held-out validation or benchmark cases; choose another seed")
     if resume is not None and not Path(resume).is_file():
         raise InputError(f"checkpoint to resume not found: {resume}")
     if resume is not None and init_from is not None:
