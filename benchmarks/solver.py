@@ -14,9 +14,9 @@ import torch
 
 from brainmech import retain_freed_memory
 from brainmech.atrophy import random_atrophy
-from brainmech.data import MNI_AXIAL_SLICE_MM, load_mni
-from brainmech.evaluate import atrophy_mse
-from brainmech.mechanics import build_problem, det_f_map
+from brainmech.mechanics import build_problem, det_f_maps
+from brainmech.metrics import atrophy_mse
+from brainmech.mni import MNI_AXIAL_SLICE_MM, load_mni
 from brainmech.solver import solve
 
 warnings.filterwarnings("ignore")
@@ -32,7 +32,7 @@ def run(name: str, subject, seed: int, reference_evaluations: int) -> dict:
     total = time.perf_counter() - start
     record = result.record
     to_one_percent = next(s for lv, s, e in zip(record.level, record.seconds, record.energy) if lv == 0 and e <= 1.01 * best)
-    det_f = det_f_map(result.displacement, subject.spacing)
+    det_f = det_f_maps(result.displacement, subject.spacing).mean
     return {"case": name, "voxels": subject.image.numel(), "to_1pct_s": to_one_percent, "stop_s": total,
             "evaluations": len(record.energy), "gap_at_stop": (record.as_dict()["final_energy"] - best) / best,
             "mse_tissue": atrophy_mse(det_f, atrophy, subject.tissue)}

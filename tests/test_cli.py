@@ -134,5 +134,111 @@ def test_network_refine_spends_exactly_its_evaluation_budget_and_lowers_the_ener
     assert report["refine_evaluations"] == 3 and report["solver"][0]["evaluations"] == 3
     assert energies["network+refine"] < energies["network"]
     refused = simulate(subject_files, tmp_path / "none", "--method", "network+refine", "--refine-evaluations", "1")
-    assert refused.exit_code == 2 and "refine evaluations must be >= 2" in refused.output
+    assert refused.exit_code == 2 and "--refine-evaluations" in refused.output and "greater than or equal to 2" in refused.output
     assert not (tmp_path / "none").exists()
+
+
+def write_atrophy(paths, tmp_path, name, array):
+    path = tmp_path / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(array.astype(np.float32), nib.load(paths["image"]).affine), path)
+    return {**paths, "atrophy": path}
+
+
+def test_the_three_conventions_of_one_map_give_the_same_simulation(subject_files, tmp_path):
+    """The same physical change written as a ratio (baseline/follow-up), its inverse and a percent
+    change: each convention read through the command line simulates the same loss."""
+    ratio = nib.load(subject_files["atrophy"]).get_fdata()  # tissue 1.03 (loss), CSF 0.9 (growth)
+    written = {"ratio": ratio, "inverse": 1.0 / ratio, "percent": 100.0 * (1.0 / ratio - 1.0)}
+    outputs = {}
+    for convention, array in written.items():
+        paths = write_atrophy(subject_files, tmp_path, convention, array)
+        result = simulate(paths, tmp_path / convention, "--convention", convention)
+        assert result.exit_code == 0, result.output
+        assert "loss" in result.output
+        outputs[convention] = {name: nib.load(tmp_path / convention / f"{name}.nii.gz").get_fdata()
+                               for name in ("atrophy", "det_f", "displacement")}
+    for convention in ("inverse", "percent"):
+        for name, value in outputs[convention].items():
+            assert np.allclose(value, outputs["ratio"][name], rtol=1e-5, atol=1e-6), (convention, name)
+    tissue = nib.load(subject_files["labels"]).get_fdata() >= 2
+    assert np.allclose(outputs["percent"]["atrophy"][tissue], 1.03, rtol=1e-6)
+    assert outputs["percent"]["det_f"][tissue].mean() > 1.0  # the follow-up lost tissue volume
+
+
+def test_report_counts_the_folds_of_the_written_displacement_field(subject_files, tmp_path):
+    """A ball of white matter told to lose 90 % of its volume in one network step folds the field (where
+    the mean det F per voxel stays positive: the old count found no fold); the report's count is the
+    minimum corner det F of displacement.nii.gz as written, over the brain."""
+    from brainmech.mechanics import det_f_maps
+    from brainmech.subject import load_subject
+
+    labels = nib.load(subject_files["labels"]).get_fdata()
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in labels.shape], indexing="ij"))
+    ball = ((grid - np.array([14, 11, 9]).reshape(3, 1, 1, 1)) ** 2).sum(0) <= 6
+    paths = write_atrophy(subject_files, tmp_path, "extreme", np.where(ball, 10.0, 1.0))
+    out = tmp_path / "out"
+    assert simulate(paths, out, "--method", "network").exit_code == 0
+    report = json.loads((out / "report.json").read_text())
+    subject = load_subject(paths["image"], paths["labels"])
+    u = subject.displacement_from_itk(nib.load(out / "displacement.nii.gz"))
+    minimum = det_f_maps(u, subject.spacing).minimum
+    assert report["folded_voxels_brain"] > 0
+    assert report["folded_voxels_brain"] == int((minimum <= 0)[subject.brain].sum())
+    assert (nib.load(out / "det_f.nii.gz").get_fdata()[subject.brain[0, 0].numpy()] > 0).all()  # the mean hides them
+    assert report["min_det_f_brain"] == pytest.approx(float(minimum[subject.brain].min()), abs=1e-4)
+
+
+def test_expect_warns_when_the_map_says_the_other_direction(subject_files, tmp_path):
+    warned = simulate(subject_files, tmp_path / "a", "--expect", "growth")
+    assert warned.exit_code == 0 and "warning: expected tissue growth" in warned.output
+    assert "--convention inverse" in warned.output  # the fix, in the command line's terms
+    quiet = simulate(subject_files, tmp_path / "b", "--expect", "loss")
+    assert quiet.exit_code == 0 and "warning" not in quiet.output
+
+
+def malicious_model(tmp_path):
+    """A torch.save'd file whose unpickling would create a file (any code could run instead)."""
+    import torch
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    path = tmp_path / "evil.pt"
+    torch.save({"config": Payload(), "state_dict": {}}, path)
+    return path, marker
+
+
+@pytest.mark.parametrize("command", ["simulate", "train-init-from", "train-resume", "evaluate"])
+def test_a_model_file_that_would_run_code_is_refused_and_nothing_runs(command, subject_files, tmp_path):
+    path, marker = malicious_model(tmp_path)
+    out = tmp_path / "out"
+    arguments = {
+        "simulate": ["simulate", "--image", str(subject_files["image"]), "--labels", str(subject_files["labels"]),
+                     "--atrophy", str(subject_files["atrophy"]), "--out", str(out), "--model", str(path)],
+        "train-init-from": ["train", "--out", str(out), "--init-from", str(path)],
+        "train-resume": ["train", "--out", str(out), "--resume", str(path)],
+        "evaluate": ["evaluate", "--out", str(out), "--count", "1", "--method", "network", "--model", str(path)],
+    }[command]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 2, result.output
+    assert "not a plain weights file" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not marker.exists() and not out.exists()
+
+
+def test_bad_choices_and_bounds_are_one_line_exit_2(subject_files, tmp_path):
+    for extra, message in [(["--method", "magic"], "'magic' is not one of"), (["--steps", "0"], "--steps"),
+                           (["--convention", "log"], "'log' is not one of")]:
+        result = simulate(subject_files, tmp_path / "out", *extra)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_version():
+    from brainmech import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"brainmech {__version__}"

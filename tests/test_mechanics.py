@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from brainmech import mechanics
-from brainmech.mechanics import (Problem, build_problem, det_f_map, deformation_gradients, determinant,
+from brainmech.mechanics import (Problem, build_problem, det_f_maps, deformation_gradients, determinant,
                                  neo_hookean_density, quadrature)
 
 
@@ -71,22 +71,43 @@ def test_homogeneous_growth_is_exact(shape, spacing, a, scheme):
     u = displacement_of(lambda x: c + a ** (1 / d) * (x - c), shape, spacing)
     problem = uniform_problem(shape, spacing, atrophy=a, scheme=scheme)
     assert problem.energy(u).abs() < 1e-10
-    assert torch.allclose(det_f_map(u, spacing, scheme), torch.full((1, 1, *shape), a), atol=1e-12)
+    assert torch.allclose(det_f_maps(u, spacing, scheme).mean, torch.full((1, 1, *shape), a), atol=1e-12)
 
 
 @pytest.mark.parametrize("slab", [1, 3, 1000])
 @pytest.mark.parametrize("scheme", ["nodal", "central"])
 @pytest.mark.parametrize("shape,spacing", [((9, 10), (1.0, 0.5)), ((6, 7, 5), (1.0, 2.0, 0.7))])
-def test_det_f_map_is_the_mean_det_f_of_each_voxels_quadrature_points(shape, spacing, scheme, slab, monkeypatch):
-    """The sliced det F map against its definition: gather every quadrature point, average per voxel;
-    whether the grid is sliced in slabs of 1 or 3 planes or taken whole."""
+def test_det_f_maps_are_the_mean_and_minimum_det_f_of_each_voxels_quadrature_points(shape, spacing, scheme, slab,
+                                                                                       monkeypatch):
+    """The sliced det F maps against their definition: gather every quadrature point, average and take
+    the minimum per voxel; whether the grid is sliced in slabs of 1 or 3 planes or taken whole."""
     monkeypatch.setattr(mechanics, "SLAB_PLANES", slab)
-    u = 0.2 * torch.randn(2, len(shape), *shape, generator=torch.Generator().manual_seed(1))
+    u = 0.4 * torch.randn(2, len(shape), *shape, generator=torch.Generator().manual_seed(1))
     points = quadrature(shape, scheme)
     dets = determinant(deformation_gradients(u, spacing, points))  # (B, Q)
+    assert (dets <= 0).any() and (dets > 0).any()  # a field that folds in places: the minimum matters
     total = torch.zeros(2, math.prod(shape)).index_add_(1, points.node, dets)
     mean = total / torch.bincount(points.node, minlength=math.prod(shape))
-    assert torch.allclose(det_f_map(u, spacing, scheme), mean.reshape(2, 1, *shape), rtol=0, atol=1e-12)
+    minimum = torch.full((2, math.prod(shape)), math.inf).scatter_reduce_(1, points.node.expand(2, -1), dets, "amin")
+    maps = det_f_maps(u, spacing, scheme)
+    assert torch.allclose(maps.mean, mean.reshape(2, 1, *shape), rtol=0, atol=1e-12)
+    assert torch.equal(maps.minimum, minimum.reshape(2, 1, *shape))
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0), (0.7, 1.3)])
+def test_a_single_folded_cell_is_counted_where_the_mean_hides_it(spacing):
+    """Node (4, 4) of a 9 x 9 grid pushed 1.3 voxels back along axis 0: the edge from node (3, 4) to it
+    has length 1 - 1.3 = -0.3, so the two cells on that edge are inverted at both of its ends (det F =
+    -0.3 at two corners of node (3, 4) and two of node (4, 4)); every other corner stays positive. The
+    mean det F of either node is positive (1.0 at (4, 4), 0.35 at (3, 4)): only the minimum sees it."""
+    u = torch.zeros(1, 2, 9, 9)
+    u[0, 0, 4, 4] = -1.3
+    maps = det_f_maps(u, spacing)
+    folded = mechanics.folded(maps.minimum)[0, 0]
+    assert folded.nonzero().tolist() == [[3, 4], [4, 4]]
+    assert maps.minimum[0, 0, 3, 4] == pytest.approx(-0.3) and maps.minimum[0, 0, 4, 4] == pytest.approx(-0.3)
+    assert maps.mean[0, 0, 4, 4] == pytest.approx(1.0) and maps.mean[0, 0, 3, 4] == pytest.approx(0.35)
+    assert (maps.mean > 0).all()  # the count by the mean, as before, found no fold at all
 
 
 @pytest.mark.parametrize("slab", [1, 3, 1000])
@@ -105,8 +126,9 @@ def test_sliced_energy_equals_the_gathered_sum_and_its_gradient(shape, spacing, 
     problem = replace(problem, mu=problem.mu * (probabilities[:, :1] < 0.5), bulk=problem.bulk * (probabilities[:, :1] < 0.5))
     assert problem.points.count < len(quadrature(shape, scheme).node)  # void points really are skipped
     u = (0.2 * torch.randn(2, len(shape), *shape, generator=g)).requires_grad_()
-    gathered, (sliced, det_map) = problem.energy_terms(u), problem.report_terms(u)
-    assert torch.equal(det_map, det_f_map(u, spacing, scheme))
+    gathered, (sliced, maps) = problem.energy_terms(u), problem.report_terms(u)
+    expected = det_f_maps(u, spacing, scheme)
+    assert torch.equal(maps.mean, expected.mean) and torch.equal(maps.minimum, expected.minimum)
     for name in gathered:
         assert torch.allclose(sliced[name], gathered[name], rtol=1e-12, atol=0)
     grad_gathered, = torch.autograd.grad(gathered["total"].sum(), u)

@@ -1,14 +1,13 @@
 """The direct solver: exact answers where they exist, a true minimum where they do not."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 
-from brainmech.data import load_subject
-from brainmech.mechanics import Problem, build_problem, det_f_map
-from brainmech.solver import (_inverse_laplacian_eigenvalues, _NeumannPoissonDCT, _solve_by_mirror_fft, coarsen,
-                              potential_flow, refine_field, solve)
+from brainmech.fields import refine_field
+from brainmech.mechanics import (Problem, _inverse_laplacian_eigenvalues, _NeumannPoissonDCT, _solve_by_mirror_fft,
+                                 build_problem, det_f_maps, potential_flow)
+from brainmech.solver import coarsen, solve
+from brainmech.subject import load_subject
 
 
 def test_uniform_growth_is_solved_exactly():
@@ -18,7 +17,7 @@ def test_uniform_growth_is_solved_exactly():
                       centre=torch.tensor([[9.5, 8.5]]), spacing=(1.0, 1.3))
     result = solve(problem, rtol=1e-7)
     assert result.record.converged
-    assert torch.allclose(det_f_map(result.displacement, problem.spacing), a * ones, atol=1e-3)
+    assert torch.allclose(det_f_maps(result.displacement, problem.spacing).mean, a * ones, atol=1e-3)
     assert problem.energy(result.displacement) < 1e-5 * problem.energy(torch.zeros(1, 2, *shape))
 
 
@@ -100,4 +99,40 @@ def test_pyramid_levels_describe_the_same_physical_problem():
     u = torch.stack(torch.meshgrid(torch.arange(17.0), torch.arange(21.0), indexing="ij"))[None] * 0.02
     fine_u = refine_field(u, shape)
     assert problem.energy(fine_u).item() == pytest.approx(coarse.energy(u).item(), rel=1e-4)
-    assert replace(problem).energy(fine_u) == problem.energy(fine_u)
+
+
+def test_coarse_levels_keep_the_materials_in_place():
+    """A material boundary that varies linearly across the box lands on the coarse grid where the
+    align-corners geometry puts it (no half-voxel shift), and the centre moves with the grid."""
+    shape = (34, 29)  # an even axis: 34 -> 17 nodes, 33/16 fine voxels per coarse voxel
+    x = torch.stack(torch.meshgrid(torch.arange(34.0), torch.arange(29.0), indexing="ij"))
+    linear = (0.1 + 0.02 * x[0] + 0.01 * x[1])[None, None]
+    problem = Problem(atrophy=torch.exp(0.01 * linear), mu=linear, bulk=100 * linear, background=0 * linear,
+                      centre=torch.tensor([[16.5, 14.0]]), spacing=(1.0, 1.0))
+    coarse = coarsen(problem)
+    ratio = (33 / 16, 28 / 14)
+    xc = torch.stack(torch.meshgrid(torch.arange(17.0) * ratio[0], torch.arange(15.0) * ratio[1], indexing="ij"))
+    expected = (0.1 + 0.02 * xc[0] + 0.01 * xc[1])[None, None]
+    assert torch.allclose(coarse.mu, expected, atol=1e-5)
+    assert torch.allclose(torch.log(coarse.atrophy), 0.01 * expected, atol=1e-6)
+    assert torch.allclose(coarse.centre, torch.tensor([[16.5 / ratio[0], 14.0 / ratio[1]]]))
+
+
+def test_a_callback_sees_every_evaluation_and_stops_the_solve(subject_files):
+    subject = load_subject(subject_files["image"], subject_files["labels"])
+    atrophy = torch.where(subject.tissue, 1.04, 1.0)
+    problem = build_problem(subject.probabilities, atrophy, subject.spacing)
+    seen = []
+
+    def stop_at_the_fifth_finest(evaluation) -> bool:
+        seen.append(evaluation)
+        return sum(e.level == 0 for e in seen) == 5
+
+    result = solve(problem, callback=stop_at_the_fifth_finest)
+    assert [e.energy for e in seen] == result.record.energy and [e.count for e in seen] == list(range(1, len(seen) + 1))
+    assert result.record.stopped and not result.record.converged
+    last = seen[-1]
+    assert last.level == 0 and torch.equal(result.displacement, last.displacement)
+    assert float(problem.energy(result.displacement)) == pytest.approx(last.energy, rel=1e-6)
+    full = solve(problem)  # without a callback it goes on to its stopping rule
+    assert len(full.record.energy) > len(seen) and full.record.converged

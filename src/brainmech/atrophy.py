@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from pathlib import Path
 
@@ -14,14 +15,25 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import Tensor
 
-from .data import InputError, Subject, as_tensor, check_same_grid, read_nifti, volume
+from .errors import InputError
+from .subject import Subject, as_tensor, check_same_grid, read_nifti, volume
 
-CONVENTIONS = {
-    "ratio": "a = baseline/follow-up volume (a > 1 = loss): brainmech's own, a Jacobian of baseline->follow-up registration",
-    "inverse": "follow-up/baseline volume (< 1 = loss): inverted on reading",
-    "percent": "percent volume change (negative = loss): a = 1 / (1 + p/100)",
-}
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+class Convention(str, enum.Enum):
+    """How the values of an atrophy map file are to be read."""
+
+    RATIO = "ratio"  # a = baseline/follow-up volume (a > 1 = loss): brainmech's own, a Jacobian of baseline->follow-up registration
+    INVERSE = "inverse"  # follow-up/baseline volume (< 1 = loss): inverted on reading
+    PERCENT = "percent"  # percent volume change (negative = loss): a = 1 / (1 + p/100)
+
+
+class Direction(str, enum.Enum):
+    """The direction of change a user expects in tissue (DESIGN §1)."""
+
+    LOSS = "loss"  # a > 1: atrophy
+    GROWTH = "growth"  # a < 1
 
 
 def from_percent(percent: Tensor | float, years: float = 1.0) -> Tensor | float:
@@ -34,20 +46,23 @@ def to_percent(atrophy: Tensor | float) -> Tensor | float:
     return (1.0 / atrophy - 1.0) * 100.0
 
 
-def load_atrophy(path: str | Path, subject: Subject, convention: str = "ratio") -> Tensor:
+def load_atrophy(path: str | Path, subject: Subject, convention: Convention | str = Convention.RATIO) -> Tensor:
     """An atrophy map ``(1, 1, *N)`` from a NIfTI on the subject's grid, converted to the ratio convention."""
-    if convention not in CONVENTIONS:
-        raise InputError(f"unknown atrophy convention {convention!r}; choose one of {sorted(CONVENTIONS)}")
+    try:
+        convention = Convention(convention)
+    except ValueError:
+        raise InputError(f"unknown atrophy convention {convention!r}; choose convention= one of "
+                         f"{[c.value for c in Convention]}") from None
     nii = read_nifti(path, "atrophy map")
     check_same_grid(nii, subject.file_shape, subject.affine, f"atrophy map {path}")
     values = volume(nii).astype(np.float64)
     if not np.isfinite(values).all():
         raise InputError(f"atrophy map {path} contains NaN or infinite values")
-    if convention == "percent":
+    if convention is Convention.PERCENT:
         if (values <= -100).any():
             raise InputError(f"atrophy map {path} has percent changes <= -100 (a tissue cannot lose all its volume)")
         values = 1.0 / (1.0 + values / 100.0)
-    elif convention == "inverse":
+    elif convention is Convention.INVERSE:
         values = _reciprocal_of_positive(values, path)
     else:
         _reciprocal_of_positive(values, path)
@@ -57,16 +72,35 @@ def load_atrophy(path: str | Path, subject: Subject, convention: str = "ratio") 
 def _reciprocal_of_positive(values: np.ndarray, path: str | Path) -> np.ndarray:
     if (values <= 0).any():
         raise InputError(f"atrophy map {path} has {(values <= 0).sum()} non-positive values; "
-                         "a volume ratio must be > 0 (use --convention percent for percent changes)")
+                         "a volume ratio must be > 0 (for percent changes pass convention='percent')")
     return 1.0 / values
+
+
+def tissue_mean(atrophy: Tensor, subject: Subject) -> float:
+    """Mean of the atrophy map ``a`` over the subject's tissue (dimensionless; > 1: loss)."""
+    return float(atrophy[subject.tissue].double().mean())
 
 
 def describe(atrophy: Tensor, subject: Subject) -> str:
     """One line telling what the map does to the tissue, so a sign mistake is visible at once."""
-    mean = float(atrophy[subject.tissue].double().mean())
-    change = to_percent(mean)
+    mean = tissue_mean(atrophy, subject)
     direction = "loss" if mean > 1 else "growth" if mean < 1 else "no change"
-    return f"tissue mean a = {mean:.4f} ({change:+.2f} % volume, {direction})"
+    return f"tissue mean a = {mean:.4f} ({to_percent(mean):+.2f} % volume, {direction})"
+
+
+def direction_warning(atrophy: Tensor, subject: Subject, expect: Direction | str | None) -> str | None:
+    """A warning when the map's tissue mean contradicts the ``expect``ed direction (DESIGN §1), else None.
+
+    A follow-up/baseline Jacobian (1/a) read as a ratio would otherwise be simulated backwards.
+    """
+    if expect is None:
+        return None
+    expect, mean = Direction(expect), tissue_mean(atrophy, subject)
+    if (expect is Direction.LOSS and mean > 1) or (expect is Direction.GROWTH and mean < 1):
+        return None
+    made = "loss" if mean > 1 else "growth" if mean < 1 else "no change"
+    return (f"expected tissue {expect.value} but the map's tissue mean a = {mean:.4f} means {made} "
+            f"(a > 1 is loss); if the map is follow-up/baseline, read it with convention='inverse'")
 
 
 def random_atrophy(
@@ -86,7 +120,7 @@ def random_atrophy(
     volume is kept (the skull does not move); otherwise CSF and background keep a = 1.
     """
     if spread_percent < 0 or fwhm_mm <= 0:
-        raise InputError("spread must be >= 0 and fwhm > 0")
+        raise InputError(f"random_atrophy needs spread_percent >= 0 and fwhm_mm > 0, got {spread_percent} and {fwhm_mm}")
     rng = np.random.default_rng(seed)
     sigma = [fwhm_mm / FWHM_PER_SIGMA / h for h in subject.spacing]
     field = gaussian_filter(rng.standard_normal(subject.shape), sigma, mode="reflect")
@@ -99,6 +133,6 @@ def random_atrophy(
         tissue_change = (percent / 100.0)[tissue].sum()  # follow-up minus baseline volume, in voxels
         csf_change = -tissue_change / max(csf.sum(), 1)
         if csf_change <= -1.0:
-            raise InputError("the tissue grows more than the CSF can give up; lower the growth")
+            raise InputError("the tissue grows more than the CSF can give up; lower tissue_percent")
         log_a[csf] = -math.log1p(csf_change)
     return torch.from_numpy(np.exp(log_a).astype(np.float32))[None, None]

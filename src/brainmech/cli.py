@@ -1,59 +1,119 @@
-"""The ``brainmech`` command line: demo, simulate, atrophy-map.
+"""The ``brainmech`` command line.
 
-Bad input is reported as one line on stderr with exit code 2 and nothing written; set
-``BRAINMECH_DEBUG=1`` to see tracebacks of unexpected errors.
+Commands:
+
+- ``demo``: simulate atrophy on the MNI152 brain that ships inside nilearn and write every output.
+- ``simulate``: simulate the follow-up of your subject under an atrophy map.
+- ``atrophy-map``: write a smooth random atrophy map for a subject.
+- ``train``: train the learned simulator on the energy (lightning).
+- ``evaluate``: Table 1 metrics of simulators over cases.
+
+Bad input is reported as one ``error:`` line on stderr with exit code 2 and nothing written; any
+other failure as one line with exit code 1 (``BRAINMECH_DEBUG=1`` shows the traceback). Choices are
+Enums and bounds are typer options, so typer lists and enforces them.
 """
 
 from __future__ import annotations
 
-import functools
+import enum
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from typer.core import TyperGroup
+
+# typer vendors click (pyproject pins typer >= 0.29); these are the exceptions its parser raises
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
 from .allocator import retain_freed_memory
-from .simulator import REFINE_EVALUATIONS
+from .atrophy import Convention, Direction
+from .errors import InputError
+from .pseudo_subjects import Dimension
+from .network import Loss
+from .simulator import REFINE_EVALUATIONS, Method
+from .version import __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Biomechanical simulation of brain atrophy and growth on MRI.")
-console = Console(stderr=True)
-RefineEvaluations = Annotated[int, typer.Option(help="network+refine: solver energy evaluations after the network (more: closer to the solver's minimum).")]
-
-
-@app.callback()
-def _before_every_command() -> None:
-    retain_freed_memory()  # on Linux: 3D solver ~2x, training ~1.4x faster (no page faults of re-allocated memory)
+console = Console(stderr=True, soft_wrap=True)
 
 
-def friendly_errors(command):
-    """Turn :class:`InputError` into ``error: ...`` + exit 2, and any other failure into one line + exit 1."""
+def as_flags(message: str) -> str:
+    """A library message in command-line terms: ``x_y=True`` -> ``--x-y``, ``x='v'`` -> ``--x v``,
+    ``x=`` -> ``--x``."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    message = re.sub(r"\b([a-z][a-z0-9_]*)=True\b", lambda m: flag(m[1]), message)
+    message = re.sub(r"\b([a-z][a-z0-9_]*)='([^']*)'", lambda m: f"{flag(m[1])} {m[2]}", message)
+    return re.sub(r"\b([a-z][a-z0-9_]*)=(?=[\s,;)]|$)", lambda m: flag(m[1]), message)
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from .data import InputError
 
+def _error(message: str, code: int) -> int:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    return code
+
+
+class OneLineErrors(TyperGroup):
+    """The entry point's one error wrapper: every failure of any command becomes one line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            return command(*args, **kwargs)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError:  # typer has printed the help
+            code = 2
         except InputError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except (typer.Exit, typer.Abort):
-            raise
-        except KeyboardInterrupt:
+            code = _error(as_flags(str(error)).replace("[", "\\["), 2)
+        except ClickException as error:  # typer's own checks: unknown option, bad choice, out of bounds
+            code = _error(error.format_message().replace("\n", " ").replace("[", "\\["), error.exit_code)
+        except (KeyboardInterrupt, typer.Abort):
             console.print("interrupted; nothing was written")
-            raise typer.Exit(130) from None
+            code = 130
         except Exception as error:
             if os.environ.get("BRAINMECH_DEBUG"):
                 raise
-            console.print(f"[bold red]error:[/] unexpected {type(error).__name__}: {error} "
-                          "(set BRAINMECH_DEBUG=1 for a traceback)", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            message = f"unexpected {type(error).__name__}: {error}".splitlines()[0]
+            code = _error(f"{message} (set BRAINMECH_DEBUG=1 for a traceback)".replace("[", "\\["), 1)
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
 
-    return wrapper
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Biomechanical simulation of brain atrophy and growth on MRI.")
+
+
+class Device(str, enum.Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class Accelerator(str, enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"brainmech {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _before_every_command(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    retain_freed_memory()  # on Linux: the solver and training run much faster (no page faults of re-used memory)
+
+
+RefineEvaluations = Annotated[int, typer.Option(min=2, help="network+refine: solver energy evaluations after the "
+                                                            "network (more: closer to the solver's minimum).")]
+Steps = Annotated[int, typer.Option(min=1, help="Simulate in this many composed steps (large or multi-year changes).")]
+DeviceOption = Annotated[Device, typer.Option(help="Where the physics runs.")]
 
 
 def _progress() -> Progress:
@@ -61,204 +121,206 @@ def _progress() -> Progress:
                     transient=True)
 
 
-def _simulate_with_progress(simulator_kwargs: dict, subject, atrophy):
-    from .simulator import Simulator
-
+def _simulate(simulator, subject, atrophy):
+    """Run ``simulator`` with a progress line that follows the solver's energy evaluations."""
     with _progress() as progress:
         task = progress.add_task("simulating", total=None)
-        evaluations = [0]
 
-        def on_evaluation(level: int, energy: float) -> None:
-            evaluations[0] += 1
-            where = "full grid" if level == 0 else f"pyramid level {level}"
-            progress.update(task, description=f"minimising the energy ({where}): {evaluations[0]} evaluations, "
-                                              f"energy {energy:.5g}")
+        def show(evaluation) -> None:
+            where = "full grid" if evaluation.level == 0 else f"pyramid level {evaluation.level}"
+            progress.update(task, description=f"minimising the energy ({where}): {evaluation.count} evaluations, "
+                                              f"energy {evaluation.energy:.5g}")
 
-        return Simulator(on_evaluation=on_evaluation, **simulator_kwargs)(subject, atrophy)
+        simulator.callback = show
+        return simulator(subject, atrophy)
 
 
 def _summarise(simulation, out_dir: Path) -> None:
     report = simulation.report
-    how = report["method"] + (f", {report['steps']} steps" if report["steps"] > 1 else "")
-    if report["solver"]:
-        evaluations = sum(r["evaluations"] for r in report["solver"])
-        if report["refine_evaluations"]:  # a budget, not a convergence test
-            how += f"; {evaluations} solver energy evaluations (budget {report['refine_evaluations']} per step)"
+    how = report.method + (f", {report.steps} steps" if report.steps > 1 else "")
+    if report.solver:
+        evaluations = sum(r["evaluations"] for r in report.solver)
+        if report.refine_evaluations:  # a budget, not a convergence test
+            how += f"; {evaluations} solver energy evaluations (budget {report.refine_evaluations} per step)"
         else:
-            how += f"; {evaluations} energy evaluations, converged: {all(r['converged'] for r in report['solver'])}"
-    console.print(f"[bold]{report['subject']}[/]: simulated in {report['timings']['simulate_s']:.2f} s ({how})",
+            how += f"; {evaluations} energy evaluations, converged: {all(r['converged'] for r in report.solver)}"
+    console.print(f"[bold]{report.subject}[/]: simulated in {report.timings['simulate_s']:.2f} s ({how})",
                   highlight=False)
-    console.print(f"  MSE(det F, a): tissue {report['mse_atrophy_tissue']:.2e}, brain {report['mse_atrophy_brain']:.2e}; "
-                  f"folded voxels: {report['folded_voxels_brain']}; max |u| {report['max_displacement_mm']:.2f} mm",
+    console.print(f"  MSE(det F, a): tissue {report.mse_atrophy_tissue:.2e}, brain {report.mse_atrophy_brain:.2e}; "
+                  f"folded voxels: {report.folded_voxels_brain}; max |u| {report.max_displacement_mm:.2f} mm",
                   highlight=False)
     print(f"wrote {out_dir}/ (warped_image, warped_labels, det_f, atrophy, displacement .nii.gz; report.json; figure.png)")
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
-    from .data import InputError
-
     if out.exists() and not overwrite:
-        raise InputError(f"output folder {out} already exists; pass --overwrite to replace it")
+        raise InputError(f"{out} already exists; pass --overwrite to replace it")
 
 
 @app.command()
-@friendly_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder (a previous demo's folder is replaced).")] = Path("brainmech-demo"),
-    resolution: Annotated[int, typer.Option(help="MNI template resolution in mm: 1 or 2.")] = 2,
+    resolution: Annotated[int, typer.Option(min=1, max=2, help="MNI template resolution in mm: 1 or 2.")] = 2,
     two_d: Annotated[bool, typer.Option("--2d", help="Simulate one axial slice (z = 10 mm) instead of the volume.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random atrophy map.")] = 0,
-    method: Annotated[str, typer.Option(help="network (pretrained U-Net), solver (direct minimisation) or network+refine.")] = "network",
-    steps: Annotated[int, typer.Option(help="Simulate in this many composed steps.")] = 1,
+    method: Annotated[Method, typer.Option(help="How the displacement is found.")] = Method.NETWORK,
+    steps: Steps = 1,
     refine_evaluations: RefineEvaluations = REFINE_EVALUATIONS,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: DeviceOption = Device.CPU,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT even if it is not a previous brainmech output.")] = False,
 ) -> None:
     """Simulate atrophy on the MNI152 brain shipped with nilearn (no download) and write every output."""
     from .atrophy import describe, random_atrophy
-    from .data import MNI_AXIAL_SLICE_MM, load_mni
+    from .mni import MNI_AXIAL_SLICE_MM, load_mni
+    from .simulator import Simulator
 
     _refuse_existing(out, overwrite or (out / "report.json").is_file())
     with console.status("loading the MNI152 template (from nilearn)"):
         subject = load_mni(resolution, axial_slice_mm=MNI_AXIAL_SLICE_MM if two_d else None)
         atrophy = random_atrophy(subject, seed=seed)
     console.print(f"random atrophy map (seed {seed}): {describe(atrophy, subject)}", highlight=False)
-    simulation = _simulate_with_progress({"method": method, "steps": steps, "refine_evaluations": refine_evaluations,
-                                          "device": device}, subject, atrophy)
+    simulator = Simulator(method, steps=steps, refine_evaluations=refine_evaluations, device=device.value)
+    simulation = _simulate(simulator, subject, atrophy)
     simulation.save(out, overwrite=True)
     _summarise(simulation, out)
 
 
 @app.command()
-@friendly_errors
 def simulate(
     image: Annotated[Path, typer.Option(help="Baseline intensity NIfTI.")],
     labels: Annotated[Path, typer.Option(help="Tissue label NIfTI on the image grid (0 bg, 1 CSF, 2 GM, 3 WM, 4 DGM).")],
     atrophy: Annotated[Path, typer.Option(help="Atrophy map NIfTI on the image grid.")],
     out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
-    convention: Annotated[str, typer.Option(help="ratio (baseline/follow-up volume, >1 = loss), inverse (follow-up/baseline) or percent (change, <0 = loss).")] = "ratio",
+    convention: Annotated[Convention, typer.Option(help="ratio (baseline/follow-up volume, >1 = loss), inverse "
+                                                        "(follow-up/baseline) or percent (change, <0 = loss).")] = Convention.RATIO,
+    expect: Annotated[Optional[Direction], typer.Option(help="Warn if the map's tissue mean says the other direction "
+                                                             "(a sign or convention mistake).")] = None,
     label_table: Annotated[Optional[Path], typer.Option(help="YAML 'label: tissue class' table for other labellings.")] = None,
-    brain_only: Annotated[bool, typer.Option(help="Prescribe the map in tissue only; CSF volume is free to compensate.")] = False,
-    method: Annotated[Optional[str], typer.Option(help="network (pretrained U-Net; the default), solver (direct minimisation; the default with --brain-only) or network+refine.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d or a model.pt from 'brainmech train' (default: by dimension).")] = None,
-    steps: Annotated[int, typer.Option(help="Simulate in this many composed steps (large or multi-year changes).")] = 1,
+    brain_only: Annotated[bool, typer.Option(help="Prescribe the map in tissue only; CSF volume is free to compensate (solver).")] = False,
+    method: Annotated[Optional[Method], typer.Option(help="How the displacement is found (default: network; solver "
+                                                          "with --brain-only).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d or a model.pt from 'brainmech train' "
+                                                      "(default: by dimension).")] = None,
+    steps: Steps = 1,
     refine_evaluations: RefineEvaluations = REFINE_EVALUATIONS,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: DeviceOption = Device.CPU,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Simulate the follow-up of your subject under an atrophy map and write every output to OUT."""
-    from .atrophy import describe, load_atrophy
-    from .data import load_subject
+    from .atrophy import describe, direction_warning, load_atrophy
+    from .simulator import Simulator
+    from .subject import load_subject
 
     _refuse_existing(out, overwrite)
     subject = load_subject(image, labels, label_table)
     atrophy_map = load_atrophy(atrophy, subject, convention)
-    console.print(f"atrophy map ({convention}): {describe(atrophy_map, subject)}", highlight=False)
-    method = method or ("solver" if brain_only else "network")
-    simulation = _simulate_with_progress({"method": method, "model": model, "steps": steps, "brain_only": brain_only,
-                                          "refine_evaluations": refine_evaluations, "device": device},
-                                         subject, atrophy_map)
+    method = method or (Method.SOLVER if brain_only else Method.NETWORK)
+    simulator = Simulator(method, model=model, steps=steps, brain_only=brain_only,
+                           refine_evaluations=refine_evaluations, device=device.value)
+    if method is not Method.SOLVER:
+        simulator.network(subject.ndim)  # a bad model file fails here, before any work or output
+    console.print(f"atrophy map ({convention.value}): {describe(atrophy_map, subject)}", highlight=False)
+    warning = direction_warning(atrophy_map, subject, expect)
+    if warning:
+        console.print(f"[bold yellow]warning:[/] {as_flags(warning)}", highlight=False)
+    simulation = _simulate(simulator, subject, atrophy_map)
     simulation.save(out, overwrite=overwrite)
     _summarise(simulation, out)
 
 
 @app.command("atrophy-map")
-@friendly_errors
 def atrophy_map(
     out: Annotated[Path, typer.Option(help="Output NIfTI file (.nii.gz).")],
     image: Annotated[Optional[Path], typer.Option(help="Subject image (default: the MNI template).")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="Subject label map (with --image).")] = None,
     label_table: Annotated[Optional[Path], typer.Option(help="YAML 'label: tissue class' table.")] = None,
-    resolution: Annotated[int, typer.Option(help="MNI resolution (mm) when no --image is given.")] = 2,
+    resolution: Annotated[int, typer.Option(min=1, max=2, help="MNI resolution (mm) when no --image is given.")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same map.")] = 0,
     tissue_percent: Annotated[float, typer.Option(help="Mean tissue volume change per year in percent (<0 = loss).")] = -1.0,
-    spread_percent: Annotated[float, typer.Option(help="Spatial standard deviation of the change in percent.")] = 2.0,
-    fwhm_mm: Annotated[float, typer.Option(help="Smoothness of the map (FWHM, mm).")] = 10.0,
+    spread_percent: Annotated[float, typer.Option(min=0.0, help="Spatial standard deviation of the change in percent.")] = 2.0,
+    fwhm_mm: Annotated[float, typer.Option(min=0.0, help="Smoothness of the map (FWHM, mm).")] = 10.0,
     years: Annotated[float, typer.Option(help="Years the yearly change compounds over.")] = 1.0,
     compensate_csf: Annotated[bool, typer.Option(help="CSF changes to keep the intracranial volume.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:
     """Write a smooth random atrophy map (ratio convention: a > 1 = loss) for a subject."""
     from .atrophy import describe, random_atrophy
-    from .data import InputError, load_mni, load_subject, write_image
+    from .mni import load_mni
+    from .subject import load_subject, write_image
 
     if (image is None) != (labels is None):
         raise InputError("pass both --image and --labels, or neither (for the MNI template)")
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; pass --overwrite to replace it")
+    _refuse_existing(out, overwrite)
     subject = load_mni(resolution) if image is None else load_subject(image, labels, label_table)
     yearly = random_atrophy(subject, seed=seed, tissue_percent=tissue_percent, spread_percent=spread_percent,
                             fwhm_mm=fwhm_mm, compensate_csf=compensate_csf)
     atrophy = yearly**years
     write_image(subject.to_nifti(atrophy), out, overwrite=overwrite)
-    console.print(f"{describe(atrophy, subject)} over {years:g} year(s)", highlight=False)
+    console.print(f"made a map of {describe(atrophy, subject)} over {years:g} year(s)", highlight=False)
     print(f"wrote {out}")
 
 
 @app.command()
-@friendly_errors
 def train(
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints/, logs/ (CSV), model.pt and model.json.")],
-    model: Annotated[str, typer.Option(help="2d (1 mm axial slices) or 3d (2 mm volumes).")] = "2d",
-    steps: Annotated[int, typer.Option(help="Optimiser steps in total (a resumed run continues to this count).")] = 2000,
-    batch_size: Annotated[int, typer.Option(help="Cases per step.")] = 4,
-    learning_rate: Annotated[float, typer.Option(help="Adam learning rate (cosine decay to 1/20 of it).")] = 2e-3,
+    dimension: Annotated[Dimension, typer.Option(help="2d (1 mm axial slices) or 3d (2 mm volumes).")] = Dimension.TWO_D,
+    max_steps: Annotated[int, typer.Option(min=1, help="Optimiser steps in total (a resumed run continues to this count).")] = 2000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Cases per step.")] = 4,
+    learning_rate: Annotated[float, typer.Option(min=0.0, help="Adam learning rate (cosine decay to 1/20 of it).")] = 2e-3,
     data: Annotated[Optional[Path], typer.Option(help="Your subjects: DATA/images/NAME.nii.gz + DATA/labels/NAME.nii.gz (default: MNI pseudo-subjects).")] = None,
     label_table: Annotated[Optional[Path], typer.Option(help="YAML 'label: tissue class' table for --data.")] = None,
-    validation_cases: Annotated[int, typer.Option(help="Held-out pseudo-subjects for validation.")] = 4,
-    validate_every: Annotated[int, typer.Option(help="Validate and checkpoint every this many steps.")] = 250,
+    validation_cases: Annotated[int, typer.Option(min=1, help="Held-out pseudo-subjects for validation.")] = 4,
+    validate_every: Annotated[int, typer.Option(min=1, help="Validate and checkpoint every this many steps.")] = 250,
     seed: Annotated[int, typer.Option(help="Seed of the training cases and their order (validation cases are "
                                            "fixed); give a continued run a new one to draw new cases.")] = 0,
-    accelerator: Annotated[str, typer.Option(help="auto, cpu or gpu.")] = "auto",
+    accelerator: Annotated[Accelerator, typer.Option(help="Lightning accelerator.")] = Accelerator.AUTO,
     devices: Annotated[str, typer.Option(help="Devices per node (a number or 'auto'); > 1 uses DDP.")] = "1",
-    num_nodes: Annotated[int, typer.Option(help="Nodes (DDP across machines, launched by your cluster).")] = 1,
-    workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 0,
+    num_nodes: Annotated[int, typer.Option(min=1, help="Nodes (DDP across machines, launched by your cluster).")] = 1,
+    workers: Annotated[int, typer.Option(min=0, help="Data loader worker processes.")] = 0,
     resume: Annotated[Optional[Path], typer.Option(help="Checkpoint to resume from (e.g. OUT/checkpoints/last.ckpt).")] = None,
     init_from: Annotated[Optional[str], typer.Option(help="Start from these weights (mni-2d, mni-3d or a model.pt/.ckpt), e.g. to fine-tune on --data.")] = None,
-    loss: Annotated[str, typer.Option(help="relative (each case's energy over its potential flow's: cases weigh alike) or energy (per voxel).")] = "relative",
+    loss: Annotated[Loss, typer.Option(help="relative (each case's energy over its potential flow's: cases weigh alike) or energy (per voxel).")] = Loss.RELATIVE,
 ) -> None:
     """Train the U-Net on the energy (no solver answers needed), with lightning."""
     from .train import train as run_training
 
-    if steps < 1 or batch_size < 1 or validate_every < 1:
-        from .data import InputError
-
-        raise InputError("steps, batch size and validate-every must be >= 1")
-    path = run_training(out, model=model, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
-                        data=str(data) if data else None, label_table=str(label_table) if label_table else None,
-                        validation_cases=validation_cases, validate_every=validate_every, seed=seed,
-                        accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices,
-                        num_nodes=num_nodes, workers=workers, resume=resume, init_from=init_from, loss=loss)
+    if not (devices.isdigit() or devices == "auto"):
+        raise InputError(f"--devices must be a number or 'auto', got {devices!r}")
+    path = run_training(out, dimension=dimension, max_steps=max_steps, batch_size=batch_size,
+                        learning_rate=learning_rate, data=str(data) if data else None,
+                        label_table=str(label_table) if label_table else None, validation_cases=validation_cases,
+                        validate_every=validate_every, seed=seed, accelerator=accelerator.value,
+                        devices=int(devices) if devices.isdigit() else devices, num_nodes=num_nodes, workers=workers,
+                        resume=resume, init_from=init_from, loss=loss)
     print(f"wrote {path} (model card {path.with_suffix('.json')}); use it with: brainmech simulate --model {path}")
 
 
 @app.command()
-@friendly_errors
 def evaluate(
     out: Annotated[Path, typer.Option(help="Output folder: cases.csv (every case) and table.md (means per method).")],
     cases: Annotated[Optional[Path], typer.Option(help="CSV: baseline, labels, atrophy, followup[, followup_labels] (default: synthetic benchmark).")] = None,
-    model: Annotated[str, typer.Option(help="Synthetic benchmark: 2d or 3d.")] = "2d",
-    count: Annotated[int, typer.Option(help="Synthetic benchmark: number of held-out pseudo-subjects.")] = 4,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods to compare.")] = "network,solver",
-    network: Annotated[Optional[str], typer.Option(help="Network to evaluate: mni-2d, mni-3d or a model.pt.")] = None,
+    dimension: Annotated[Dimension, typer.Option(help="Synthetic benchmark: 2d (1 mm slices) or 3d (2 mm volumes).")] = Dimension.TWO_D,
+    count: Annotated[int, typer.Option(min=1, help="Synthetic benchmark: number of held-out pseudo-subjects.")] = 4,
+    method: Annotated[list[Method], typer.Option(help="A method to compare (repeat the option for several).")] = [Method.NETWORK, Method.SOLVER],  # noqa: B006
+    model: Annotated[Optional[str], typer.Option(help="Network to evaluate: mni-2d, mni-3d or a model.pt (default: by dimension).")] = None,
     refine_evaluations: RefineEvaluations = REFINE_EVALUATIONS,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Table 1 metrics (MSE_atrophy, MSE_image, Dice, energy gap, RMSE to solver, folds, time) over cases."""
-    from .benchmark import evaluate_cases, markdown_table, csv_text, read_cases, summarise, synthetic_cases
-    from .data import InputError, write_outputs
-    from .simulator import METHODS, Simulator
+    from .evaluation import csv_text, evaluate_cases, markdown_table, read_cases, summarise, synthetic_cases
+    from .simulator import Simulator
+    from .subject import write_outputs
 
     _refuse_existing(out, overwrite)
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    if not chosen or set(chosen) - set(METHODS):
-        raise InputError(f"methods must be among {list(METHODS)}, got {methods!r}")
-    if cases is None and model not in ("2d", "3d"):
-        raise InputError(f"--model must be 2d or 3d, got {model!r}")
-    with console.status("preparing cases (the synthetic benchmark's follow-ups come from the converged solver)"):
-        case_list = read_cases(cases) if cases else synthetic_cases(model, count)
-    simulators = {m: Simulator(m, model=network, refine_evaluations=refine_evaluations) for m in chosen}
-    with console.status(f"evaluating {len(case_list)} cases x {len(chosen)} methods"):
+    simulators = {m.value: Simulator(m, model=model, refine_evaluations=refine_evaluations) for m in dict.fromkeys(method)}
+    case_list = read_cases(cases) if cases else None
+    for name, simulator in simulators.items():  # a bad model fails here, before the reference solves
+        if name != Method.SOLVER.value:
+            simulator.network(case_list[0].subject.ndim if case_list else dimension.ndim)
+    if case_list is None:
+        with console.status("preparing cases (the synthetic benchmark's follow-ups come from the converged solver)"):
+            case_list = synthetic_cases(dimension, count)
+    with console.status(f"evaluating {len(case_list)} cases x {len(simulators)} methods"):
         rows = evaluate_cases(case_list, simulators)
     table = markdown_table(summarise(rows))
     write_outputs({}, {"cases.csv": csv_text(rows).encode(), "table.md": (table + "\n").encode()}, out,

@@ -17,28 +17,48 @@ Two discretisations of ``F = I + grad u``:
 
 Two assemblies of the same sums: gathered (:class:`Quadrature`, flat voxel indices of the points
 where the material is not void; on a brain MRI most of the grid is void, so the solver and training
-differentiate this one, 2x faster at 2 mm) and sliced (:func:`grid_gradients`: every point of the
-grid from shifted views of ``u``, no index arrays; the det F map and one-off evaluations of large
-grids, where the index arrays would cost gigabytes).
+differentiate this one) and sliced (:func:`grid_gradients`: every point of the grid from shifted views
+of ``u``, no index arrays; det F maps and one-off evaluations of large grids, where the index arrays
+would cost gigabytes).
+
+Also here: the tissue classes (:class:`Tissue`, the one place their channel order is written) and the
+potential flow (:func:`potential_flow`), the small-strain answer the solver and the network start from.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import NamedTuple
 
+import scipy.fft
 import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
 SCHEMES = ("nodal", "central")
-TISSUE_CLASSES = ("background", "csf", "gm", "wm", "dgm")
+
+
+class Tissue(enum.IntEnum):
+    """Tissue classes; the value is the class's channel in probability maps ``(B, K, *N)`` (K >= 4,
+    deep grey matter optional)."""
+
+    BACKGROUND = 0
+    CSF = 1
+    GM = 2
+    WM = 3
+    DGM = 4
+
+
+TISSUE_CLASSES = tuple(t.name.lower() for t in Tissue)  # ("background", "csf", "gm", "wm", "dgm")
+SOLID_TISSUES = (Tissue.GM, Tissue.WM, Tissue.DGM)  # the classes atrophy is prescribed in
 DEFAULT_SHEAR_MODULUS = {"background": 0.0, "csf": 0.01, "gm": 1.0, "wm": 1.0, "dgm": 1.0}
 BULK_RATIO = 100.0  # K = 100 mu (nearly incompressible tissue)
-SLAB_PLANES = 8  # sliced passes (det F map, report energy) work on 8 planes at a time
+SLAB_PLANES = 8  # sliced passes (det F maps, report energy) work on 8 planes at a time
 MIN_DET_F = 1e-4  # det F floor inside J^(-2/d): keeps folded trial steps finite (a barrier, not physics)
 
 
@@ -118,7 +138,7 @@ def deformation_gradients(u: Tensor, spacing: tuple[float, ...], points: Quadrat
     batch, d = u.shape[:2]
     nodal = u.reshape(batch * d, -1)  # (B * d_i, P)
     # gathered along the last axis, each component is a contiguous run of Q points: the density's
-    # elementwise arithmetic then streams memory (18 % faster per 3D evaluation than node-major rows)
+    # elementwise arithmetic then streams memory (faster than node-major rows)
     du = nodal.index_select(1, points.plus) - nodal.index_select(1, points.minus)  # (B * d_i, d_j * Q)
     if points.inverse_step is not None:
         du = du * points.inverse_step
@@ -164,8 +184,8 @@ def to_millimetres(u: Tensor, spacing: tuple[float, ...]) -> Tensor:
 
 
 def vector_length(field: Tensor) -> Tensor:
-    """Euclidean length over the channel axis, ``(B, d, *N) -> (B, 1, *N)`` (as a square sum:
-    ``Tensor.norm(dim=1)`` takes 1.4 s on a 1 mm volume on 2 CPU cores, this 0.05 s)."""
+    """Euclidean length over the channel axis, ``(B, d, *N) -> (B, 1, *N)`` (as a square sum, which
+    is much faster on CPU than ``Tensor.norm(dim=1)``)."""
     return field.square().sum(1, keepdim=True).sqrt()
 
 
@@ -229,8 +249,8 @@ class Problem:
         elastic = neo_hookean_density(F, *self.point_materials).sum(1) * (self.points.weight * self.voxel_volume)
         return self._with_penalties(u, elastic)
 
-    def report_terms(self, u: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """:meth:`energy_terms` and :func:`det_f_map` of ``u`` from one sliced pass over the whole grid
+    def report_terms(self, u: Tensor) -> tuple[dict[str, Tensor], DetFMaps]:
+        """:meth:`energy_terms` and :func:`det_f_maps` of ``u`` from one sliced pass over the whole grid
         (:func:`grid_gradients`): F and det F once per point and no index arrays, for a large grid
         evaluated once (the simulation report at 1 mm)."""
         materials = [f[:, 0] for f in (self.atrophy, self.mu, self.bulk)]  # (B, *N)
@@ -243,9 +263,9 @@ class Problem:
                 density_sums.append(neo_hookean_density(F, *at_nodes, det_f=det_f).flatten(1).sum(1))
                 yield det_f, nodes
 
-        det_map = _voxel_mean(point_dets(), u)
+        maps = _voxel_mean_and_minimum(point_dets(), u)
         elastic = torch.stack(density_sums).sum(0) * (point_weight(self.scheme, self.ndim) * self.voxel_volume)
-        return self._with_penalties(u, elastic), det_map
+        return self._with_penalties(u, elastic), maps
 
     def _with_penalties(self, u: Tensor, elastic: Tensor) -> dict[str, Tensor]:
         """The elastic term with the background and centre penalties (mu*mm^3, ``(B,)`` each) and their total."""
@@ -268,8 +288,8 @@ def grid_gradients(u: Tensor, spacing: tuple[float, ...], scheme: str = "nodal")
     one family per cell corner (2^d), the corner's F taking each axis's edge difference from the cell
     edge through that corner. "central": one family, central differences (one-sided at the border).
     It yields :data:`SLAB_PLANES` planes of the first spatial axis at a time, so that temporaries stay
-    small and are reused (a 1 mm volume's F is ~0.3 GB per corner; glibc's default malloc mmaps such
-    blocks and page-faults them in afresh each time: a 1 mm det F map takes 4.4 s whole, 0.65 s in slabs).
+    small and are reused (a 1 mm volume's F is ~0.3 GB per corner, and glibc's default malloc maps
+    such blocks afresh each time).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
@@ -304,28 +324,56 @@ def _slab_gradients(u: Tensor, spacing: tuple[float, ...],
         yield _deformation_gradient(grad, spacing), tuple(slice(c, c + n - 1) for c, n in zip(corner, shape))
 
 
-def det_f_map(u: Tensor, spacing: tuple[float, ...], scheme: str = "nodal") -> Tensor:
-    """det F per voxel ``(B, 1, *N)``: the mean over the quadrature points at the voxel (DESIGN §2.3).
+class DetFMaps(NamedTuple):
+    """det F per voxel, ``(B, 1, *N)`` each: the mean over the voxel's quadrature points (the reported
+    map, DESIGN §2.3) and their minimum (folds, DESIGN §2.4)."""
+
+    mean: Tensor
+    minimum: Tensor
+
+
+def det_f_maps(u: Tensor, spacing: tuple[float, ...], scheme: str = "nodal") -> DetFMaps:
+    """det F per voxel of ``u`` (voxels), dimensionless: mean and minimum over the quadrature points at
+    each voxel. "nodal": a node's points are the corners it is of, one per cell around it, so a voxel
+    is folded (minimum <= 0) when any cell it is a corner of is inverted at that corner.
 
     Sliced (:func:`grid_gradients`), so memory stays a few copies of ``u`` (a 1 mm brain has ~70 M
-    quadrature points). "nodal": a node's points are the corners it is of, one per cell around it.
+    quadrature points).
     """
-    return _voxel_mean(((determinant(F), nodes) for F, nodes in grid_gradients(u, spacing, scheme)), u)
+    return _voxel_mean_and_minimum(((determinant(F), nodes) for F, nodes in grid_gradients(u, spacing, scheme)), u)
 
 
-def _voxel_mean(point_values: Iterable[tuple[Tensor, tuple[slice, ...]]], u: Tensor) -> Tensor:
-    """Mean per voxel ``(B, 1, *N)`` of point values ``(B, *M)`` given with the voxels ``nodes`` they
-    live at (as :func:`grid_gradients` yields them) on ``u``'s grid."""
+def _voxel_mean_and_minimum(point_values: Iterable[tuple[Tensor, tuple[slice, ...]]], u: Tensor) -> DetFMaps:
+    """Mean and minimum per voxel ``(B, 1, *N)`` of point values ``(B, *M)`` given with the voxels
+    ``nodes`` they live at (as :func:`grid_gradients` yields them) on ``u``'s grid."""
     total = u.new_zeros(u.shape[0], *u.shape[2:])
+    minimum = torch.full_like(total, math.inf)
     count = u.new_zeros(u.shape[2:])
     for values, nodes in point_values:
-        total[(slice(None),) + nodes] += values
+        where = (slice(None),) + nodes
+        total[where] += values
+        minimum[where] = torch.minimum(minimum[where], values)
         count[nodes] += 1
-    return (total / count).unsqueeze(1)
+    return DetFMaps(mean=(total / count).unsqueeze(1), minimum=minimum.unsqueeze(1))
+
+
+def folded(min_det_f: Tensor) -> Tensor:
+    """Boolean map of folded voxels from the minimum det F map (DESIGN §2.4: any point with det F <= 0)."""
+    return min_det_f <= 0
+
+
+def channel(probabilities: Tensor, tissue: Tissue) -> Tensor:
+    """The probability of one class, ``(B, 1, *N)``."""
+    return probabilities[:, int(tissue):int(tissue) + 1]
+
+
+def solid_fraction(probabilities: Tensor) -> Tensor:
+    """Probability of solid tissue (grey, white or deep grey matter), ``(B, 1, *N)``."""
+    return probabilities[:, int(Tissue.GM):].sum(1, keepdim=True)
 
 
 def shear_modulus(probabilities: Tensor, moduli: dict[str, float] | None = None) -> Tensor:
-    """mu = sum_k p_k mu_k from tissue probabilities ``(B, K, *N)`` ordered as TISSUE_CLASSES[:K]."""
+    """mu = sum_k p_k mu_k [relative] from tissue probabilities ``(B, K, *N)`` in :class:`Tissue` order."""
     moduli = {**DEFAULT_SHEAR_MODULUS, **(moduli or {})}
     values = torch.tensor([moduli[c] for c in TISSUE_CLASSES[: probabilities.shape[1]]],
                           dtype=probabilities.dtype, device=probabilities.device)
@@ -333,13 +381,13 @@ def shear_modulus(probabilities: Tensor, moduli: dict[str, float] | None = None)
 
 
 def brain_mask(probabilities: Tensor) -> Tensor:
-    """Boolean brain mask ``(B, 1, *N)`` from probabilities in TISSUE_CLASSES order: not background."""
-    return probabilities[:, :1] < 0.5
+    """Boolean brain mask ``(B, 1, *N)`` from probabilities in :class:`Tissue` order: not background."""
+    return channel(probabilities, Tissue.BACKGROUND) < 0.5
 
 
 def tissue_mask(probabilities: Tensor) -> Tensor:
     """Boolean tissue mask ``(B, 1, *N)``: grey, white or deep grey matter dominates."""
-    return probabilities[:, 2:].sum(1, keepdim=True) >= 0.5
+    return solid_fraction(probabilities) >= 0.5
 
 
 def brain_centre(brain: Tensor) -> Tensor:
@@ -361,7 +409,7 @@ def build_problem(
     lambda_centre: float = 100.0,
     scheme: str = "nodal",
 ) -> Problem:
-    """Assemble a :class:`Problem` from tissue probabilities ``(B, K, *N)`` (TISSUE_CLASSES order).
+    """Assemble a :class:`Problem` from tissue probabilities ``(B, K, *N)`` (:class:`Tissue` order).
 
     ``brain_only``: the atrophy is prescribed in tissue only; CSF keeps its shear stiffness but its
     bulk term is dropped, so its volume is free to compensate.
@@ -369,10 +417,80 @@ def build_problem(
     mu = shear_modulus(probabilities, moduli)
     bulk = BULK_RATIO * mu
     if brain_only:
-        csf_mu = probabilities[:, 1:2] * (moduli or DEFAULT_SHEAR_MODULUS).get("csf", DEFAULT_SHEAR_MODULUS["csf"])
+        csf_mu = channel(probabilities, Tissue.CSF) * {**DEFAULT_SHEAR_MODULUS, **(moduli or {})}["csf"]
         bulk = BULK_RATIO * (mu - csf_mu)
-    background = probabilities[:, :1]
+    background = channel(probabilities, Tissue.BACKGROUND)
     centre = brain_centre(brain_mask(probabilities)).to(probabilities)
     return Problem(atrophy=atrophy.to(probabilities), mu=mu, bulk=bulk, background=background, centre=centre,
                    spacing=tuple(float(h) for h in spacing), lambda_background=lambda_background,
                    lambda_centre=lambda_centre, scheme=scheme)
+
+
+def _inverse_laplacian_eigenvalues(modes: tuple[int, ...], shape: tuple[int, ...], spacing: tuple[float, ...],
+                                   like: Tensor) -> Tensor:
+    """1 / eigenvalue [mm^2] of the 2d+1-point Laplacian on cosine modes ``k = 0 .. modes - 1`` per axis
+    of a grid of ``shape`` (eigenvalue sum_j (2 cos(pi k_j / N_j) - 2) / h_j^2); 0 for the constant mode."""
+    eigenvalue = 0.0
+    for axis, (m, n, h) in enumerate(zip(modes, shape, spacing)):
+        k = torch.arange(m, dtype=like.dtype, device=like.device)
+        eigenvalue = eigenvalue + ((2.0 * torch.cos(torch.pi * k / n) - 2.0) / h**2).reshape(
+            [-1 if a == axis else 1 for a in range(len(shape))])
+    return 1.0 / torch.where(eigenvalue == 0, torch.inf, eigenvalue)  # the mean of phi is free: set 0
+
+
+def _solve_by_dct(source: Tensor, inverse_eigenvalue: Tensor) -> Tensor:
+    """Laplace^-1 of ``source (B, *N)`` by scipy's orthonormal DCT-II (the Neumann eigenbasis), on the CPU."""
+    axes = tuple(range(1, source.ndim))
+    workers = torch.get_num_threads()
+    spectrum = scipy.fft.dctn(source.detach().numpy(), type=2, axes=axes, norm="ortho", workers=workers)
+    spectrum *= inverse_eigenvalue.numpy()
+    return torch.from_numpy(scipy.fft.idctn(spectrum, type=2, axes=axes, norm="ortho", workers=workers))
+
+
+class _NeumannPoissonDCT(torch.autograd.Function):
+    """phi = Laplace^-1 f with Neumann borders (CPU). The operator C^T diag(1/lambda) C (C orthonormal)
+    is symmetric, so its backward is itself."""
+
+    @staticmethod
+    def forward(ctx, source: Tensor, inverse_eigenvalue: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse_eigenvalue)
+        return _solve_by_dct(source, inverse_eigenvalue)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse_eigenvalue,) = ctx.saved_tensors
+        return _solve_by_dct(grad.contiguous(), inverse_eigenvalue), None
+
+
+def _solve_by_mirror_fft(source: Tensor, spacing: tuple[float, ...]) -> Tensor:
+    """Laplace^-1 of ``source (B, *N)`` with Neumann borders by a real FFT of the mirror-extended grid
+    (period 2N, even about the borders): the same solve as the DCT, for GPUs."""
+    shape = tuple(source.shape[1:])
+    extended = source
+    for axis in range(1, source.ndim):
+        extended = torch.cat([extended, extended.flip(axis)], dim=axis)
+    modes = tuple(2 * n for n in shape[:-1]) + (shape[-1] + 1,)  # the half spectrum rfftn keeps
+    axes = tuple(range(1, source.ndim))
+    spectrum = torch.fft.rfftn(extended, dim=axes) * _inverse_laplacian_eigenvalues(modes, shape, spacing, source)
+    return torch.fft.irfftn(spectrum, s=extended.shape[1:], dim=axes)[(slice(None), *(slice(0, n) for n in shape))]
+
+
+def potential_flow(atrophy: Tensor, spacing: tuple[float, ...]) -> Tensor:
+    """Small-strain, nearly incompressible estimate of the solution, in voxels ``(B, d, *N)``.
+
+    With K >> mu the minimiser keeps div U ~ log a; among fields with that divergence the
+    curl-free U = grad(phi), with Laplace(phi) = log a [phi in mm^2], has the least shear energy in a
+    homogeneous medium (Helmholtz decomposition). Neumann borders (no flow through the box, so the
+    box keeps its volume and div U = log a minus its mean over the box), solved in the cosine
+    eigenbasis; heterogeneity is left to the minimiser. float32 is plenty: log a ~ 1e-2.
+    """
+    d = len(spacing)
+    source = torch.log(atrophy[:, 0])
+    shape = tuple(source.shape[1:])
+    if source.device.type == "cpu":
+        phi = _NeumannPoissonDCT.apply(source, _inverse_laplacian_eigenvalues(shape, shape, spacing, source))
+    else:
+        phi = _solve_by_mirror_fft(source, spacing)
+    gradient_mm = torch.stack(torch.gradient(phi, spacing=list(spacing), dim=tuple(range(1, d + 1))), dim=1)
+    h = torch.as_tensor(spacing, dtype=atrophy.dtype, device=atrophy.device).reshape(1, d, *([1] * d))
+    return gradient_mm / h

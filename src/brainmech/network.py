@@ -15,7 +15,9 @@ Example::
 
 from __future__ import annotations
 
+import enum
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -24,14 +26,22 @@ import torch.nn.functional as nnf
 from monai.networks.nets import BasicUNet
 from torch import Tensor, nn
 
-from .data import InputError
-from .solver import potential_flow, refine_field, voxel_ratio
+from .errors import InputError
+from .fields import coarsen_field, refine_field, restrict
+from .mechanics import Tissue, channel, potential_flow, solid_fraction
 
 INPUT_SCALE = 20.0  # log a and u are a few hundredths: x20 brings them to O(1) for the network
 PRETRAINED = ("mni-2d", "mni-3d")
 UNET_MULTIPLE = 16  # BasicUNet halves the grid four times
 #: channels-last layouts: on CPU they make the U-Net's convolutions ~1.5-2x faster (same numbers)
 CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+class Loss(str, enum.Enum):
+    """What training minimises for each case (:class:`brainmech.train.AtrophyNetModule`)."""
+
+    RELATIVE = "relative"  # its energy over its potential flow's energy: cases of any size weigh alike
+    ENERGY = "energy"  # its energy per voxel (mu): cases of large change dominate
 
 
 class AtrophyNet(nn.Module):
@@ -72,9 +82,9 @@ class AtrophyNet(nn.Module):
         probability, x20 potential flow (voxels)."""
         if atrophy.ndim - 2 != self.ndim:
             raise ValueError(f"a {self.ndim}D network got a {atrophy.ndim - 2}D atrophy map")
-        tissue = probabilities[:, 2:].sum(1, keepdim=True)
         flow = potential_flow(atrophy, spacing)
-        return torch.cat([INPUT_SCALE * torch.log(atrophy), tissue, probabilities[:, 1:2], INPUT_SCALE * flow], 1)
+        return torch.cat([INPUT_SCALE * torch.log(atrophy), solid_fraction(probabilities),
+                          channel(probabilities, Tissue.CSF), INPUT_SCALE * flow], 1)
 
     def displacement(self, inputs: Tensor, factors: tuple[int, ...]) -> Tensor:
         """Potential flow plus the U-Net's correction, predicted on a grid ``factors`` times coarser
@@ -84,9 +94,7 @@ class AtrophyNet(nn.Module):
         if all(f == 1 for f in factors):
             return flow + self._unet(inputs) / INPUT_SCALE
         coarse_shape = tuple((n - 1) // f + 1 for n, f in zip(shape, factors))
-        ratio = torch.tensor(voxel_ratio(shape, coarse_shape), dtype=inputs.dtype, device=inputs.device)
-        coarse = nnf.interpolate(inputs, size=coarse_shape, mode="area")
-        coarse = torch.cat([coarse[:, :3], coarse[:, 3:] / ratio.reshape(1, -1, *([1] * self.ndim))], 1)
+        coarse = torch.cat([restrict(inputs[:, :3], coarse_shape), coarsen_field(inputs[:, 3:], coarse_shape)], 1)
         return flow + refine_field(self._unet(coarse) / INPUT_SCALE, shape)
 
     def _unet(self, inputs: Tensor) -> Tensor:
@@ -110,15 +118,37 @@ def save_network(network: AtrophyNet, path: str | Path, card: dict) -> None:
     path.with_suffix(".json").write_text(json.dumps(card, indent=2))
 
 
-def load_network(path: str | Path) -> tuple[AtrophyNet, dict]:
-    """A network saved by :func:`save_network` (or a lightning checkpoint of ``train.py``), with its card."""
+def read_checkpoint(path: str | Path, what: str = "model") -> dict:
+    """A ``torch.save``d file read with ``weights_only=True``: tensors, numbers, strings and containers
+    only, so a file's pickle never runs code; :class:`InputError` if it is missing or holds anything else."""
     path = Path(path)
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if "state_dict" in saved and "config" not in saved:  # a lightning checkpoint
-        config = saved["hyper_parameters"]["network"]
-        state = {k.removeprefix("network."): v for k, v in saved["state_dict"].items() if k.startswith("network.")}
-    else:
-        config, state = saved["config"], saved["state_dict"]
+    if not path.is_file():
+        raise InputError(f"{what} file not found: {path}")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle.UnpicklingError for forbidden objects, others for junk
+        forbidden = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        reason = f"it would load {forbidden[1]}" if forbidden else "not a file torch.save wrote"
+        raise InputError(f"cannot read {what} file {path}: not a plain weights file ({reason}; "
+                         "only tensors, numbers and strings are read, so no code in it runs)") from None
+    if not isinstance(saved, dict):
+        raise InputError(f"cannot read {what} file {path}: expected a dictionary of weights")
+    return saved
+
+
+def load_network(path: str | Path) -> tuple[AtrophyNet, dict]:
+    """A network saved by :func:`save_network` (or a lightning checkpoint of ``train.py``), with its
+    card; read without unpickling code (:func:`read_checkpoint`)."""
+    path = Path(path)
+    saved = read_checkpoint(path)
+    try:
+        if "state_dict" in saved and "config" not in saved:  # a lightning checkpoint
+            config = saved["hyper_parameters"]["network"]
+            state = {k.removeprefix("network."): v for k, v in saved["state_dict"].items() if k.startswith("network.")}
+        else:
+            config, state = saved["config"], saved["state_dict"]
+    except (KeyError, TypeError):
+        raise InputError(f"model file {path} is not a brainmech network (no config and state_dict)") from None
     card_path = path.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     resolution = config.get("resolution_mm", card.get("resolution_mm"))  # older files: from the card
@@ -130,7 +160,7 @@ def load_network(path: str | Path) -> tuple[AtrophyNet, dict]:
 def pretrained_path(name: str) -> Path:
     """The weights file of a model shipped inside the package (``mni-2d`` or ``mni-3d``)."""
     if name not in PRETRAINED:
-        raise ValueError(f"unknown pretrained model {name!r}; choose one of {list(PRETRAINED)}")
+        raise InputError(f"unknown pretrained model {name!r}; choose one of {list(PRETRAINED)} or a file")
     return Path(str(resources.files("brainmech") / "models" / f"{name}.pt"))
 
 
@@ -142,10 +172,7 @@ def load_pretrained(name: str) -> tuple[AtrophyNet, dict]:
 def load_model(source: str | Path, ndim: int) -> tuple[AtrophyNet, dict]:
     """A network by pretrained name (``mni-2d``, ``mni-3d``) or file (``.pt``/``.ckpt``) with its card;
     :class:`InputError` if the file is missing or the network is not ``ndim``-D."""
-    try:
-        network, card = load_pretrained(str(source)) if str(source) in PRETRAINED else load_network(source)
-    except FileNotFoundError:
-        raise InputError(f"model file not found: {source}") from None
+    network, card = load_pretrained(str(source)) if str(source) in PRETRAINED else load_network(source)
     if network.ndim != ndim:
         raise InputError(f"model {source} is a {network.ndim}D network, not {ndim}D")
     return network, card

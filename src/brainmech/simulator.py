@@ -10,48 +10,94 @@ Example::
 
 from __future__ import annotations
 
+import enum
 import json
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import __version__
-from .data import InputError, Subject, write_outputs
-from .evaluate import atrophy_mse, figure_png, folded_voxels
-from .mechanics import build_problem, to_millimetres, vector_length
+from .errors import InputError
+from .fields import compose, warp_image, warp_labels
+from .figures import figure_png
+from .mechanics import DetFMaps, build_problem, to_millimetres, vector_length
+from .metrics import atrophy_mse, folded_voxels
 from .network import load_model
-from .solver import MAX_EVALUATIONS, SolverRecord, solve
-from .warp import compose, warp_image, warp_labels
+from .solver import MAX_EVALUATIONS, Callback, SolverRecord, solve
+from .subject import Subject, write_outputs
+from .version import __version__
 
-METHODS = ("network", "solver", "network+refine")
+
+class Method(str, enum.Enum):
+    """How the displacement is found."""
+
+    NETWORK = "network"  # the pretrained U-Net: milliseconds to seconds
+    SOLVER = "solver"  # direct minimisation of the energy: the ground truth
+    NETWORK_REFINE = "network+refine"  # the network's answer polished by a budget of solver evaluations
+
+
 REFINE_EVALUATIONS = 30  # network+refine's default budget of solver energy evaluations (README benchmark)
+ATROPHY_CONVENTION = "a = baseline/follow-up volume = target det F (a > 1: loss)"
+
+
+@dataclass
+class Report:
+    """What a simulation did and how well, written as ``report.json`` (DESIGN §5).
+
+    Energies in mu*mm^3 (mu relative: grey/white matter = 1); det F and a dimensionless; MSEs of
+    det F against a; lengths in mm; voxel coordinates from 0 in file order; times in seconds.
+    """
+
+    method: str
+    model: dict | None  # the network's model card (None for the solver)
+    steps: int  # composed steps (DESIGN §3)
+    refine_evaluations: int | None  # network+refine's budget per step
+    subject: str
+    shape: list[int]
+    spacing_mm: list[float]
+    brain_only: bool
+    timings: dict[str, float]  # simulate_s (finding u), warp_s (image and labels)
+    energy: dict[str, float]  # elastic, background, centre, total: of the final field on the baseline problem
+    energy_note: str  # which problem ``energy`` belongs to
+    mse_atrophy_tissue: float  # mean (det F - a)^2 over tissue, det F the voxel mean (DESIGN §2.3)
+    mse_atrophy_brain: float  # the same over the brain
+    mse_atrophy_tissue_moved: float  # det F(y) vs a(y + u(y)) over the tissue carried to the follow-up
+    folded_voxels_brain: int  # brain voxels with det F <= 0 at any of their quadrature points (DESIGN §2.4)
+    min_det_f_brain: float  # the smallest det F at any quadrature point of a brain voxel
+    max_displacement_mm: float
+    brain_centre_voxel: list[float]  # centre of mass of the brain mask, pinned by the centre penalty
+    solver: list[dict] | None  # one convergence record per step (None for the network)
+    versions: dict[str, str]
+    atrophy_convention: str = ATROPHY_CONVENTION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
 
 
 @dataclass
 class Simulation:
-    """Everything one simulation produced; tensors are ``(1, C, *N)`` on the CPU, ``u`` in voxels."""
+    """Everything one simulation produced; tensors are ``(1, C, *N)`` on the CPU, ``u`` in voxels,
+    ``det_f`` the mean det F per voxel and ``min_det_f`` the minimum over its quadrature points."""
 
     subject: Subject
     atrophy: Tensor
     displacement: Tensor
     det_f: Tensor
+    min_det_f: Tensor
     warped_image: Tensor
     warped_labels: Tensor
-    report: dict = field(default_factory=dict)
+    report: Report
 
     def figure(self) -> bytes:
         """The PNG overview (baseline, a, det F, |u|, follow-up, difference) through the brain centre."""
-        centre = self.report.get("brain_centre_voxel")
-        index = round(centre[2]) if centre and self.subject.ndim == 3 else None
+        index = round(self.report.brain_centre_voxel[2]) if self.subject.ndim == 3 else None
         return figure_png(self.subject.image, self.atrophy, self.det_f,
                           to_millimetres(self.displacement, self.subject.spacing), self.warped_image,
-                          self.subject.brain, title=f"{self.subject.name}: {self.report['method']}", slice_index=index)
+                          self.subject.brain, title=f"{self.subject.name}: {self.report.method}", slice_index=index)
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False, figure: bool = True) -> Path:
         """Write every output of DESIGN §5 atomically into ``out_dir`` with the subject's geometry."""
@@ -63,7 +109,7 @@ class Simulation:
             "atrophy.nii.gz": subject.to_nifti(self.atrophy),
             "displacement.nii.gz": subject.displacement_to_itk(self.displacement),
         }
-        extra = {"report.json": json.dumps(self.report, indent=2).encode()}
+        extra = {"report.json": self.report.to_json().encode()}
         if figure:
             extra["figure.png"] = self.figure()
         return write_outputs(images, extra, out_dir, overwrite=overwrite)
@@ -95,36 +141,41 @@ class Simulator:
             brings the shipped models within a few percent of the solver's energy; raise it to
             approach the solver's minimum).
         device: where the physics runs (``"cpu"``, ``"cuda"``).
-        on_evaluation: called with ``(level, energy)`` after each solver energy evaluation (progress bars).
+        callback: sees every solver energy evaluation (:class:`~brainmech.solver.Evaluation`: progress
+            bars, monitoring) and stops the solve by returning True.
 
     On Linux, call :func:`brainmech.retain_freed_memory` once before running the solver or
-    ``network+refine`` from a script (the ``brainmech`` command does): about 2x faster on CPU.
+    ``network+refine`` from a script (the ``brainmech`` command does): much faster on CPU.
 
     Example::
 
         simulation = Simulator.pretrained("mni-3d")(subject, atrophy)
     """
 
-    def __init__(self, method: str = "network", *, model: str | Path | None = None, steps: int = 1,
+    def __init__(self, method: Method | str = Method.NETWORK, *, model: str | Path | None = None, steps: int = 1,
                  brain_only: bool = False, rtol: float = 1e-4, refine_evaluations: int = REFINE_EVALUATIONS,
-                 device: str | torch.device = "cpu", on_evaluation: Callable[[int, float], None] | None = None):
-        if method not in METHODS:
-            raise InputError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+                 device: str | torch.device = "cpu", callback: Callback | None = None):
+        try:
+            method = Method(method)
+        except ValueError:
+            raise InputError(f"unknown method {method!r}; choose method= one of {[m.value for m in Method]}") from None
         if steps < 1:
             raise InputError(f"steps must be >= 1, got {steps}")
         if refine_evaluations < 2:  # one evaluation would only re-evaluate the network's answer
-            raise InputError(f"refine evaluations must be >= 2, got {refine_evaluations}")
-        if brain_only and method != "solver":
-            raise InputError("--brain-only needs --method solver (the networks are trained with CSF prescribed)")
+            raise InputError(f"refine_evaluations must be >= 2, got {refine_evaluations}")
+        if brain_only and method is not Method.SOLVER:
+            raise InputError("brain_only=True needs method='solver' (the networks are trained with CSF prescribed)")
         self.method, self.model, self.steps, self.brain_only, self.rtol = method, model, steps, brain_only, rtol
         self.refine_evaluations = refine_evaluations
-        self.device, self.on_evaluation = torch.device(device), on_evaluation
+        self.device, self.callback = torch.device(device), callback
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device='{device}' but this torch build sees no CUDA GPU; use device='cpu'")
         self._networks: dict[int, tuple[torch.nn.Module, dict]] = {}
 
     @classmethod
     def pretrained(cls, name: str = "mni-3d", **kwargs) -> Simulator:
         """The network simulator with a pretrained model (``"mni-2d"`` or ``"mni-3d"``)."""
-        return cls("network", model=name, **kwargs)
+        return cls(Method.NETWORK, model=name, **kwargs)
 
     def network(self, ndim: int) -> tuple[torch.nn.Module, dict]:
         """The network for ``ndim``-D subjects and its model card (loaded once)."""
@@ -136,14 +187,14 @@ class Simulator:
     def step(self, probabilities: Tensor, atrophy: Tensor, spacing: tuple[float, ...]) -> tuple[Tensor, SolverRecord | None]:
         """One simulation step on the device: displacement (voxels) and the solver's record if it ran."""
         u, record = None, None
-        if self.method != "solver":
+        if self.method is not Method.SOLVER:
             network, _ = self.network(len(spacing))
             with torch.no_grad():
                 u = network(atrophy, probabilities, spacing)
-        if self.method != "network":
+        if self.method is not Method.NETWORK:
             problem = build_problem(probabilities, atrophy, spacing, brain_only=self.brain_only)
-            budget = self.refine_evaluations if self.method == "network+refine" else MAX_EVALUATIONS
-            result = solve(problem, initial=u, rtol=self.rtol, max_evaluations=budget, on_evaluation=self.on_evaluation)
+            budget = self.refine_evaluations if self.method is Method.NETWORK_REFINE else MAX_EVALUATIONS
+            result = solve(problem, initial=u, rtol=self.rtol, max_evaluations=budget, callback=self.callback)
             u, record = result.displacement, result.record
         return u, record
 
@@ -167,34 +218,40 @@ class Simulator:
         warped_labels = warp_labels(subject.labels.to(self.device), u)
         timings["warp_s"] = time.perf_counter() - start
         cpu = lambda t: t.detach().cpu()  # noqa: E731
-        u, det_f = cpu(u), cpu(det_f)
+        u, det_f = cpu(u), DetFMaps(*map(cpu, det_f))
+        report = self._report(subject, atrophy, u, det_f, energy_terms, problem.centre[0].tolist(), timings, records)
+        return Simulation(subject=subject, atrophy=atrophy, displacement=u, det_f=det_f.mean,
+                          min_det_f=det_f.minimum, warped_image=cpu(warped_image), warped_labels=cpu(warped_labels),
+                          report=report)
+
+    def _report(self, subject: Subject, atrophy: Tensor, u: Tensor, det_f: DetFMaps, energy_terms: dict[str, Tensor],
+                centre: list[float], timings: dict[str, float], records: list[SolverRecord | None]) -> Report:
+        """The :class:`Report` of a final field ``u`` (voxels, CPU) and its det F maps."""
         # the moved frame: a(y + u(y)) and the tissue mask carried to the follow-up, in one warp
         carried = warp_image(torch.cat([atrophy, subject.tissue.to(atrophy.dtype)], 1), u)
         followup_atrophy, followup_tissue = carried.split(1, 1)
-        report = {
-            "method": self.method,
-            "model": None if self.method == "solver" else self.network(subject.ndim)[1],
-            "steps": self.steps,
-            "refine_evaluations": self.refine_evaluations if self.method == "network+refine" else None,
-            "subject": subject.name,
-            "shape": list(subject.shape),
-            "spacing_mm": list(subject.spacing),
-            "brain_only": self.brain_only,
-            "atrophy_convention": "a = baseline/follow-up volume = target det F (a > 1: loss)",
-            "timings": timings,
-            "energy": {name: float(term.sum()) for name, term in energy_terms.items()},
-            "mse_atrophy_tissue": atrophy_mse(det_f, atrophy, subject.tissue),
-            "mse_atrophy_brain": atrophy_mse(det_f, atrophy, subject.brain),
-            # the same in the follow-up's material frame: det F(y) vs a(y + u(y)) over the moved tissue
-            "mse_atrophy_tissue_moved": atrophy_mse(det_f, followup_atrophy, followup_tissue > 0.5),
-            "folded_voxels_brain": folded_voxels(det_f, subject.brain),
-            "max_displacement_mm": float(vector_length(to_millimetres(u, subject.spacing)).max()),
-            "brain_centre_voxel": problem.centre[0].tolist(),
-            "solver": [r.as_dict() for r in records] if self.method != "network" else None,
-            "versions": {"brainmech": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        }
-        return Simulation(subject=subject, atrophy=atrophy, displacement=u, det_f=det_f,
-                          warped_image=cpu(warped_image), warped_labels=cpu(warped_labels), report=report)
+        brain = subject.brain
+        energy_note = ("the energy the simulation minimised" if self.steps == 1 else
+                       f"the composed field of {self.steps} steps evaluated on the baseline problem; no step "
+                       "minimised this energy (each minimised its own, on the moved tissue)")
+        return Report(
+            method=self.method.value,
+            model=None if self.method is Method.SOLVER else self.network(subject.ndim)[1],
+            steps=self.steps,
+            refine_evaluations=self.refine_evaluations if self.method is Method.NETWORK_REFINE else None,
+            subject=subject.name, shape=list(subject.shape), spacing_mm=list(subject.spacing),
+            brain_only=self.brain_only, timings=timings,
+            energy={name: float(term.sum()) for name, term in energy_terms.items()}, energy_note=energy_note,
+            mse_atrophy_tissue=atrophy_mse(det_f.mean, atrophy, subject.tissue),
+            mse_atrophy_brain=atrophy_mse(det_f.mean, atrophy, brain),
+            mse_atrophy_tissue_moved=atrophy_mse(det_f.mean, followup_atrophy, followup_tissue > 0.5),
+            folded_voxels_brain=folded_voxels(det_f.minimum, brain),
+            min_det_f_brain=float(det_f.minimum[brain].min()),
+            max_displacement_mm=float(vector_length(to_millimetres(u, subject.spacing)).max()),
+            brain_centre_voxel=centre,
+            solver=[r.as_dict() for r in records] if self.method is not Method.NETWORK else None,
+            versions={"brainmech": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        )
 
 
 def check_atrophy(atrophy: Tensor, subject: Subject) -> None:

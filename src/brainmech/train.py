@@ -2,92 +2,37 @@
 
 The loss of a case is its growth energy L(u) (DESIGN §2) relative to the energy of the potential
 flow (or, with ``loss="energy"``, per voxel); no solver output is needed. Cases are pseudo-subjects
-of the MNI brain (random smooth diffeomorphisms and intensity changes,
-:func:`brainmech.data.pseudo_subject`) or a user's NIfTI folder, each with a
-random atrophy map. Validation reports the loss, MSE(det F, a) in tissue, folded voxels, and (with
-reference solves) the energy gap to the direct solver on held-out cases.
+of the MNI brain (:mod:`brainmech.pseudo_subjects`) or a user's NIfTI folder, each with a random
+atrophy map. Validation reports the loss, MSE(det F, a) in tissue, folded voxels (minimum det F,
+DESIGN §2.4), and (with reference solves) the energy gap to the direct solver on held-out cases.
 
 Example (a few CPU minutes)::
 
-    brainmech train --model 2d --steps 2000 --out runs/mni-2d
+    brainmech train --dimension 2d --max-steps 2000 --out runs/mni-2d
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .atrophy import random_atrophy
-from .data import InputError, Subject, axial_slice, load_mni, load_subject, pseudo_subject, read_nifti
-from .evaluate import atrophy_mse, folded_voxels
-from .mechanics import brain_mask, build_problem, det_f_map, tissue_mask
-from .network import AtrophyNet, load_model, save_network
-from .solver import potential_flow, solve
+from .errors import InputError
+from .mechanics import brain_mask, build_problem, det_f_maps, potential_flow, tissue_mask
+from .metrics import atrophy_mse, energy_gap, folded_voxels
+from .mni import load_mni
+from .network import AtrophyNet, Loss, load_model, read_checkpoint, save_network
+from .pseudo_subjects import HELD_OUT_SEEDS, VALIDATION_SEED, AtrophyPrior, Dimension, PseudoSubjects, case
+from .solver import solve
+from .subject import load_subject, read_nifti
 
-#: The shipped models: template resolution (mm), dimension, network settings.
-MODELS = {
-    "2d": {"resolution": 1, "ndim": 2, "network": {"ndim": 2, "features": (8, 16, 16, 32, 32, 8), "coarse": 1}},
-    "3d": {"resolution": 2, "ndim": 3, "network": {"ndim": 3, "features": (8, 16, 16, 32, 32, 8), "coarse": 1}},
-}
-LOSSES = ("relative", "energy")  # see AtrophyNetModule
-AXIAL_SLICES_MM = (-20.0, 50.0)  # 2D cases are axial slices of the template in this world-z range
-#: Seeds of held-out pseudo-subjects, refused as training seeds: validation (the same for every
-#: training seed, so runs of different seeds compare on the same cases) and the benchmark's cases.
-VALIDATION_SEED = 7919
-EVALUATION_SEED = 104_729
-
-
-@dataclass(frozen=True)
-class AtrophyPrior:
-    """Ranges random atrophy maps are drawn from (percent volume change per case, < 0 = loss)."""
-
-    tissue_percent: tuple[float, float] = (-5.0, 1.5)
-    spread_percent: tuple[float, float] = (0.5, 3.0)
-    fwhm_mm: tuple[float, float] = (6.0, 16.0)
-
-    def draw(self, subject: Subject, seed: int) -> torch.Tensor:
-        rng = np.random.default_rng([seed, 1])
-        return random_atrophy(subject, seed=seed, tissue_percent=rng.uniform(*self.tissue_percent),
-                              spread_percent=rng.uniform(*self.spread_percent), fwhm_mm=rng.uniform(*self.fwhm_mm))
-
-
-def case(subject: Subject, atrophy: torch.Tensor) -> dict:
-    """One training/evaluation case as the tensors a batch needs (batch axis dropped)."""
-    return {"probabilities": subject.probabilities[0], "atrophy": atrophy[0], "image": subject.image[0],
-            "labels": subject.labels[0], "spacing": torch.tensor(subject.spacing)}
-
-
-class PseudoSubjects(Dataset):
-    """``count`` random cases of a template, case ``i`` reproducible from ``(seed, i)``.
-
-    2D: each case is a pseudo-subject of a random axial slice (in :data:`AXIAL_SLICES_MM`) of the 3D
-    template. 3D: a pseudo-subject of the whole template.
-    """
-
-    def __init__(self, template: Subject, count: int, seed: int, ndim: int, prior: AtrophyPrior = AtrophyPrior()):
-        self.template, self.count, self.seed, self.ndim, self.prior = template, count, seed, ndim, prior
-
-    def __len__(self) -> int:
-        return self.count
-
-    def subject(self, index: int) -> Subject:
-        seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0])
-        source = self.template
-        if self.ndim == 2 and source.ndim == 3:
-            low, high = (int(round(np.linalg.solve(source.affine, [0, 0, z, 1])[2])) for z in AXIAL_SLICES_MM)
-            source = axial_slice(source, int(np.random.default_rng(seed).integers(low, high + 1)))
-        return pseudo_subject(source, seed)
-
-    def __getitem__(self, index: int) -> dict:
-        subject = self.subject(index)
-        return case(subject, self.prior.draw(subject, seed=self.seed * 1_000_003 + index))
+#: Network settings of the shipped models, by dimension (their cases: :class:`Dimension`).
+NETWORKS = {Dimension.TWO_D: {"ndim": 2, "features": (8, 16, 16, 32, 32, 8), "coarse": 1},
+            Dimension.THREE_D: {"ndim": 3, "features": (8, 16, 16, 32, 32, 8), "coarse": 1}}
 
 
 class SubjectFolder(Dataset):
@@ -115,22 +60,21 @@ class CaseDataModule(L.LightningDataModule):
     validation reports the energy gap to it.
     """
 
-    def __init__(self, model: str = "2d", data: str | None = None, cases: int = 256, validation_cases: int = 4,
+    def __init__(self, dimension: str = "2d", data: str | None = None, cases: int = 256, validation_cases: int = 4,
                  batch_size: int = 4, seed: int = 0, reference_solves: bool = True, workers: int = 0,
                  label_table: str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        settings = MODELS[model]
-        self.ndim, self.resolution = settings["ndim"], settings["resolution"]
+        self.dimension = Dimension(dimension)
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "validation_set"):  # lightning calls setup again for trainer.validate after fit
             return
         h = self.hparams
-        template = load_mni(self.resolution)
+        template = load_mni(self.dimension.resolution_mm)
         self.train_set = (SubjectFolder(h.data, h.seed, h.label_table) if h.data
-                          else PseudoSubjects(template, h.cases, h.seed, self.ndim))
-        validation = PseudoSubjects(template, h.validation_cases, VALIDATION_SEED, self.ndim)
+                          else PseudoSubjects(template, h.cases, h.seed, self.dimension.ndim))
+        validation = PseudoSubjects(template, h.validation_cases, VALIDATION_SEED, self.dimension.ndim)
         self.validation_set = [validation[i] for i in range(len(validation))]
         if h.reference_solves:
             for item in self.validation_set:
@@ -177,10 +121,10 @@ class AtrophyNetModule(L.LightningModule):
     ``loss``: "relative" (default), each case's energy over the energy of its potential flow (the
     untrained network's answer), averaged over the batch: every case weighs the same whatever the size
     of its change, as in the energy gap. "energy": the energy per voxel (mu), which lets cases of large
-    change (energy ~ change squared) dominate; both shipped models were trained on it before their last legs.
+    change (energy ~ change squared) dominate.
     """
 
-    def __init__(self, network: dict, learning_rate: float = 1e-3, loss: str = "relative"):
+    def __init__(self, network: dict, learning_rate: float = 1e-3, loss: str = Loss.RELATIVE.value):
         super().__init__()
         self.save_hyperparameters()
         self.network = AtrophyNet(network["ndim"], tuple(network["features"]), network["coarse"],
@@ -192,7 +136,7 @@ class AtrophyNetModule(L.LightningModule):
         problem = build_problem(batch["probabilities"], batch["atrophy"], spacing)
         u = self.network(batch["atrophy"], batch["probabilities"], spacing)
         energy = problem.energy_terms(u)["total"]
-        if self.hparams.loss == "energy":
+        if Loss(self.hparams.loss) is Loss.ENERGY:
             return energy, u, energy.mean() / math.prod(batch["atrophy"].shape[2:])
         with torch.no_grad():
             flow_energy = problem.energy_terms(potential_flow(batch["atrophy"], spacing))["total"]
@@ -205,13 +149,12 @@ class AtrophyNetModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_index: int) -> None:
         energy, u, loss = self.energy_and_loss(batch)
-        det_f = det_f_map(u, batch_spacing(batch))
+        det_f = det_f_maps(u, batch_spacing(batch))
         metrics = {"val/loss": loss,
-                   "val/mse_atrophy_tissue": atrophy_mse(det_f, batch["atrophy"], tissue_mask(batch["probabilities"])),
-                   "val/folded_voxels": float(folded_voxels(det_f, brain_mask(batch["probabilities"])))}
+                   "val/mse_atrophy_tissue": atrophy_mse(det_f.mean, batch["atrophy"], tissue_mask(batch["probabilities"])),
+                   "val/folded_voxels": float(folded_voxels(det_f.minimum, brain_mask(batch["probabilities"])))}
         if "reference_energy" in batch:
-            reference = batch["reference_energy"]
-            metrics["val/energy_gap"] = ((energy - reference) / reference.abs()).mean()
+            metrics["val/energy_gap"] = energy_gap(float(energy.sum()), float(batch["reference_energy"].sum()))
         self.log_dict(metrics, prog_bar=True, batch_size=1)
 
     def configure_optimizers(self):
@@ -227,11 +170,11 @@ class AtrophyNetModule(L.LightningModule):
         return {"optimizer": optimiser, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: int = 4, learning_rate: float = 1e-3,
-          data: str | None = None, label_table: str | None = None, cases: int = 100_000, validation_cases: int = 4,
-          validate_every: int = 250, seed: int = 0, accelerator: str = "auto", devices: int | str = 1,
-          num_nodes: int = 1, workers: int = 0, resume: str | Path | None = None,
-          init_from: str | Path | None = None, loss: str = "relative", reference_solves: bool = True,
+def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_steps: int = 2000, batch_size: int = 4,
+          learning_rate: float = 1e-3, data: str | None = None, label_table: str | None = None, cases: int = 100_000,
+          validation_cases: int = 4, validate_every: int = 250, seed: int = 0, accelerator: str = "auto",
+          devices: int | str = 1, num_nodes: int = 1, workers: int = 0, resume: str | Path | None = None,
+          init_from: str | Path | None = None, loss: Loss | str = Loss.RELATIVE, reference_solves: bool = True,
           progress: bool = True) -> Path:
     """Train (or resume) a network; writes ``out/checkpoints/`` (``last.ckpt``, and ``best.ckpt``: the
     lowest validated energy gap, or loss without reference solves), CSV logs in ``out/logs/`` and the
@@ -244,26 +187,27 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
     Validation cases are the same for every seed (:data:`VALIDATION_SEED`).
     Several GPUs or nodes: ``devices`` / ``num_nodes`` go to lightning's DDP as they are.
     """
-    if model not in MODELS:
-        raise InputError(f"unknown model {model!r}; choose one of {list(MODELS)}")
-    if loss not in LOSSES:
-        raise InputError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
-    if data is None and seed in (VALIDATION_SEED, EVALUATION_SEED):
+    try:
+        dimension, loss = Dimension(dimension), Loss(loss)
+    except ValueError as error:
+        raise InputError(f"{error}; choose dimension= one of {[d.value for d in Dimension]} and loss= one of "
+                         f"{[x.value for x in Loss]}") from None
+    if min(max_steps, batch_size, validate_every) < 1:
+        raise InputError("max_steps, batch_size and validate_every must be >= 1")
+    if data is None and seed in HELD_OUT_SEEDS:
         raise InputError(f"seed {seed} draws held-out validation or benchmark cases; choose another seed")
-    if resume is not None and not Path(resume).is_file():
-        raise InputError(f"checkpoint to resume not found: {resume}")
     if resume is not None and init_from is not None:
-        raise InputError("--resume and --init-from exclude each other: the checkpoint already holds the weights")
-    initial = load_model(init_from, MODELS[model]["ndim"])[0] if init_from is not None else None
-    resumed_step = torch.load(resume, map_location="cpu", weights_only=False)["global_step"] if resume else 0
+        raise InputError("resume and init_from exclude each other: the checkpoint already holds the weights")
+    # read safely first (no pickled code), so that lightning only ever loads a plain checkpoint
+    resumed_step = read_checkpoint(resume, "checkpoint to resume").get("global_step", 0) if resume else 0
+    initial = load_model(init_from, dimension.ndim)[0] if init_from is not None else None
     L.seed_everything(seed + resumed_step, workers=True, verbose=False)  # a resumed run draws new cases
     out = Path(out)
-    settings = MODELS[model]
-    datamodule = CaseDataModule(model, data, cases, validation_cases, batch_size, seed, reference_solves, workers,
-                                label_table)
-    resolution = float(settings["resolution"]) if data is None else folder_resolution(data)
-    network = {**(initial.config() if initial else settings["network"]), "resolution_mm": resolution}
-    module = AtrophyNetModule(network, learning_rate, loss)
+    datamodule = CaseDataModule(dimension.value, data, cases, validation_cases, batch_size, seed, reference_solves,
+                                workers, label_table)
+    resolution = float(dimension.resolution_mm) if data is None else folder_resolution(data)
+    network = {**(initial.config() if initial else NETWORKS[dimension]), "resolution_mm": resolution}
+    module = AtrophyNetModule(network, learning_rate, loss.value)
     if initial is not None:
         module.network.load_state_dict(initial.state_dict())
     checkpoint_dir = out / "checkpoints"
@@ -271,7 +215,7 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
                                                       every_n_train_steps=validate_every)
     best = L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, filename="best", save_top_k=1, mode="min",
                                                monitor="val/energy_gap" if reference_solves else "val/loss")
-    trainer = L.Trainer(max_steps=steps, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+    trainer = L.Trainer(max_steps=max_steps, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                         default_root_dir=out, logger=L.pytorch.loggers.CSVLogger(out, name="logs"),
                         callbacks=[checkpoints, best], reload_dataloaders_every_n_epochs=1, val_check_interval=validate_every, check_val_every_n_epoch=None,
                         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
@@ -282,10 +226,10 @@ def train(out: str | Path, *, model: str = "2d", steps: int = 2000, batch_size: 
         trainer.save_checkpoint(checkpoint_dir / "last.ckpt")  # so that --resume goes on from here
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    card = {"model": model, "data": data or "MNI152 2009a pseudo-subjects (random diffeomorphisms, intensity gamma)",
-            "resolution_mm": resolution, "ndim": settings["ndim"], "network": network,
+    card = {"model": dimension.value, "data": data or "MNI152 2009a pseudo-subjects (random diffeomorphisms, intensity gamma)",
+            "resolution_mm": resolution, "ndim": dimension.ndim, "network": network,
             "training_steps": trainer.global_step, "batch_size": batch_size, "learning_rate": learning_rate,
-            "seed": seed, "loss": loss, "init_from": None if init_from is None else str(init_from),
+            "seed": seed, "loss": loss.value, "init_from": None if init_from is None else str(init_from),
             "validation_cases": validation_cases, "held_out_metrics": metrics,
             "atrophy_prior": AtrophyPrior().__dict__, "hardware": f"{type(trainer.accelerator).__name__} x {trainer.num_devices}",
             "wall_seconds_this_run": round(time.perf_counter() - started)}

@@ -1,24 +1,13 @@
-"""Metrics, reports and figures (DESIGN §6)."""
+"""Figures a user looks at: the PNG overview of a simulation."""
 
 from __future__ import annotations
 
 import io
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from .mechanics import vector_length
-
-
-def atrophy_mse(det_f: Tensor, atrophy: Tensor, mask: Tensor) -> float:
-    """MSE_atrophy: mean (det F - a)^2 over ``mask`` (dimensionless)."""
-    return float(((det_f - atrophy)[mask].double() ** 2).mean())
-
-
-def folded_voxels(det_f: Tensor, mask: Tensor) -> int:
-    """Number of voxels in ``mask`` whose det F <= 0 (the map folds there)."""
-    return int((det_f[mask] <= 0).sum())
 
 
 def _axial_slice(volume: Tensor, index: int | None) -> np.ndarray:
@@ -68,14 +57,3 @@ def figure_png(image: Tensor, atrophy: Tensor, det_f: Tensor, displacement_mm: T
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return buffer.getvalue()
-
-
-def dice_per_tissue(labels: Tensor, reference: Tensor, classes: dict[int, str]) -> dict[str, float]:
-    """Dice between two label maps ``(B, 1, *N)`` for each label in ``classes`` (label -> tissue name),
-    by MONAI's DiceMetric; a tissue absent from both maps gets NaN."""
-    from monai.metrics import DiceMetric
-
-    values = list(classes)
-    one_hot = lambda t: torch.cat([(t == v) for v in values], 1).float()  # noqa: E731
-    scores = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(one_hot(labels), one_hot(reference))
-    return {classes[v]: float(scores[0, i]) for i, v in enumerate(values)}

@@ -1,4 +1,5 @@
-"""The paper's Table 1 over a list of cases (DESIGN §6), and the synthetic longitudinal benchmark.
+"""Evaluation of simulators over cases: the paper's Table 1 (DESIGN §6), on a user's case list or the
+synthetic benchmark.
 
 A case is a baseline subject, an atrophy map and a reference follow-up (image and labels). The
 default cases are held-out pseudo-subjects of the MNI brain (seeds never used in training) whose
@@ -6,9 +7,9 @@ follow-ups the converged direct solver makes, so every method is compared with t
 
 Example::
 
-    from brainmech.benchmark import synthetic_cases, evaluate_cases, markdown_table
+    from brainmech.evaluation import evaluate_cases, markdown_table, summarise, synthetic_cases
     rows = evaluate_cases(synthetic_cases("2d", count=4), {"network": Simulator("network")})
-    print(markdown_table(rows))
+    print(markdown_table(summarise(rows)))
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .atrophy import load_atrophy
-from .data import DEFAULT_LABEL_TABLE, InputError, Subject, as_tensor, check_same_grid, load_mni, load_subject, read_nifti, volume
-from .evaluate import dice_per_tissue
-from .mechanics import build_problem
-from .simulator import Simulator
+from .atrophy import Convention, load_atrophy
+from .errors import InputError
+from .fields import warp_image, warp_labels
+from .mechanics import Tissue, build_problem
+from .metrics import dice_per_tissue, displacement_rmse, energy_gap
+from .pseudo_subjects import EVALUATION_SEED, Dimension, PseudoSubjects
+from .simulator import Method, Simulator
 from .solver import solve
-from .train import EVALUATION_SEED, MODELS, PseudoSubjects
-from .warp import warp_image, warp_labels
+from .subject import Subject, as_tensor, check_same_grid, load_subject, read_nifti, volume
 
-TABLE_TISSUES = {1: "csf", 2: "gm", 3: "wm", 4: "dgm"}
+TABLE_TISSUES = {int(t): t.name.lower() for t in Tissue if t is not Tissue.BACKGROUND}  # Dice per tissue
 
 
 @dataclass
@@ -49,10 +51,11 @@ class Case:
     reference_energy: float | None = None
 
 
-def synthetic_cases(model: str = "2d", count: int = 4, seed: int = EVALUATION_SEED, rtol: float = 1e-6) -> list[Case]:
-    """Held-out pseudo-subjects with random atrophy; follow-ups by the direct solver converged to ``rtol``."""
-    settings = MODELS[model]
-    dataset = PseudoSubjects(load_mni(settings["resolution"]), count, seed, settings["ndim"])
+def synthetic_cases(dimension: Dimension | str = Dimension.TWO_D, count: int = 4, seed: int = EVALUATION_SEED,
+                    rtol: float = 1e-6) -> list[Case]:
+    """Held-out pseudo-subjects of the MNI brain with random atrophy, for models of ``dimension``;
+    follow-ups by the direct solver converged to ``rtol``."""
+    dataset = PseudoSubjects.of_mni(dimension, count, seed)
     cases = []
     for index in range(count):
         subject = dataset.subject(index)
@@ -75,7 +78,7 @@ def read_cases(path: str | Path) -> list[Case]:
         rows = list(csv.DictReader(handle))
     missing = {"baseline", "labels", "atrophy", "followup"} - set(rows[0] if rows else {})
     if missing:
-        raise InputError(f"{path} needs columns baseline, labels, atrophy, followup; missing {sorted(missing)}")
+        raise InputError(f"case list {path} needs columns baseline, labels, atrophy, followup; missing {sorted(missing)}")
     cases = []
     for row in rows:
         where = lambda key: path.parent / row[key]  # noqa: E731
@@ -87,53 +90,56 @@ def read_cases(path: str | Path) -> list[Case]:
             labels_image = read_nifti(where("followup_labels"), "follow-up labels")
             check_same_grid(labels_image, subject.file_shape, subject.affine, "follow-up labels")
             followup_labels = as_tensor(np.rint(volume(labels_image)).astype(np.int64)).reshape(subject.labels.shape)
-        cases.append(Case(name=row["baseline"], subject=subject, atrophy=load_atrophy(where("atrophy"), subject, "ratio"),
+        cases.append(Case(name=row["baseline"], subject=subject, atrophy=load_atrophy(where("atrophy"), subject, Convention.RATIO),
                           followup_image=as_tensor(volume(followup)).reshape(subject.image.shape),
                           followup_labels=followup_labels))
     return cases
 
 
 def evaluate_cases(cases: list[Case], simulators: dict[str, Simulator]) -> list[dict]:
-    """One row of Table 1 metrics per (case, method). Energy gap and displacement RMSE are taken
-    against the case's reference solve, or else against the ``"solver"`` method's answer."""
+    """One row of Table 1 metrics per (case, method name). Energy gap and displacement RMSE are taken
+    against the case's reference solve, or else against the ``"solver"`` method's answer (evaluated first)."""
     rows = []
     for case in cases:
         subject = case.subject
         reference_u, reference_energy = case.reference_displacement, case.reference_energy
-        for method, simulator in sorted(simulators.items(), key=lambda item: item[0] != "solver"):
+        for method, simulator in sorted(simulators.items(), key=lambda item: item[0] != Method.SOLVER.value):
             start = time.perf_counter()
             simulation = simulator(subject, case.atrophy)
             seconds = time.perf_counter() - start
             u = simulation.displacement
             report = simulation.report  # energy, MSE and folds of u on the baseline problem, computed once
-            energy = report["energy"]["total"]
-            if reference_u is None and method == "solver":
+            energy = report.energy["total"]
+            if reference_u is None and method == Method.SOLVER.value:
                 reference_u, reference_energy = u, energy
             row = {"case": case.name, "method": method, "seconds": seconds,
-                   "mse_atrophy_tissue": report["mse_atrophy_tissue"],
-                   "mse_atrophy_brain": report["mse_atrophy_brain"],
+                   "mse_atrophy_tissue": report.mse_atrophy_tissue,
+                   "mse_atrophy_brain": report.mse_atrophy_brain,
                    "mse_image": float(((simulation.warped_image - case.followup_image) ** 2).double().mean()),
-                   "folded_voxels": report["folded_voxels_brain"], "energy": energy,
-                   "energy_gap": (energy - reference_energy) / abs(reference_energy) if reference_energy else math.nan,
-                   "rmse_to_solver_voxels": (float(((u - reference_u) ** 2).sum(1).mean().sqrt())
-                                             if reference_u is not None else math.nan)}
+                   "folded_voxels": report.folded_voxels_brain, "energy": energy,
+                   "energy_gap": energy_gap(energy, reference_energy) if reference_energy else math.nan,
+                   "rmse_to_solver_voxels": displacement_rmse(u, reference_u) if reference_u is not None else math.nan}
             if case.followup_labels is not None:
-                tissues = {v: TABLE_TISSUES[v] for v in TABLE_TISSUES if v in DEFAULT_LABEL_TABLE}
-                dice = dice_per_tissue(simulation.warped_labels, case.followup_labels, tissues)
+                dice = dice_per_tissue(simulation.warped_labels, case.followup_labels, TABLE_TISSUES)
                 row.update({f"dice_{name}": value for name, value in dice.items()})
             rows.append(row)
     return rows
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean of every metric per method (NaNs, e.g. Dice of an absent tissue, ignored)."""
+    """Mean of every metric per method (NaNs, e.g. Dice of an absent tissue, ignored; NaN if all are)."""
     summary = []
     for method in dict.fromkeys(row["method"] for row in rows):
         mine = [row for row in rows if row["method"] == method]
         keys = [k for k in mine[0] if k not in ("case", "method")]
         summary.append({"method": method, "cases": len(mine),
-                        **{k: float(np.nanmean([row.get(k, math.nan) for row in mine])) for k in keys}})
+                        **{k: _nan_mean([row.get(k, math.nan) for row in mine]) for k in keys}})
     return summary
+
+
+def _nan_mean(values: list[float]) -> float:
+    present = [v for v in values if not math.isnan(v)]
+    return sum(present) / len(present) if present else math.nan
 
 
 def markdown_table(summary: list[dict]) -> str:

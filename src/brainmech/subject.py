@@ -1,8 +1,9 @@
-"""Subjects: NIfTI in and out, the embedded MNI152 brain, validation of user input (DESIGN §4, §5).
+"""Subjects: NIfTI in and out with the input's geometry, ITK displacement fields, atomic writes (DESIGN §5).
 
 A :class:`Subject` holds tensors in the library's conventions (channel-first, voxel axes in file
 order, a NIfTI volume with a third axis of length 1 squeezed to 2D) plus the NIfTI header needed to
-write outputs with the input's geometry.
+write outputs with the input's geometry. User files are checked on reading: a bad one raises
+:class:`~brainmech.errors.InputError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -16,20 +17,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 import yaml
 from torch import Tensor
 
-from .mechanics import TISSUE_CLASSES, brain_mask, tissue_mask
-from .solver import voxel_ratio
+from .errors import InputError
+from .mechanics import TISSUE_CLASSES, Tissue, brain_mask, tissue_mask
 
-DEFAULT_LABEL_TABLE = {0: "background", 1: "csf", 2: "gm", 3: "wm", 4: "dgm"}
-MNI_AXIAL_SLICE_MM = 10.0  # world z of the default 2D slice: through the lateral ventricles
+DEFAULT_LABEL_TABLE = {int(t): t.name.lower() for t in Tissue}  # 0 background, 1 csf, 2 gm, 3 wm, 4 dgm
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])  # ITK's world frame flips x and y of NIfTI's RAS
-
-
-class InputError(ValueError):
-    """Bad user input, reported to the user as one line (the CLI exits with code 2)."""
 
 
 @dataclass
@@ -94,6 +89,18 @@ class Subject:
         image.header.set_intent("vector")
         return image
 
+    def displacement_from_itk(self, image: nib.Nifti1Image) -> Tensor:
+        """Voxel displacement ``(1, d, *N)`` (float64) of an ITK/ANTs displacement field on this subject's
+        grid: the inverse of :meth:`displacement_to_itk`."""
+        if tuple(image.shape) != (*self.file_shape, 1, 3):
+            raise InputError(f"displacement field has shape {tuple(image.shape)}; expected "
+                             f"{(*self.file_shape, 1, 3)} (X x Y x Z x 1 x 3 on the image grid)")
+        world_lps = np.asarray(image.dataobj, dtype=np.float64)[..., 0, :]
+        voxels = np.einsum("ij,jk,...k->i...", np.linalg.inv(self.affine[:3, :3]), LPS_FROM_RAS, world_lps)
+        if self.ndim == 2:
+            voxels = voxels[:2, ..., 0]
+        return torch.from_numpy(np.ascontiguousarray(voxels))[None]
+
 
 def _image_like(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header) -> nib.Nifti1Image:
     header = header.copy()
@@ -111,37 +118,6 @@ def one_hot_tissue(labels: Tensor, table: dict[int, str]) -> Tensor:
     for label, tissue in table.items():
         probabilities[:, TISSUE_CLASSES.index(tissue)] += (labels[:, 0] == label).float()
     return probabilities
-
-
-def load_mni(resolution: int = 2, *, axial_slice_mm: float | None = None) -> Subject:
-    """The MNI152 2009a template embedded in nilearn (no download), 1 or 2 mm.
-
-    Labels 0 background, 1 CSF, 2 GM, 3 WM are the most probable class; CSF = brain mask minus
-    grey and white matter. ``axial_slice_mm`` returns the axial slice nearest that world z as a 2D
-    subject (the default slice is :data:`MNI_AXIAL_SLICE_MM`).
-    """
-    from nilearn import datasets
-
-    if resolution not in (1, 2):
-        raise InputError(f"the MNI template comes at 1 or 2 mm, not {resolution}")
-    template = datasets.load_mni152_template(resolution=resolution)
-    grey = datasets.load_mni152_gm_template(resolution=resolution).get_fdata(dtype=np.float32)
-    white = datasets.load_mni152_wm_template(resolution=resolution).get_fdata(dtype=np.float32)
-    mask = datasets.load_mni152_brain_mask(resolution=resolution).get_fdata(dtype=np.float32) > 0.5
-    tissue_sum = np.maximum(grey + white, 1.0)  # renormalise where the two maps overlap past 1
-    grey, white = grey / tissue_sum * mask, white / tissue_sum * mask
-    csf = (1.0 - grey - white) * mask
-    probabilities = np.stack([1.0 - mask, csf, grey, white]).astype(np.float32)
-    image = template.get_fdata(dtype=np.float32)
-    image = image / np.percentile(image[mask], 99)  # intensities ~[0, 1]
-    labels = np.argmax(probabilities, axis=0)
-    subject = Subject(image=torch.from_numpy(image)[None, None], labels=torch.from_numpy(labels)[None, None],
-                      probabilities=torch.from_numpy(probabilities)[None], affine=template.affine.copy(),
-                      header=template.header.copy(), name=f"mni152-{resolution}mm")
-    if axial_slice_mm is None:
-        return subject
-    k = int(np.clip(round(np.linalg.solve(subject.affine, [0, 0, axial_slice_mm, 1])[2]), 0, image.shape[2] - 1))
-    return replace(axial_slice(subject, k), name=f"mni152-{resolution}mm-z{axial_slice_mm:g}")
 
 
 def read_nifti(path: str | Path, what: str) -> nib.Nifti1Image:
@@ -214,10 +190,10 @@ def load_subject(image_path: str | Path, labels_path: str | Path, label_table: s
     if outside:
         shown = ", ".join(map(str, outside[:10])) + (" ..." if len(outside) > 10 else "")
         raise InputError(f"label map {labels_path} has labels {shown} that are not in the label table "
-                         f"{sorted(table)}; pass --label-table")
+                         f"{sorted(table)}; pass a label_table that names them")
     labels_tensor = as_tensor(labels.astype(np.int64))
     probabilities = one_hot_tissue(labels_tensor, table)
-    if probabilities[:, 0].min() >= 0.5:
+    if not brain_mask(probabilities).any():
         raise InputError(f"label map {labels_path} has no brain: every voxel is background")
     return Subject(image=as_tensor(image), labels=labels_tensor, probabilities=probabilities,
                    affine=image_nii.affine.copy(), header=image_nii.header.copy(), name=Path(image_path).name.split(".")[0])
@@ -227,7 +203,7 @@ def write_image(image: nib.Nifti1Image, path: str | Path, *, overwrite: bool = F
     """Save one NIfTI atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; pass --overwrite to replace it")
+        raise InputError(f"{path} already exists; pass overwrite=True to replace it")
     if not path.name.endswith((".nii", ".nii.gz")):
         raise InputError(f"{path} must end in .nii or .nii.gz")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,7 +227,7 @@ def write_outputs(images: dict[str, nib.Nifti1Image], extra: dict[str, bytes], o
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise InputError(f"output folder {out_dir} already exists; pass --overwrite to replace it")
+        raise InputError(f"output folder {out_dir} already exists; pass overwrite=True to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -280,31 +256,3 @@ def axial_slice(subject: Subject, k: int) -> Subject:
                    name=f"{subject.name}-k{k}")
 
 
-def pseudo_subject(template: Subject, seed: int, *, deformation_mm: float = 4.0, smoothness_mm: float = 12.0,
-                   intensity_gamma: float = 0.2) -> Subject:
-    """A new subject made from ``template``: a random smooth diffeomorphism (velocity field smoothed
-    with a Gaussian of ``smoothness_mm`` FWHM, integrated by scaling and squaring, largest
-    displacement ~``deformation_mm``) applied to image and tissue probabilities, and a random
-    intensity gamma ``exp(N(0, intensity_gamma))``. Reproducible from ``seed``."""
-    from monai.networks.blocks import DVF2DDF
-    from scipy.ndimage import gaussian_filter
-
-    from .warp import warp_image, warp_labels
-
-    rng = np.random.default_rng(seed)
-    coarse = tuple(max(n // 4, 2) for n in template.shape)  # the field is smooth: draw it on a 4x coarser grid
-    coarse_spacing = [h * n / m for h, n, m in zip(template.spacing, template.shape, coarse)]
-    sigma = [smoothness_mm / 2.3548 / h for h in coarse_spacing]  # FWHM -> sigma, in coarse voxels
-    velocity = np.stack([gaussian_filter(rng.standard_normal(coarse), sigma, mode="reflect")
-                         for _ in range(template.ndim)])
-    spacing = np.asarray(template.spacing).reshape(-1, *([1] * template.ndim))
-    ratio = np.asarray(voxel_ratio(template.shape, coarse)).reshape(spacing.shape)
-    velocity *= deformation_mm / (np.abs(velocity).max() + 1e-12) / (spacing * ratio)  # mm -> coarse voxels
-    u = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="zeros")(torch.from_numpy(velocity[None]).float())
-    mode = "bilinear" if template.ndim == 2 else "trilinear"
-    u = nnf.interpolate(u, size=template.shape, mode=mode, align_corners=True) * torch.from_numpy(ratio[None]).float()
-    probabilities = warp_image(template.probabilities, u)
-    probabilities = probabilities / probabilities.sum(1, keepdim=True).clamp_min(1e-6)
-    image = warp_image(template.image, u).clamp_min(0) ** float(np.exp(rng.normal(0.0, intensity_gamma)))
-    return Subject(image=image, labels=warp_labels(template.labels, u), probabilities=probabilities,
-                   affine=template.affine, header=template.header, name=f"{template.name}-pseudo{seed}")

@@ -1,0 +1,95 @@
+"""Field operations on voxel grids: warping images and labels, composing fields, resizing between grids.
+
+Conventions (DESIGN §1): a displacement ``u`` is ``(B, d, *N)`` in voxel units along the voxel axes;
+warping is a pull-back, ``followup(y) = baseline(y + u(y))``, as MONAI's ``Warp`` does it
+(``align_corners=True``); outside the grid the border value is repeated. Grids of different sizes
+spanning the same box are align-corners grids: their first and last nodes coincide, so node ``i`` of
+a grid of ``m`` nodes lies at ``i * (n - 1) / (m - 1)`` on a grid of ``n`` nodes. Both resizing
+directions (:func:`restrict` down, :func:`resize` / :func:`refine_field` up) follow that geometry, so a
+field taken down and up again is not shifted.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as nnf
+from monai.networks.blocks import Warp
+from torch import Tensor
+
+warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample", category=UserWarning)
+_LINEAR = Warp(mode="bilinear", padding_mode="border")  # "bilinear" is trilinear in 3D
+LABEL_CHUNK = 8  # labels resampled together: bounds memory to a few volumes for any label count
+
+
+def warp_image(image: Tensor, u: Tensor) -> Tensor:
+    """Linearly resample ``image (B, C, *N)`` at ``y + u(y)`` (``u`` in voxels)."""
+    return _LINEAR(image, u.to(image.dtype))
+
+
+def warp_labels(labels: Tensor, u: Tensor) -> Tensor:
+    """Resample an integer label map ``(B, 1, *N)``: each label's indicator is warped linearly and
+    every voxel takes the label of largest weight, so labels stay labels and boundaries stay smooth."""
+    values = torch.unique(labels)
+    best_weight = torch.full(labels.shape, -1.0, dtype=u.dtype, device=u.device)
+    best_label = torch.zeros_like(labels)
+    for start in range(0, len(values), LABEL_CHUNK):
+        chunk = values[start:start + LABEL_CHUNK]
+        indicators = (labels == chunk.reshape(1, -1, *([1] * (labels.ndim - 2)))).to(u.dtype)
+        weight, index = warp_image(indicators, u).max(dim=1, keepdim=True)  # channels share one sampling grid
+        better = weight > best_weight
+        best_weight = torch.where(better, weight, best_weight)
+        best_label = torch.where(better, chunk[index], best_label)
+    return best_label
+
+
+def compose(u_step: Tensor, u_previous: Tensor) -> Tensor:
+    """Field of ``y -> x`` after ``u_previous`` then ``u_step`` in pull-back order (DESIGN §3), voxels:
+    ``u(y) = u_step(y) + u_previous(y + u_step(y))``."""
+    return u_step + warp_image(u_previous, u_step)
+
+
+def voxel_ratio(fine: tuple[int, ...], coarse: tuple[int, ...]) -> tuple[float, ...]:
+    """Fine voxels per coarse voxel along each axis of two align-corners grids spanning the same box."""
+    return tuple((n - 1) / max(m - 1, 1) for n, m in zip(fine, coarse))
+
+
+def resize(volume: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Multilinear interpolation of ``volume (B, C, *N)`` onto the align-corners grid of ``shape``."""
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return nnf.interpolate(volume, size=tuple(shape), mode=mode, align_corners=True)
+
+
+def _full_weighting(volume: Tensor, axis: int) -> Tensor:
+    """Weights 1/4, 1/2, 1/4 along ``axis`` (multigrid full weighting), the two border nodes kept:
+    a convex combination (ranges kept), exact on linear fields."""
+    x = volume.movedim(axis, -1)
+    if x.shape[-1] < 3:
+        return volume
+    inner = 0.25 * x[..., :-2] + 0.5 * x[..., 1:-1] + 0.25 * x[..., 2:]
+    return torch.cat([x[..., :1], inner, x[..., -1:]], -1).movedim(-1, axis)
+
+
+def restrict(volume: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``volume (B, C, *N)`` on the coarser align-corners grid of ``shape``: averaged over about two fine
+    voxels per axis (full weighting), then sampled at the coarse nodes. Keeps ranges (probabilities
+    stay in [0, 1]) and reproduces linear fields exactly, so nothing is shifted against :func:`resize`."""
+    for axis in range(2, volume.ndim):
+        if volume.shape[axis] > shape[axis - 2]:
+            volume = _full_weighting(volume, axis)
+    return resize(volume, shape)
+
+
+def refine_field(u: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A voxel-unit displacement ``(B, d, *M)`` on the finer align-corners grid of ``shape``, its
+    components rescaled to the finer voxels."""
+    ratio = torch.tensor(voxel_ratio(shape, tuple(u.shape[2:])), dtype=u.dtype, device=u.device)
+    return resize(u, shape) * ratio.reshape(1, -1, *([1] * len(shape)))
+
+
+def coarsen_field(u: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A voxel-unit displacement ``(B, d, *N)`` on the coarser align-corners grid of ``shape`` (the
+    inverse direction of :func:`refine_field`)."""
+    ratio = torch.tensor(voxel_ratio(tuple(u.shape[2:]), shape), dtype=u.dtype, device=u.device)
+    return restrict(u, shape) / ratio.reshape(1, -1, *([1] * len(shape)))

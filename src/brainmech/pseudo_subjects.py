@@ -1,0 +1,127 @@
+"""Pseudo-subjects of a template: random smooth diffeomorphisms and intensity changes, with random
+atrophy maps, reproducible from a seed (DESIGN §4), and the seeds held out for validation and evaluation.
+
+They are the training data of the shipped networks and the cases of the synthetic benchmark.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+from torch.utils.data import Dataset
+
+from .atrophy import random_atrophy
+from .fields import refine_field, voxel_ratio, warp_image, warp_labels
+from .mni import load_mni
+from .subject import Subject, axial_slice
+
+#: Seeds of held-out pseudo-subjects, never to be trained on: validation (the same for every training
+#: seed, so runs of different seeds compare on the same cases) and the evaluation benchmark's cases.
+VALIDATION_SEED = 7919
+EVALUATION_SEED = 104_729
+HELD_OUT_SEEDS = (VALIDATION_SEED, EVALUATION_SEED)
+AXIAL_SLICES_MM = (-20.0, 50.0)  # 2D cases are axial slices of the template in this world-z range
+
+
+class Dimension(str, enum.Enum):
+    """The two kinds of shipped model and their cases: 1 mm axial slices (2D) or 2 mm volumes (3D)."""
+
+    TWO_D = "2d"
+    THREE_D = "3d"
+
+    @property
+    def ndim(self) -> int:
+        return 2 if self is Dimension.TWO_D else 3
+
+    @property
+    def resolution_mm(self) -> int:
+        """MNI template resolution the cases are drawn from."""
+        return 1 if self is Dimension.TWO_D else 2
+
+
+def pseudo_subject(template: Subject, seed: int, *, deformation_mm: float = 4.0, smoothness_mm: float = 12.0,
+                   intensity_gamma: float = 0.2) -> Subject:
+    """A new subject made from ``template``: a random smooth diffeomorphism (velocity field smoothed
+    with a Gaussian of ``smoothness_mm`` FWHM, integrated by scaling and squaring, largest
+    displacement ~``deformation_mm``) applied to image and tissue probabilities, and a random
+    intensity gamma ``exp(N(0, intensity_gamma))``. Reproducible from ``seed``."""
+    from monai.networks.blocks import DVF2DDF
+
+    rng = np.random.default_rng(seed)
+    coarse = tuple(max(n // 4, 2) for n in template.shape)  # the field is smooth: draw it on a 4x coarser grid
+    coarse_spacing = [h * n / m for h, n, m in zip(template.spacing, template.shape, coarse)]
+    sigma = [smoothness_mm / 2.3548 / h for h in coarse_spacing]  # FWHM -> sigma, in coarse voxels
+    velocity = np.stack([gaussian_filter(rng.standard_normal(coarse), sigma, mode="reflect")
+                         for _ in range(template.ndim)])
+    spacing = np.asarray(template.spacing).reshape(-1, *([1] * template.ndim))
+    ratio = np.asarray(voxel_ratio(template.shape, coarse)).reshape(spacing.shape)
+    velocity *= deformation_mm / (np.abs(velocity).max() + 1e-12) / (spacing * ratio)  # mm -> coarse voxels
+    u = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="zeros")(torch.from_numpy(velocity[None]).float())
+    u = refine_field(u, template.shape)
+    probabilities = warp_image(template.probabilities, u)
+    probabilities = probabilities / probabilities.sum(1, keepdim=True).clamp_min(1e-6)
+    image = warp_image(template.image, u).clamp_min(0) ** float(np.exp(rng.normal(0.0, intensity_gamma)))
+    return Subject(image=image, labels=warp_labels(template.labels, u), probabilities=probabilities,
+                   affine=template.affine, header=template.header, name=f"{template.name}-pseudo{seed}")
+
+
+@dataclass(frozen=True)
+class AtrophyPrior:
+    """Ranges random atrophy maps are drawn from (percent volume change per case, < 0 = loss)."""
+
+    tissue_percent: tuple[float, float] = (-5.0, 1.5)
+    spread_percent: tuple[float, float] = (0.5, 3.0)
+    fwhm_mm: tuple[float, float] = (6.0, 16.0)
+
+    def draw(self, subject: Subject, seed: int) -> torch.Tensor:
+        """A random atrophy map ``(1, 1, *N)`` for ``subject``, reproducible from ``seed``."""
+        rng = np.random.default_rng([seed, 1])
+        return random_atrophy(subject, seed=seed, tissue_percent=rng.uniform(*self.tissue_percent),
+                              spread_percent=rng.uniform(*self.spread_percent), fwhm_mm=rng.uniform(*self.fwhm_mm))
+
+
+def case(subject: Subject, atrophy: torch.Tensor) -> dict:
+    """One training/evaluation case as the tensors a batch needs (batch axis dropped)."""
+    return {"probabilities": subject.probabilities[0], "atrophy": atrophy[0], "image": subject.image[0],
+            "labels": subject.labels[0], "spacing": torch.tensor(subject.spacing)}
+
+
+class PseudoSubjects(Dataset):
+    """``count`` random cases of a template, case ``i`` reproducible from ``(seed, i)``.
+
+    2D: each case is a pseudo-subject of a random axial slice (in :data:`AXIAL_SLICES_MM`) of the 3D
+    template. 3D: a pseudo-subject of the whole template.
+
+    Example::
+
+        cases = PseudoSubjects.of_mni(Dimension("2d"), count=4, seed=EVALUATION_SEED)
+        subject, atrophy = cases.subject(0), cases[0]["atrophy"][None]
+    """
+
+    def __init__(self, template: Subject, count: int, seed: int, ndim: int, prior: AtrophyPrior = AtrophyPrior()):
+        self.template, self.count, self.seed, self.ndim, self.prior = template, count, seed, ndim, prior
+
+    @classmethod
+    def of_mni(cls, dimension: Dimension | str, count: int, seed: int) -> PseudoSubjects:
+        """Cases of the embedded MNI brain for a model of ``dimension``."""
+        dimension = Dimension(dimension)
+        return cls(load_mni(dimension.resolution_mm), count, seed, dimension.ndim)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def subject(self, index: int) -> Subject:
+        seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0])
+        source = self.template
+        if self.ndim == 2 and source.ndim == 3:
+            low, high = (int(round(np.linalg.solve(source.affine, [0, 0, z, 1])[2])) for z in AXIAL_SLICES_MM)
+            source = axial_slice(source, int(np.random.default_rng(seed).integers(low, high + 1)))
+        return pseudo_subject(source, seed)
+
+    def __getitem__(self, index: int) -> dict:
+        subject = self.subject(index)
+        return case(subject, self.prior.draw(subject, seed=self.seed * 1_000_003 + index))
