@@ -1,11 +1,10 @@
-"""Keep freed memory in the process for reuse (Linux, glibc): a 2x faster 3D solver, 1.4x faster training.
+"""Keep freed memory in the process for reuse (Linux, glibc), so that large temporaries are not page-faulted afresh.
 
 glibc's ``malloc`` serves every block above its mmap threshold (at most 32 MB) with a fresh ``mmap``
-and returns the heap's free top to the OS. One energy evaluation of a 2 mm brain (1.9 million
-quadrature points) allocates and frees ~700 MB of such blocks, so every evaluation page-faults ~200,000
-fresh pages in again: measured on 2 CPU threads, half of the solver's time (0.38 s -> 0.19 s per
-evaluation) and a quarter of a 3D training step (2.1 s -> 1.5 s). PyTorch has no caching allocator on
-CPU; :func:`retain_freed_memory` makes glibc keep what it frees (the process keeps its peak memory).
+and returns the heap's free top to the OS. An energy evaluation of a brain allocates and frees many
+such blocks, so every evaluation page-faults hundreds of thousands of fresh pages in again (the
+README gives the measured cost). PyTorch has no caching allocator on CPU; :func:`retain_freed_memory`
+makes glibc keep what it frees (the process keeps its peak memory).
 
 Called by the ``brainmech`` command and the benchmarks; call it yourself in scripts that run the
 solver, ``network+refine`` or training. It changes the whole process, so importing brainmech does not.

@@ -33,7 +33,8 @@ from .mechanics import Tissue, channel, potential_flow, solid_fraction
 INPUT_SCALE = 20.0  # log a and u are a few hundredths: x20 brings them to O(1) for the network
 PRETRAINED = ("mni-2d", "mni-3d")
 UNET_MULTIPLE = 16  # BasicUNet halves the grid four times
-#: channels-last layouts: on CPU they make the U-Net's convolutions ~1.5-2x faster (same numbers)
+SCALAR_INPUTS = 3  # the U-Net's first input channels: x20 log a, solid tissue, CSF; then the x20 flow (d channels)
+#: channels-last layouts: faster convolutions on CPU (the same numbers)
 CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
@@ -61,7 +62,7 @@ class AtrophyNet(nn.Module):
                  resolution_mm: float | None = None):
         super().__init__()
         self.ndim, self.features, self.coarse, self.resolution_mm = ndim, tuple(features), coarse, resolution_mm
-        self.unet = BasicUNet(spatial_dims=ndim, in_channels=3 + ndim, out_channels=ndim, features=self.features,
+        self.unet = BasicUNet(spatial_dims=ndim, in_channels=SCALAR_INPUTS + ndim, out_channels=ndim, features=self.features,
                               norm=None, upsample="nontrainable").to(memory_format=CHANNELS_LAST[ndim])
         last = self.unet.final_conv
         nn.init.zeros_(last.weight)
@@ -90,11 +91,12 @@ class AtrophyNet(nn.Module):
         """Potential flow plus the U-Net's correction, predicted on a grid ``factors`` times coarser
         per axis (the flow channel converted to its voxels) and upsampled; voxels."""
         shape = tuple(inputs.shape[2:])
-        flow = inputs[:, 3:] / INPUT_SCALE
+        flow = inputs[:, SCALAR_INPUTS:] / INPUT_SCALE
         if all(f == 1 for f in factors):
             return flow + self._unet(inputs) / INPUT_SCALE
         coarse_shape = tuple((n - 1) // f + 1 for n, f in zip(shape, factors))
-        coarse = torch.cat([restrict(inputs[:, :3], coarse_shape), coarsen_field(inputs[:, 3:], coarse_shape)], 1)
+        coarse = torch.cat([restrict(inputs[:, :SCALAR_INPUTS], coarse_shape),
+                            coarsen_field(inputs[:, SCALAR_INPUTS:], coarse_shape)], 1)
         return flow + refine_field(self._unet(coarse) / INPUT_SCALE, shape)
 
     def _unet(self, inputs: Tensor) -> Tensor:
