@@ -250,3 +250,15 @@ def test_nodal_energy_equals_scikit_fem_q1_with_corner_quadrature(d):
     reference = strain_energy.assemble(vector, u=vector.interpolate(u_mm), mu=scalar.interpolate(mu[index]),
                                        a=scalar.interpolate(a[index]))
     assert energy == pytest.approx(reference, rel=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(7, 11), (5, 9, 6)])
+def test_sample_at_interpolates_along_the_voxel_axes_in_order(shape):
+    """Multilinear sampling at voxel coordinates: a field linear along each axis with its own slope
+    gives back that linear function at an off-grid point (the centre penalty samples U there)."""
+    d = len(shape)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij"))
+    slopes = torch.tensor([1.0, 10.0, 100.0][:d])
+    field = torch.stack([(slopes.reshape(-1, *([1] * d)) * grid).sum(0), grid[-1]])[None]  # (1, 2, *N)
+    point = torch.tensor([[2.25, 3.5, 1.75][:d]])
+    assert torch.allclose(mechanics.sample_at(field, point), torch.tensor([[float(slopes @ point[0]), point[0, -1]]]))
