@@ -15,7 +15,7 @@ field polished by the Simulator's default budget of solver energy evaluations (o
 the 3D model predicts its correction on its 2 mm grid and upsamples it; deforming the 1 mm MNI
 image and labels with it (network + warps) is timed against TorchIO's RandomElasticDeformation of
 the same image and labels, and so is the whole ``Simulator.pretrained("mni-3d")`` call (network,
-warps, det F map, energy and MSE report).
+warps, det F maps, energy and MSE report).
 """
 
 import argparse
@@ -112,7 +112,7 @@ def run(model: str, count: int, reference_rtol: float, refine_evaluations: int |
 
 def one_mm_volume_timing() -> tuple[float, float, float, float]:
     """Seconds to deform the 1 mm MNI image and labels: the mni-3d network alone, the network plus
-    both warps, the whole ``Simulator`` call (also det F map and energy report), and TorchIO's
+    both warps, the whole ``Simulator`` call (also det F maps and energy report), and TorchIO's
     RandomElasticDeformation of the same image and labels."""
     import torchio
 

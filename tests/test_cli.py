@@ -196,24 +196,30 @@ def test_expect_warns_when_the_map_says_the_other_direction(subject_files, tmp_p
     assert quiet.exit_code == 0 and "warning" not in quiet.output
 
 
-def malicious_model(tmp_path):
-    """A torch.save'd file whose unpickling would create a file (any code could run instead)."""
+def malicious_model(tmp_path, payload):
+    """A torch.save'd file whose unpickling would create a file, through ``open`` or a shell command."""
+    import os
+
     import torch
 
     marker = tmp_path / "pwned"
+    call = {"open": (open, (str(marker), "w")), "os.system": (os.system, (f"touch {marker}",))}[payload]
 
     class Payload:
         def __reduce__(self):
-            return open, (str(marker), "w")
+            return call
 
     path = tmp_path / "evil.pt"
     torch.save({"config": Payload(), "state_dict": {}}, path)
     return path, marker
 
 
+@pytest.mark.parametrize("payload,reason", [("open", "it would load io.open"),
+                                            ("os.system", "it would load posix.system")])
 @pytest.mark.parametrize("command", ["simulate", "train-init-from", "train-resume", "evaluate"])
-def test_a_model_file_that_would_run_code_is_refused_and_nothing_runs(command, subject_files, tmp_path):
-    path, marker = malicious_model(tmp_path)
+def test_a_model_file_that_would_run_code_is_refused_and_nothing_runs(command, payload, reason, subject_files,
+                                                                       tmp_path):
+    path, marker = malicious_model(tmp_path, payload)
     out = tmp_path / "out"
     arguments = {
         "simulate": ["simulate", "--image", str(subject_files["image"]), "--labels", str(subject_files["labels"]),
@@ -224,8 +230,45 @@ def test_a_model_file_that_would_run_code_is_refused_and_nothing_runs(command, s
     }[command]
     result = runner.invoke(app, arguments)
     assert result.exit_code == 2, result.output
-    assert "not a plain weights file" in result.output and len(result.output.strip().splitlines()) == 1
+    assert "not a plain weights file" in result.output and reason in result.output
+    assert len(result.output.strip().splitlines()) == 1
     assert not marker.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("broken", ["no features", "wrong weights", "bad card"])
+def test_a_model_file_that_is_not_a_network_is_one_line_exit_2(broken, subject_files, tmp_path):
+    import torch
+
+    from brainmech.network import AtrophyNet, save_network
+
+    path = tmp_path / "model.pt"
+    if broken == "no features":
+        torch.save({"config": {"ndim": 3}, "state_dict": {}}, path)
+    else:
+        network = AtrophyNet(3, features=(4, 4, 8, 8, 8, 4))
+        save_network(network, path, {})
+        if broken == "wrong weights":
+            torch.save({"config": {**network.config(), "features": [8, 16, 16, 32, 32, 8]},
+                        "state_dict": network.state_dict()}, path)
+        else:
+            path.with_suffix(".json").write_text("{not json")
+    result = simulate(subject_files, tmp_path / "out", "--model", str(path))
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_library_messages_name_the_command_line_flags(subject_files, tmp_path):
+    from brainmech.cli import as_flags
+
+    assert as_flags("pass overwrite=True") == "pass --overwrite"
+    assert as_flags("brain_only=True needs method='solver'") == "--brain-only needs --method solver"
+    assert as_flags("resume= and init_from= exclude each other") == "--resume and --init-from exclude each other"
+    refused = simulate(subject_files, tmp_path / "out", "--brain-only", "--method", "network")
+    assert refused.exit_code == 2 and "--brain-only needs --method solver" in refused.output
+    both = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--resume", str(subject_files["image"]),
+                               "--init-from", "mni-2d"])
+    assert both.exit_code == 2 and "--resume and --init-from exclude each other" in both.output
 
 
 def test_bad_choices_and_bounds_are_one_line_exit_2(subject_files, tmp_path):

@@ -19,6 +19,8 @@ def package_imports(path: Path) -> set[str]:
             imported.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("brainmech"):
             imported.add(node.module.removeprefix("brainmech").lstrip(".").split(".")[0] or "__init__")
+        elif isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[1] for a in node.names if a.name.startswith("brainmech."))
     return imported
 
 

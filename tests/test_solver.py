@@ -133,6 +133,7 @@ def test_a_callback_sees_every_evaluation_and_stops_the_solve(subject_files):
     assert result.record.stopped and not result.record.converged
     last = seen[-1]
     assert last.level == 0 and torch.equal(result.displacement, last.displacement)
+    assert not torch.equal(seen[-2].displacement, last.displacement)  # each evaluation shows its own field
     assert float(problem.energy(result.displacement)) == pytest.approx(last.energy, rel=1e-6)
     full = solve(problem)  # without a callback it goes on to its stopping rule
     assert len(full.record.energy) > len(seen) and full.record.converged

@@ -61,19 +61,18 @@ def load_atrophy(path: str | Path, subject: Subject, convention: Convention | st
     if convention is Convention.PERCENT:
         if (values <= -100).any():
             raise InputError(f"atrophy map {path} has percent changes <= -100 (a tissue cannot lose all its volume)")
-        values = 1.0 / (1.0 + values / 100.0)
-    elif convention is Convention.INVERSE:
-        values = _reciprocal_of_positive(values, path)
+        values = from_percent(values)
     else:
-        _reciprocal_of_positive(values, path)
+        _check_positive_ratios(values, path)
+        if convention is Convention.INVERSE:
+            values = 1.0 / values
     return as_tensor(values.astype(np.float32))
 
 
-def _reciprocal_of_positive(values: np.ndarray, path: str | Path) -> np.ndarray:
+def _check_positive_ratios(values: np.ndarray, path: str | Path) -> None:
     if (values <= 0).any():
         raise InputError(f"atrophy map {path} has {(values <= 0).sum()} non-positive values; "
                          "a volume ratio must be > 0 (for percent changes pass convention='percent')")
-    return 1.0 / values
 
 
 def tissue_mean(atrophy: Tensor, subject: Subject) -> float:
@@ -81,11 +80,15 @@ def tissue_mean(atrophy: Tensor, subject: Subject) -> float:
     return float(atrophy[subject.tissue].double().mean())
 
 
+def _direction(mean: float) -> str:
+    """What a tissue mean of ``a`` means: loss (a > 1), growth (a < 1) or no change."""
+    return "loss" if mean > 1 else "growth" if mean < 1 else "no change"
+
+
 def describe(atrophy: Tensor, subject: Subject) -> str:
     """One line telling what the map does to the tissue, so a sign mistake is visible at once."""
     mean = tissue_mean(atrophy, subject)
-    direction = "loss" if mean > 1 else "growth" if mean < 1 else "no change"
-    return f"tissue mean a = {mean:.4f} ({to_percent(mean):+.2f} % volume, {direction})"
+    return f"tissue mean a = {mean:.4f} ({to_percent(mean):+.2f} % volume, {_direction(mean)})"
 
 
 def direction_warning(atrophy: Tensor, subject: Subject, expect: Direction | str | None) -> str | None:
@@ -96,10 +99,9 @@ def direction_warning(atrophy: Tensor, subject: Subject, expect: Direction | str
     if expect is None:
         return None
     expect, mean = Direction(expect), tissue_mean(atrophy, subject)
-    if (expect is Direction.LOSS and mean > 1) or (expect is Direction.GROWTH and mean < 1):
+    if _direction(mean) == expect.value:
         return None
-    made = "loss" if mean > 1 else "growth" if mean < 1 else "no change"
-    return (f"expected tissue {expect.value} but the map's tissue mean a = {mean:.4f} means {made} "
+    return (f"expected tissue {expect.value} but the map's tissue mean a = {mean:.4f} means {_direction(mean)} "
             f"(a > 1 is loss); if the map is follow-up/baseline, read it with convention='inverse'")
 
 
@@ -120,7 +122,7 @@ def random_atrophy(
     volume is kept (the skull does not move); otherwise CSF and background keep a = 1.
     """
     if spread_percent < 0 or fwhm_mm <= 0:
-        raise InputError(f"random_atrophy needs spread_percent >= 0 and fwhm_mm > 0, got {spread_percent} and {fwhm_mm}")
+        raise InputError(f"spread_percent= must be >= 0 and fwhm_mm= > 0, got {spread_percent} and {fwhm_mm}")
     rng = np.random.default_rng(seed)
     sigma = [fwhm_mm / FWHM_PER_SIGMA / h for h in subject.spacing]
     field = gaussian_filter(rng.standard_normal(subject.shape), sigma, mode="reflect")
@@ -133,6 +135,6 @@ def random_atrophy(
         tissue_change = (percent / 100.0)[tissue].sum()  # follow-up minus baseline volume, in voxels
         csf_change = -tissue_change / max(csf.sum(), 1)
         if csf_change <= -1.0:
-            raise InputError("the tissue grows more than the CSF can give up; lower tissue_percent")
+            raise InputError("the tissue grows more than the CSF can give up; lower tissue_percent=")
         log_a[csf] = -math.log1p(csf_change)
     return torch.from_numpy(np.exp(log_a).astype(np.float32))[None, None]

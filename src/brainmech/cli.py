@@ -35,7 +35,7 @@ from .atrophy import Convention, Direction
 from .errors import InputError
 from .pseudo_subjects import Dimension
 from .network import Loss
-from .simulator import REFINE_EVALUATIONS, Method
+from .simulator import REFINE_EVALUATIONS, Method, Simulator
 from .version import __version__
 
 console = Console(stderr=True, soft_wrap=True)
@@ -68,7 +68,7 @@ class OneLineErrors(TyperGroup):
         except ClickException as error:  # typer's own checks: unknown option, bad choice, out of bounds
             code = _error(error.format_message().replace("\n", " ").replace("[", "\\["), error.exit_code)
         except (KeyboardInterrupt, typer.Abort):
-            console.print("interrupted; nothing was written")
+            console.print("interrupted")
             code = 130
         except Exception as error:
             if os.environ.get("BRAINMECH_DEBUG"):
@@ -172,7 +172,6 @@ def demo(
     """Simulate atrophy on the MNI152 brain shipped with nilearn (no download) and write every output."""
     from .atrophy import describe, random_atrophy
     from .mni import MNI_AXIAL_SLICE_MM, load_mni
-    from .simulator import Simulator
 
     _refuse_existing(out, overwrite or (out / "report.json").is_file())
     with console.status("loading the MNI152 template (from nilearn)"):
@@ -208,7 +207,6 @@ def simulate(
 ) -> None:
     """Simulate the follow-up of your subject under an atrophy map and write every output to OUT."""
     from .atrophy import describe, direction_warning, load_atrophy
-    from .simulator import Simulator
     from .subject import load_subject
 
     _refuse_existing(out, overwrite)
@@ -308,7 +306,6 @@ def evaluate(
 ) -> None:
     """Table 1 metrics (MSE_atrophy, MSE_image, Dice, energy gap, RMSE to solver, folds, time) over cases."""
     from .evaluation import csv_text, evaluate_cases, markdown_table, read_cases, summarise, synthetic_cases
-    from .simulator import Simulator
     from .subject import write_outputs
 
     _refuse_existing(out, overwrite)

@@ -11,6 +11,7 @@ field taken down and up again is not shifted.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -72,11 +73,12 @@ def _full_weighting(volume: Tensor, axis: int) -> Tensor:
 
 
 def restrict(volume: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """``volume (B, C, *N)`` on the coarser align-corners grid of ``shape``: averaged over about two fine
-    voxels per axis (full weighting), then sampled at the coarse nodes. Keeps ranges (probabilities
-    stay in [0, 1]) and reproduces linear fields exactly, so nothing is shifted against :func:`resize`."""
-    for axis in range(2, volume.ndim):
-        if volume.shape[axis] > shape[axis - 2]:
+    """``volume (B, C, *N)`` on the coarser align-corners grid of ``shape``: smoothed along each axis by
+    full weighting, once per halving of the grid (so the average spans the coarse voxel), then sampled
+    at the coarse nodes. Keeps ranges (probabilities stay in [0, 1]) and reproduces linear fields
+    exactly, so nothing is shifted against :func:`resize`."""
+    for axis, ratio in enumerate(voxel_ratio(tuple(volume.shape[2:]), shape), start=2):
+        for _ in range(max(1, round(math.log2(ratio))) if ratio > 1 else 0):
             volume = _full_weighting(volume, axis)
     return resize(volume, shape)
 

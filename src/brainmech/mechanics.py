@@ -369,7 +369,8 @@ def channel(probabilities: Tensor, tissue: Tissue) -> Tensor:
 
 def solid_fraction(probabilities: Tensor) -> Tensor:
     """Probability of solid tissue (grey, white or deep grey matter), ``(B, 1, *N)``."""
-    return probabilities[:, int(Tissue.GM):].sum(1, keepdim=True)
+    present = [int(t) for t in SOLID_TISSUES if t < probabilities.shape[1]]
+    return probabilities[:, present].sum(1, keepdim=True)
 
 
 def shear_modulus(probabilities: Tensor, moduli: dict[str, float] | None = None) -> Tensor:

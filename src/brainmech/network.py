@@ -108,8 +108,8 @@ class AtrophyNet(nn.Module):
         return output[(slice(None), slice(None), *(slice(0, n) for n in shape))]
 
     def forward(self, atrophy: Tensor, probabilities: Tensor, spacing: tuple[float, ...]) -> Tensor:
-        """``atrophy (B, 1, *N)`` (target det F), ``probabilities (B, K, *N)`` in TISSUE_CLASSES order
-        (K >= 2), ``spacing`` in mm -> displacement ``(B, d, *N)`` in voxels (pull-back, DESIGN §1)."""
+        """``atrophy (B, 1, *N)`` (target det F), ``probabilities (B, K, *N)`` in :class:`Tissue` order
+        (K >= 4), ``spacing`` in mm -> displacement ``(B, d, *N)`` in voxels (pull-back, DESIGN §1)."""
         return self.displacement(self.inputs(atrophy, probabilities, spacing), self.grid_factors(spacing))
 
 
@@ -129,7 +129,7 @@ def read_checkpoint(path: str | Path, what: str = "model") -> dict:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle.UnpicklingError for forbidden objects, others for junk
-        forbidden = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        forbidden = re.search(r"GLOBAL ([\w.]+)", str(error), re.IGNORECASE)
         reason = f"it would load {forbidden[1]}" if forbidden else "not a file torch.save wrote"
         raise InputError(f"cannot read {what} file {path}: not a plain weights file ({reason}; "
                          "only tensors, numbers and strings are read, so no code in it runs)") from None
@@ -143,19 +143,22 @@ def load_network(path: str | Path) -> tuple[AtrophyNet, dict]:
     card; read without unpickling code (:func:`read_checkpoint`)."""
     path = Path(path)
     saved = read_checkpoint(path)
+    card_path = path.with_suffix(".json")
     try:
         if "state_dict" in saved and "config" not in saved:  # a lightning checkpoint
             config = saved["hyper_parameters"]["network"]
             state = {k.removeprefix("network."): v for k, v in saved["state_dict"].items() if k.startswith("network.")}
         else:
             config, state = saved["config"], saved["state_dict"]
-    except (KeyError, TypeError):
-        raise InputError(f"model file {path} is not a brainmech network (no config and state_dict)") from None
-    card_path = path.with_suffix(".json")
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    resolution = config.get("resolution_mm", card.get("resolution_mm"))  # older files: from the card
-    network = AtrophyNet(config["ndim"], tuple(config["features"]), config["coarse"], resolution)
-    network.load_state_dict(state)
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+        resolution = config.get("resolution_mm", card.get("resolution_mm"))  # older files: from the card
+        network = AtrophyNet(config["ndim"], tuple(config["features"]), config["coarse"], resolution)
+        network.load_state_dict(state)
+    except json.JSONDecodeError as error:
+        raise InputError(f"model card {card_path} is not valid JSON ({error}); fix or remove it") from None
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise InputError(f"model file {path} is not a brainmech network ({reason})") from None
     return network.eval(), card
 
 

@@ -141,8 +141,8 @@ class Simulator:
             brings the shipped models within a few percent of the solver's energy; raise it to
             approach the solver's minimum).
         device: where the physics runs (``"cpu"``, ``"cuda"``).
-        callback: sees every solver energy evaluation (:class:`~brainmech.solver.Evaluation`: progress
-            bars, monitoring) and stops the solve by returning True.
+        callback: sees every solver energy evaluation (:class:`~brainmech.solver.EnergyEvaluation`: progress
+            bars, monitoring) and stops the solve by returning True; its ``count`` restarts at each step.
 
     On Linux, call :func:`brainmech.retain_freed_memory` once before running the solver or
     ``network+refine`` from a script (the ``brainmech`` command does): much faster on CPU.
@@ -231,7 +231,7 @@ class Simulator:
         carried = warp_image(torch.cat([atrophy, subject.tissue.to(atrophy.dtype)], 1), u)
         followup_atrophy, followup_tissue = carried.split(1, 1)
         brain = subject.brain
-        energy_note = ("the energy the simulation minimised" if self.steps == 1 else
+        energy_note = ("the energy of the simulated field on the problem it was simulated for" if self.steps == 1 else
                        f"the composed field of {self.steps} steps evaluated on the baseline problem; no step "
                        "minimised this energy (each minimised its own, on the moved tissue)")
         return Report(

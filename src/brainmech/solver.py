@@ -50,18 +50,18 @@ class SolverResult:
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class EnergyEvaluation:
     """One energy evaluation, as a solver callback sees it."""
 
     level: int  # pyramid level of the grid evaluated (0: the finest)
     count: int  # evaluations so far, all levels, this one included
     energy: float  # total energy, mu*mm^3
-    displacement: Tensor  # the field evaluated (voxels, detached; this level's grid): do not modify
+    displacement: Tensor  # a copy of the field evaluated (voxels; this level's grid)
     seconds: float  # since the solve started
 
 
 #: Called after every energy evaluation (progress, monitoring); returning True stops the solve there.
-Callback = Callable[[Evaluation], "bool | None"]
+Callback = Callable[[EnergyEvaluation], "bool | None"]
 
 
 class _Stop(Exception):
@@ -124,8 +124,9 @@ def minimise(
         record.level.append(level)
         record.seconds.append(time.perf_counter() - record.started)
         record.energy.append(energy)
-        if callback is not None and callback(Evaluation(level=level, count=len(record.energy), energy=energy,
-                                                        displacement=u.detach(), seconds=record.seconds[-1])):
+        if callback is not None and callback(EnergyEvaluation(level=level, count=len(record.energy), energy=energy,
+                                                              displacement=u.detach().clone(),
+                                                              seconds=record.seconds[-1])):
             raise _Stop
         return loss
 
@@ -138,7 +139,7 @@ def minimise(
             optimiser.step(closure)
         except _Stop:
             record.stopped = True
-            return u.detach().clone(), False
+            return u.detach(), False
         if len(best) > patience and best[-patience - 1] - best[-1] <= rtol * abs(best[-1]):
             return u.detach(), True
     return u.detach(), False
@@ -159,7 +160,7 @@ def solve(
     Without ``initial`` the coarsest level starts from the potential flow (:func:`potential_flow`);
     with ``initial`` (e.g. a network prediction, ``network+refine``) only the finest level is solved.
     Coarse levels stop at ``10 * rtol``: they only prepare the start of the next. ``callback`` sees
-    every evaluation (:class:`Evaluation`) and stops the solve by returning True; the result is then
+    every evaluation (:class:`EnergyEvaluation`) and stops the solve by returning True; the result is then
     the field it was last shown, on the finest grid.
 
     Example::

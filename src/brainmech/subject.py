@@ -95,6 +95,8 @@ class Subject:
         if tuple(image.shape) != (*self.file_shape, 1, 3):
             raise InputError(f"displacement field has shape {tuple(image.shape)}; expected "
                              f"{(*self.file_shape, 1, 3)} (X x Y x Z x 1 x 3 on the image grid)")
+        if not np.allclose(image.affine, self.affine, atol=1e-3):
+            raise InputError("displacement field has a different affine (voxel-to-world geometry) than the image")
         world_lps = np.asarray(image.dataobj, dtype=np.float64)[..., 0, :]
         voxels = np.einsum("ij,jk,...k->i...", np.linalg.inv(self.affine[:3, :3]), LPS_FROM_RAS, world_lps)
         if self.ndim == 2:
@@ -112,7 +114,7 @@ def _image_like(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header)
 
 def one_hot_tissue(labels: Tensor, table: dict[int, str]) -> Tensor:
     """Tissue probabilities ``(1, K, *N)`` from integer labels through a label -> class table."""
-    classes = sorted({TISSUE_CLASSES.index(c) for c in table.values()} | {0, 1, 2, 3})
+    classes = sorted({TISSUE_CLASSES.index(c) for c in table.values()} | {Tissue.BACKGROUND, Tissue.CSF, Tissue.GM, Tissue.WM})
     count = max(classes) + 1
     probabilities = torch.zeros((1, count, *labels.shape[2:]), dtype=torch.float32)
     for label, tissue in table.items():
@@ -190,7 +192,7 @@ def load_subject(image_path: str | Path, labels_path: str | Path, label_table: s
     if outside:
         shown = ", ".join(map(str, outside[:10])) + (" ..." if len(outside) > 10 else "")
         raise InputError(f"label map {labels_path} has labels {shown} that are not in the label table "
-                         f"{sorted(table)}; pass a label_table that names them")
+                         f"{sorted(table)}; pass a label_table= that names them")
     labels_tensor = as_tensor(labels.astype(np.int64))
     probabilities = one_hot_tissue(labels_tensor, table)
     if not brain_mask(probabilities).any():

@@ -197,7 +197,7 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
     if data is None and seed in HELD_OUT_SEEDS:
         raise InputError(f"seed {seed} draws held-out validation or benchmark cases; choose another seed")
     if resume is not None and init_from is not None:
-        raise InputError("resume and init_from exclude each other: the checkpoint already holds the weights")
+        raise InputError("resume= and init_from= exclude each other: the checkpoint already holds the weights")
     # read safely first (no pickled code), so that lightning only ever loads a plain checkpoint
     resumed_step = read_checkpoint(resume, "checkpoint to resume").get("global_step", 0) if resume else 0
     initial = load_model(init_from, dimension.ndim)[0] if init_from is not None else None
@@ -221,7 +221,7 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
                         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
                         num_sanity_val_steps=0)
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     if trainer.global_step % validate_every:  # off the schedule: checkpoint and validate the final weights
         trainer.save_checkpoint(checkpoint_dir / "last.ckpt")  # so that --resume goes on from here
         trainer.validate(module, datamodule=datamodule, verbose=False)
