@@ -50,7 +50,7 @@ def main() -> None:
         retain_freed_memory()
     rows = [run("2D 1 mm axial slice", load_mni(1, axial_slice_mm=MNI_AXIAL_SLICE_MM), args.seed, 3000),
             run("3D 2 mm volume", load_mni(2), args.seed, 600)]
-    print(f"| case | voxels | to 1 % of E* (s) | default stop (s) | evaluations | energy gap at stop | tissue MSE(det F, a) |")
+    print("| case | voxels | to 1 % of E* (s) | default stop (s) | evaluations | energy gap at stop | tissue MSE(det F, a) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['voxels']:,} | {r['to_1pct_s']:.2f} | {r['stop_s']:.1f} | {r['evaluations']} "

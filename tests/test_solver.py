@@ -104,7 +104,7 @@ def test_pyramid_levels_describe_the_same_physical_problem():
 def test_coarse_levels_keep_the_materials_in_place():
     """A material boundary that varies linearly across the box lands on the coarse grid where the
     align-corners geometry puts it (no half-voxel shift), and the centre moves with the grid."""
-    shape = (34, 29)  # an even axis: 34 -> 17 nodes, 33/16 fine voxels per coarse voxel
+    # an even axis: 34 -> 17 nodes, 33/16 fine voxels per coarse voxel
     x = torch.stack(torch.meshgrid(torch.arange(34.0), torch.arange(29.0), indexing="ij"))
     linear = (0.1 + 0.02 * x[0] + 0.01 * x[1])[None, None]
     problem = Problem(atrophy=torch.exp(0.01 * linear), mu=linear, bulk=100 * linear, background=0 * linear,

@@ -24,6 +24,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
 
@@ -51,7 +52,8 @@ def as_flags(message: str) -> str:
 
 
 def _error(message: str, code: int) -> int:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    """Print ``error: message`` (the message taken literally, not as rich markup); return ``code``."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return code
 
 
@@ -64,9 +66,9 @@ class OneLineErrors(TyperGroup):
         except NoArgsIsHelpError:  # typer has printed the help
             code = 2
         except InputError as error:
-            code = _error(as_flags(str(error)).replace("[", "\\["), 2)
+            code = _error(as_flags(str(error)), 2)
         except ClickException as error:  # typer's own checks: unknown option, bad choice, out of bounds
-            code = _error(error.format_message().replace("\n", " ").replace("[", "\\["), error.exit_code)
+            code = _error(error.format_message().replace("\n", " "), error.exit_code)
         except (KeyboardInterrupt, typer.Abort):
             console.print("interrupted")
             code = 130
@@ -74,7 +76,7 @@ class OneLineErrors(TyperGroup):
             if os.environ.get("BRAINMECH_DEBUG"):
                 raise
             message = f"unexpected {type(error).__name__}: {error}".splitlines()[0]
-            code = _error(f"{message} (set BRAINMECH_DEBUG=1 for a traceback)".replace("[", "\\["), 1)
+            code = _error(f"{message} (set BRAINMECH_DEBUG=1 for a traceback)", 1)
         code = code if isinstance(code, int) else 0
         if standalone_mode:
             sys.exit(code)
