@@ -9,7 +9,7 @@ import torch
 
 from brainmech import mechanics
 from brainmech.mechanics import (Problem, build_problem, det_f_maps, deformation_gradients, determinant,
-                                 neo_hookean_density, quadrature)
+                                 neo_hookean_density, outer_layer, quadrature)
 
 
 @pytest.fixture(autouse=True)
@@ -201,6 +201,16 @@ def test_build_problem_mixes_materials_and_frees_csf_volume_in_brain_only_mode()
     assert full.bulk[0, 0, 1, 0] == pytest.approx(1.0) and free.bulk[0, 0, 1, 0] == 0.0
     assert torch.equal(full.bulk[..., 2:, :], free.bulk[..., 2:, :])
     assert full.centre.tolist() == [[2.0, 1.5]]
+    # the skull holds the brain's outer layer (row 1, next to the background) once CSF volume is free
+    assert full.background[0, 0, :, 0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert free.background[0, 0, :, 0].tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_the_outer_layer_is_the_brain_voxels_touching_the_background():
+    brain = torch.zeros(1, 1, 7, 7, 7, dtype=torch.bool)
+    brain[..., 1:6, 1:6, 1:6] = True
+    layer = outer_layer(brain)
+    assert int(layer.sum()) == 5**3 - 3**3 and not layer[..., 2:5, 2:5, 2:5].any() and not (layer & ~brain).any()
 
 
 def test_density_matches_the_textbook_form_with_explicit_growth_tensor():

@@ -391,6 +391,12 @@ def tissue_mask(probabilities: Tensor) -> Tensor:
     return solid_fraction(probabilities) >= 0.5
 
 
+def outer_layer(brain: Tensor) -> Tensor:
+    """Brain voxels with a background voxel among their 3^d neighbours (faces, edges, corners), ``(B, 1, *N)``."""
+    pool = nnf.max_pool2d if brain.ndim == 4 else nnf.max_pool3d
+    return brain & (pool((~brain).float(), 3, stride=1, padding=1) > 0)
+
+
 def brain_centre(brain: Tensor) -> Tensor:
     """Unweighted centre of mass (voxel coordinates, ``(B, d)``) of a boolean brain mask ``(B, 1, *N)``."""
     centres = []
@@ -413,14 +419,18 @@ def build_problem(
     """Assemble a :class:`Problem` from tissue probabilities ``(B, K, *N)`` (:class:`Tissue` order).
 
     ``brain_only``: the atrophy is prescribed in tissue only; CSF keeps its shear stiffness but its
-    bulk term is dropped, so its volume is free to compensate.
+    bulk term is dropped, so its volume is free to compensate. The skull then holds the brain's outer
+    layer (the brain voxels next to the background get the background penalty): without it nothing
+    would keep the intracranial volume, since void cells carry no stress from the brain to the
+    penalised background.
     """
     mu = shear_modulus(probabilities, moduli)
     bulk = BULK_RATIO * mu
+    background = channel(probabilities, Tissue.BACKGROUND)
     if brain_only:
         csf_mu = channel(probabilities, Tissue.CSF) * {**DEFAULT_SHEAR_MODULUS, **(moduli or {})}["csf"]
         bulk = BULK_RATIO * (mu - csf_mu)
-    background = channel(probabilities, Tissue.BACKGROUND)
+        background = torch.maximum(background, outer_layer(brain_mask(probabilities)).to(background))
     centre = brain_centre(brain_mask(probabilities)).to(probabilities)
     return Problem(atrophy=atrophy.to(probabilities), mu=mu, bulk=bulk, background=background, centre=centre,
                    spacing=tuple(float(h) for h in spacing), lambda_background=lambda_background,
