@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import gaussian_filter
 
-from brainmech.fields import coarsen_field, compose, refine_field, resize, restrict, warp_image, warp_labels
+from brainmech.fields import coarsen_field, compose, invert, refine_field, resize, restrict, warp_image, warp_labels
 from brainmech.subject import Subject, load_subject
 from conftest import rotated_affine
 
@@ -45,6 +45,17 @@ def test_composition_equals_warping_twice():
     twice = warp_image(warp_image(image, first), second)  # follow-up of the follow-up
     once = warp_image(image, compose(second, first))
     assert (twice - once)[..., 3:-3, 3:-3].abs().max() < 0.01
+
+
+def test_invert_undoes_a_field_and_recovers_an_exact_scaling():
+    u = smooth_field((30, 28, 26), 1.0, 3).double()
+    v = invert(u)
+    inner = (..., slice(4, -4), slice(4, -4), slice(4, -4))  # away from the border, where warping repeats values
+    assert compose(v, u)[inner].abs().max() < 1e-6  # x + v(x) is where y + u(y) lands on x: the fixed point
+    assert compose(u, v)[inner].abs().max() < 0.03  # the other order, up to linear interpolation of v
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in (21, 21)], indexing="ij"))
+    scaling = (0.05 * (grid - 10.0))[None]  # x = 1.05 (y - c) + c, so y = (x - c) / 1.05 + c
+    torch.testing.assert_close(invert(scaling)[..., 3:-3, 3:-3], ((1 / 1.05 - 1) * (grid - 10.0))[None][..., 3:-3, 3:-3])
 
 
 def test_simpleitk_applies_the_displacement_file_like_brainmech(subject_files, tmp_path):

@@ -51,6 +51,15 @@ def compose(u_step: Tensor, u_previous: Tensor) -> Tensor:
     return u_step + warp_image(u_previous, u_step)
 
 
+def invert(u: Tensor, iterations: int = 8) -> Tensor:
+    """The field ``v`` of the inverse map, ``x -> x + v(x)`` undoing ``y -> y + u(y)`` (voxels), by the
+    fixed point ``v(x) = -u(x + v(x))``; converges while the map is a contraction (|grad u| < 1)."""
+    v = -u
+    for _ in range(iterations):
+        v = -warp_image(u, v)
+    return v
+
+
 def voxel_ratio(fine: tuple[int, ...], coarse: tuple[int, ...]) -> tuple[float, ...]:
     """Fine voxels per coarse voxel along each axis of two align-corners grids spanning the same box."""
     return tuple((n - 1) / max(m - 1, 1) for n, m in zip(fine, coarse))
