@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from torch import Tensor
@@ -73,6 +74,7 @@ class Report:
     solver: list[dict] | None  # one convergence record per step (None for the network)
     versions: dict[str, str]
     atrophy_convention: str = ATROPHY_CONVENTION
+    scenario: dict | None = None  # a scenario's series: the scenario as drawn, its zones, the year, the parcellation
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -101,10 +103,14 @@ class Simulation:
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False, figure: bool = True) -> Path:
         """Write every output of DESIGN §5 atomically into ``out_dir`` with the subject's geometry."""
+        return write_outputs(*self.outputs(figure=figure), out_dir, overwrite=overwrite)
+
+    def outputs(self, *, figure: bool = True) -> tuple[dict[str, nib.Nifti1Image], dict[str, bytes]]:
+        """The files of DESIGN §5 by name: NIfTI images (the subject's geometry) and the other files' bytes."""
         subject = self.subject
         images = {
             "warped_image.nii.gz": subject.to_nifti(self.warped_image),
-            "warped_labels.nii.gz": subject.to_nifti(self.warped_labels, dtype=_label_dtype(self.warped_labels)),
+            "warped_labels.nii.gz": subject.to_nifti(self.warped_labels, dtype=label_dtype(self.warped_labels)),
             "det_f.nii.gz": subject.to_nifti(self.det_f),
             "atrophy.nii.gz": subject.to_nifti(self.atrophy),
             "displacement.nii.gz": subject.displacement_to_itk(self.displacement),
@@ -112,10 +118,10 @@ class Simulation:
         extra = {"report.json": self.report.to_json().encode()}
         if figure:
             extra["figure.png"] = self.figure()
-        return write_outputs(images, extra, out_dir, overwrite=overwrite)
+        return images, extra
 
 
-def _label_dtype(labels: Tensor) -> type:
+def label_dtype(labels: Tensor) -> type:
     """The smallest integer NIfTI type that holds every label."""
     low, high = int(labels.min()), int(labels.max())
     for dtype in (np.uint8, np.int16, np.int32):
@@ -135,7 +141,8 @@ class Simulator:
             ``brainmech train``, or None for the pretrained model of the subject's dimension.
         steps: split the map into ``steps`` equal steps ``a^(1/steps)``, each simulated on the
             tissue moved by the previous ones, and compose the fields (large or multi-year changes).
-        brain_only: prescribe the atrophy in tissue only; CSF volume is free to compensate (solver).
+        brain_only: prescribe the atrophy in tissue only; CSF volume is free to compensate (the solver, or
+            the refinement of network+refine: the network itself sees the map's CSF values).
         rtol: the solver's stopping tolerance (relative energy decrease over its patience window).
         refine_evaluations: network+refine's budget of energy evaluations per step (the default
             brings the shipped models within a few percent of the solver's energy; raise it to
@@ -163,8 +170,9 @@ class Simulator:
             raise InputError(f"steps must be >= 1, got {steps}")
         if refine_evaluations < 2:  # one evaluation would only re-evaluate the network's answer
             raise InputError(f"refine_evaluations must be >= 2, got {refine_evaluations}")
-        if brain_only and method is not Method.SOLVER:
-            raise InputError("brain_only=True needs method='solver' (the networks are trained with CSF prescribed)")
+        if brain_only and method is Method.NETWORK:  # network+refine: the solver frees the CSF the network prescribed
+            raise InputError("brain_only=True needs method='solver' or 'network+refine' (the network alone is trained "
+                             "with CSF prescribed)")
         self.method, self.model, self.steps, self.brain_only, self.rtol = method, model, steps, brain_only, rtol
         self.refine_evaluations = refine_evaluations
         self.device, self.callback = torch.device(device), callback
@@ -200,18 +208,36 @@ class Simulator:
 
     def __call__(self, subject: Subject, atrophy: Tensor) -> Simulation:
         check_atrophy(atrophy, subject)
-        timings: dict[str, float] = {}
         start = time.perf_counter()
+        u, records = self.displace(subject, atrophy)
+        return self.result(subject, atrophy, u, records, time.perf_counter() - start)
+
+    def displace(self, subject: Subject, atrophy: Tensor, *, start: Tensor | None = None,
+                 steps: int | None = None) -> tuple[Tensor, list[SolverRecord | None]]:
+        """The displacement (voxels, on the device) that simulates ``atrophy`` (baseline frame) in ``steps``
+        composed steps (default: the simulator's), each on the tissue the previous ones moved (DESIGN §3).
+
+        ``start`` continues an earlier field: the first step begins on the tissue it moved, and the
+        result is the composed field from the baseline (a longitudinal series lies on one path).
+        """
+        steps = steps or self.steps
         probabilities, full_atrophy = subject.probabilities.to(self.device), atrophy.to(self.device)
-        u, records = None, []
-        for _ in range(self.steps):  # DESIGN §3: each step on the tissue the previous steps moved
+        u, records = (None if start is None else start.to(self.device)), []
+        for _ in range(steps):
             moved_probabilities = probabilities if u is None else warp_image(probabilities, u)
             moved_atrophy = full_atrophy if u is None else warp_image(full_atrophy, u)
-            u_step, record = self.step(moved_probabilities, moved_atrophy ** (1.0 / self.steps), subject.spacing)
+            u_step, record = self.step(moved_probabilities, moved_atrophy ** (1.0 / steps), subject.spacing)
             u = u_step if u is None else compose(u_step, u)
             records.append(record)
-        timings["simulate_s"] = time.perf_counter() - start
-        problem = build_problem(probabilities, full_atrophy, subject.spacing, brain_only=self.brain_only)
+        return u, records
+
+    def result(self, subject: Subject, atrophy: Tensor, u: Tensor, records: list[SolverRecord | None],
+               simulate_s: float) -> Simulation:
+        """The :class:`Simulation` of a field ``u`` (voxels) found for ``atrophy`` in ``len(records)`` steps:
+        warped image and labels, det F maps and the report."""
+        timings = {"simulate_s": simulate_s}
+        probabilities, atrophy_here = subject.probabilities.to(self.device), atrophy.to(self.device)
+        problem = build_problem(probabilities, atrophy_here, subject.spacing, brain_only=self.brain_only)
         energy_terms, det_f = problem.report_terms(u)  # one sliced pass: no 1 mm index arrays
         start = time.perf_counter()
         warped_image = warp_image(subject.image.to(self.device), u)
@@ -231,13 +257,14 @@ class Simulator:
         carried = warp_image(torch.cat([atrophy, subject.tissue.to(atrophy.dtype)], 1), u)
         followup_atrophy, followup_tissue = carried.split(1, 1)
         brain = subject.brain
-        energy_note = ("the energy of the simulated field on the problem it was simulated for" if self.steps == 1 else
-                       f"the composed field of {self.steps} steps evaluated on the baseline problem; no step "
+        steps = len(records)
+        energy_note = ("the energy of the simulated field on the problem it was simulated for" if steps == 1 else
+                       f"the composed field of {steps} steps evaluated on the baseline problem; no step "
                        "minimised this energy (each minimised its own, on the moved tissue)")
         return Report(
             method=self.method.value,
             model=None if self.method is Method.SOLVER else self.network(subject.ndim)[1],
-            steps=self.steps,
+            steps=steps,
             refine_evaluations=self.refine_evaluations if self.method is Method.NETWORK_REFINE else None,
             subject=subject.name, shape=list(subject.shape), spacing_mm=list(subject.spacing),
             brain_only=self.brain_only, timings=timings,

@@ -225,7 +225,7 @@ def write_outputs(images: dict[str, nib.Nifti1Image], extra: dict[str, bytes], o
     """Write every output into ``out_dir`` atomically: all files appear together or none do.
 
     Files are written into a temporary sibling folder that is renamed into place at the end; an
-    existing ``out_dir`` is refused unless ``overwrite``.
+    existing ``out_dir`` is refused unless ``overwrite``. A name may hold sub-folders (``year-1/report.json``).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -233,6 +233,8 @@ def write_outputs(images: dict[str, nib.Nifti1Image], extra: dict[str, bytes], o
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        for name in [*images, *extra]:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
         for name, image in images.items():
             nib.save(image, staging / name)
         for name, content in extra.items():
