@@ -3,7 +3,8 @@
 Commands:
 
 - ``demo``: simulate atrophy on the MNI152 brain that ships inside nilearn and write every output.
-- ``simulate``: simulate the follow-up of your subject under an atrophy map.
+- ``simulate``: simulate the follow-up of your subject under an atrophy map, or a scenario over years.
+- ``scenarios``: list the named scenarios (regions, yearly rates, sources).
 - ``atrophy-map``: write a smooth random atrophy map for a subject.
 - ``train``: train the learned simulator on the energy (lightning).
 - ``evaluate``: Table 1 metrics of simulators over cases.
@@ -57,10 +58,37 @@ def _error(message: str, code: int) -> int:
     return code
 
 
+MULTI_VALUE_OPTIONS = ("--years",)  # options that take several values: --years 1 2 5
+
+
+def expand_multi_value_options(args: list[str]) -> list[str]:
+    """``--years 1 2 5`` -> ``--years 1 --years 2 --years 5`` (click repeats an option for a list):
+    every number after such an option belongs to it (negative ones too, so they reach the check)."""
+    expanded, option = [], None
+    for arg in args:
+        if option is not None and _is_number(arg):
+            if expanded[-1] != option:  # the first value follows the option as it is
+                expanded.append(option)
+            expanded.append(arg)
+            continue
+        option = arg if arg in MULTI_VALUE_OPTIONS else None
+        expanded.append(arg)
+    return expanded
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class OneLineErrors(TyperGroup):
     """The entry point's one error wrapper: every failure of any command becomes one line."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = expand_multi_value_options(list(sys.argv[1:] if args is None else args))
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except NoArgsIsHelpError:  # typer has printed the help
@@ -154,9 +182,69 @@ def _summarise(simulation, out_dir: Path) -> None:
     print(f"wrote {out_dir}/ (warped_image, warped_labels, det_f, atrophy, displacement .nii.gz; report.json; figure.png)")
 
 
+def _check_series_options(scenario: str | None, years: list[float] | None) -> None:
+    from .series import check_years
+
+    if years is not None and scenario is None:
+        raise InputError("--years gives the time points of a --scenario; for one map over several years use "
+                         "atrophy-map --years, or --steps")
+    if years is not None:
+        check_years(years)
+
+
 def _refuse_existing(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; pass --overwrite to replace it")
+
+
+# the network alone misses multi-year regional targets (README, "Scenarios over years"): a series refines it
+SERIES_METHOD = Method.NETWORK_REFINE
+Years = Annotated[Optional[list[float]], typer.Option(help="With --scenario: time points in years, e.g. --years 1 2 5 "
+                                                           "(one path: later years continue earlier ones).")]
+ScenarioOption = Annotated[Optional[str], typer.Option(help="A named scenario (brainmech scenarios) or a YAML file "
+                                                            "of regional yearly rates; writes a series over --years.")]
+
+
+def _run_series(simulator, subject, scenario, parcellation, years: list[float], seed: int, out: Path,
+                overwrite: bool) -> None:
+    """Prescribe a scenario on ``subject``, simulate it over ``years`` with progress, save and summarise."""
+    from .scenarios import prescribe
+    from .series import simulate_series
+
+    prescription = prescribe(scenario, subject, parcellation, seed=seed)
+    for zone in prescription.zones:
+        console.print(f"  {zone.name} ({zone.kind}, {zone.voxels} voxels): {zone.percent_per_year:+.2f} % a year",
+                      highlight=False)
+    with _progress() as progress:
+        task = progress.add_task("simulating", total=None)
+        year = ""
+
+        def show_year(years_now: float) -> None:
+            nonlocal year
+            year = f"year {years_now:g}"
+            progress.update(task, description=f"simulating to {year}")
+
+        def show_evaluation(evaluation) -> None:
+            progress.update(task, description=f"simulating to {year}: {evaluation.count} energy evaluations")
+
+        simulator.callback = show_evaluation
+        series = simulate_series(simulator, subject, prescription, years, on_time_point=show_year)
+    series.save(out, overwrite=overwrite)
+    console.print(f"[bold]{subject.name}[/]: {scenario.name} over {', '.join(f'{t:g}' for t in years)} years "
+                  f"({simulator.method.value}; {series.note})", highlight=False)
+    for row in series.rows():
+        console.print(f"  {row['region']:<14} year {row['years']:<4g} prescribed {row['prescribed_percent']:+7.2f} %  "
+                      f"simulated {row['simulated_percent']:+7.2f} %", highlight=False)
+    print(f"wrote {out}/ (year-*/ with every output; series.csv, series.png, series.json, scenario.yaml)")
+
+
+@app.command()
+def scenarios() -> None:
+    """List the named scenarios: regions, yearly rates, and the papers they come from."""
+    from .scenarios import Scenario, named_scenarios
+
+    for name in named_scenarios():
+        print(Scenario.load(name).describe() + "\n")
 
 
 @app.command()
@@ -164,23 +252,41 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output folder (a previous demo's folder is replaced).")] = Path("brainmech-demo"),
     resolution: Annotated[int, typer.Option(min=1, max=2, help="MNI template resolution in mm: 1 or 2.")] = 2,
     two_d: Annotated[bool, typer.Option("--2d", help="Simulate one axial slice (z = 10 mm) instead of the volume.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the random atrophy map.")] = 0,
-    method: Annotated[Method, typer.Option(help="How the displacement is found.")] = Method.NETWORK,
+    seed: Annotated[int, typer.Option(help="Seed of the random atrophy map (with --scenario: of the rates drawn "
+                                           "from their between-subject spread).")] = 0,
+    method: Annotated[Optional[Method], typer.Option(help="How the displacement is found (default: network; "
+                                                          "network+refine with --scenario).")] = None,
     steps: Steps = 1,
     refine_evaluations: RefineEvaluations = REFINE_EVALUATIONS,
     device: DeviceOption = Device.CPU,
+    scenario: ScenarioOption = None,
+    years: Years = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT even if it is not a previous brainmech output.")] = False,
 ) -> None:
-    """Simulate atrophy on the MNI152 brain shipped with nilearn (no download) and write every output."""
+    """Simulate atrophy on the MNI152 brain shipped with nilearn (no download) and write every output.
+
+    With --scenario: a series over --years on the MNI brain, its regions from the scenario's atlas
+    (pip install 'brainmech[atlas]').
+    """
     from .atrophy import describe, random_atrophy
     from .mni import MNI_AXIAL_SLICE_MM, load_mni
+    from .scenarios import Scenario, mni_atlas
 
-    _refuse_existing(out, overwrite or (out / "report.json").is_file())
+    _check_series_options(scenario, years)
+    chosen = Scenario.load(scenario) if scenario is not None else None
+    _refuse_existing(out, overwrite or (out / "report.json").is_file() or (out / "series.json").is_file())
     with console.status("loading the MNI152 template (from nilearn)"):
         subject = load_mni(resolution, axial_slice_mm=MNI_AXIAL_SLICE_MM if two_d else None)
-        atrophy = random_atrophy(subject, seed=seed)
+    if chosen is not None:
+        simulator = Simulator(method or SERIES_METHOD, steps=steps, refine_evaluations=refine_evaluations,
+                              device=device.value)
+        atlas = mni_atlas(chosen.atlas or "desikan-killiany", subject) if chosen.needs_parcellation else None
+        _run_series(simulator, subject, chosen, atlas, years or [1.0], seed, out, overwrite=True)
+        return
+    atrophy = random_atrophy(subject, seed=seed)
     console.print(f"random atrophy map (seed {seed}): {describe(atrophy, subject)}", highlight=False)
-    simulator = Simulator(method, steps=steps, refine_evaluations=refine_evaluations, device=device.value)
+    simulator = Simulator(method or Method.NETWORK, steps=steps, refine_evaluations=refine_evaluations,
+                          device=device.value)
     simulation = _simulate(simulator, subject, atrophy)
     simulation.save(out, overwrite=True)
     _summarise(simulation, out)
@@ -190,8 +296,15 @@ def demo(
 def simulate(
     image: Annotated[Path, typer.Option(help="Baseline intensity NIfTI.")],
     labels: Annotated[Path, typer.Option(help="Tissue label NIfTI on the image grid (0 bg, 1 CSF, 2 GM, 3 WM, 4 DGM).")],
-    atrophy: Annotated[Path, typer.Option(help="Atrophy map NIfTI on the image grid.")],
     out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
+    atrophy: Annotated[Optional[Path], typer.Option(help="Atrophy map NIfTI on the image grid (or --scenario).")] = None,
+    scenario: ScenarioOption = None,
+    years: Years = None,
+    parcellation: Annotated[Optional[Path], typer.Option(help="With --scenario: a label NIfTI in the subject's space "
+                                                              "(resampled by nearest neighbour) naming its regions.")] = None,
+    lut: Annotated[Optional[Path], typer.Option(help="Names of the parcellation's labels: FreeSurfer LUT or CSV/TSV "
+                                                     "'id name' (default: FreeSurfer's aseg names).")] = None,
+    seed: Annotated[int, typer.Option(help="With --scenario: seed of the rates drawn from their between-subject spread.")] = 0,
     convention: Annotated[Convention, typer.Option(help="ratio (baseline/follow-up volume, >1 = loss), inverse "
                                                         "(follow-up/baseline) or percent (change, <0 = loss).")] = Convention.RATIO,
     expect: Annotated[Optional[Direction], typer.Option(help="Warn if the map's tissue mean says the other direction "
@@ -199,7 +312,7 @@ def simulate(
     label_table: Annotated[Optional[Path], typer.Option(help="YAML 'label: tissue class' table for other labellings.")] = None,
     brain_only: Annotated[bool, typer.Option(help="Prescribe the map in tissue only; CSF volume is free to compensate (solver).")] = False,
     method: Annotated[Optional[Method], typer.Option(help="How the displacement is found (default: network; solver "
-                                                          "with --brain-only).")] = None,
+                                                          "with --brain-only; network+refine with --scenario).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d or a model.pt from 'brainmech train' "
                                                       "(default: by dimension).")] = None,
     steps: Steps = 1,
@@ -207,12 +320,31 @@ def simulate(
     device: DeviceOption = Device.CPU,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
-    """Simulate the follow-up of your subject under an atrophy map and write every output to OUT."""
+    """Simulate the follow-up of your subject under an atrophy map (or a scenario over years) and write
+    every output to OUT."""
     from .atrophy import describe, direction_warning, load_atrophy
+    from .scenarios import Scenario, load_parcellation
     from .subject import load_subject
 
+    if (atrophy is None) == (scenario is None):
+        raise InputError("give an atrophy map (--atrophy) or a scenario (--scenario), one of the two")
+    _check_series_options(scenario, years)
+    if scenario is not None and (brain_only or convention is not Convention.RATIO or expect is not None):
+        raise InputError("--brain-only, --convention and --expect apply to --atrophy maps; a scenario's csf: free "
+                         "makes CSF free and its rates are percent changes")
+    if scenario is None and (parcellation is not None or lut is not None):
+        raise InputError("--parcellation and --lut name the regions of a --scenario")
+    if lut is not None and parcellation is None:
+        raise InputError("--lut names the labels of a --parcellation; pass both")
+    chosen = Scenario.load(scenario) if scenario is not None else None
     _refuse_existing(out, overwrite)
     subject = load_subject(image, labels, label_table)
+    if chosen is not None:
+        regions = load_parcellation(parcellation, subject, lut) if parcellation is not None else None
+        simulator = Simulator(method or SERIES_METHOD, model=model, steps=steps,
+                              refine_evaluations=refine_evaluations, device=device.value)
+        _run_series(simulator, subject, chosen, regions, years or [1.0], seed, out, overwrite)
+        return
     atrophy_map = load_atrophy(atrophy, subject, convention)
     method = method or (Method.SOLVER if brain_only else Method.NETWORK)
     simulator = Simulator(method, model=model, steps=steps, brain_only=brain_only,

@@ -57,3 +57,57 @@ def figure_png(image: Tensor, atrophy: Tensor, det_f: Tensor, displacement_mm: T
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def series_png(years: list[float], curves: dict[str, tuple[list[float], list[float]]],
+               panels: list[tuple[np.ndarray, np.ndarray]], titles: list[str], brain: np.ndarray,
+               *, title: str = "", outline_name: str = "", fluid: tuple[str, ...] = (),
+               left_right: tuple[str, str] | None = None) -> bytes:
+    """A series overview: percent volume change against years per region (prescribed dashed, simulated
+    solid, one colour per region; the ``fluid`` curves, CSF, regions only measured and the intracranial
+    volume, on their own axes) above
+    one image per time point (2D arrays, rows bottom-up), cropped to the brain, with a region's boundary
+    (its carried indicator at 0.5) drawn in; ``left_right`` labels the images' left and right edges."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, columns = np.nonzero(brain > 0.5)
+    crop = (slice(max(rows.min() - 2, 0), rows.max() + 3), slice(max(columns.min() - 2, 0), columns.max() + 3))
+    fig = plt.figure(figsize=(max(11, 2.6 * len(panels)), 8), constrained_layout=True)
+    grid = fig.add_gridspec(2, len(panels), height_ratios=[1.1, 1])
+    split = max(1, len(panels) // 2) if fluid else len(panels)
+    plots = [fig.add_subplot(grid[0, :split])] + ([fig.add_subplot(grid[0, split:])] if fluid else [])
+    colours = dict(zip(curves, plt.cm.tab10.colors * 3))
+    for plot, names, heading in zip(plots, [[n for n in curves if n not in fluid], list(fluid)],
+                                    ["tissue regions", "CSF, regions only measured, intracranial"]):
+        for name in names:
+            prescribed, simulated = curves[name]
+            plot.plot(years, prescribed, "--", color=colours[name], alpha=0.8)
+            plot.plot(years, simulated, "o-", color=colours[name], label=name)
+        plot.axhline(0, color="grey", linewidth=0.5)
+        plot.set_xlabel("years after baseline")
+        plot.set_ylabel("volume change (%)")
+        plot.set_title(heading, fontsize="medium")
+        plot.legend(fontsize="small")
+    low, high = np.percentile(panels[0][0][crop], [1, 99.5])
+    for column, ((image, outline), name) in enumerate(zip(panels, titles)):
+        axis = fig.add_subplot(grid[1, column])
+        axis.imshow(image[crop], cmap="gray", origin="lower", vmin=low, vmax=high, interpolation="nearest")
+        if outline[crop].max() > 0.5:
+            axis.contour(outline[crop], levels=[0.5], colors="orange", linewidths=0.8)
+        if left_right:
+            for x, text in zip((0.02, 0.98), left_right):
+                axis.text(x, 0.97, text, transform=axis.transAxes, color="yellow", ha="center", va="top")
+        axis.set_title(name)
+        axis.set_axis_off()
+    fig.text(0.99, 0.005, "dashed: prescribed (free CSF: what keeps the intracranial volume); solid: simulated, each "
+             "region's indicator carried through the field (partial volumes)"
+             + (f"; orange: the {outline_name} boundary" if outline_name else ""), ha="right", fontsize="small")
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,0 +1,246 @@
+"""Longitudinal series (DESIGN §3, §4): a scenario simulated over years on one path, measured from the result.
+
+Year 5 continues year 2: every time point composes yearly steps onto the field of the one before,
+so region volumes are monotone where the rates are. Each region's simulated change is measured on
+the result, not read from the map: its indicator is carried through the field with linear
+interpolation (partial volumes) and summed (mL).
+
+Example::
+
+    subject = load_mni(2)
+    prescription = prescribe(Scenario.load("alzheimers"), subject, mni_atlas("desikan-killiany", subject))
+    series = simulate_series(Simulator("network+refine"), subject, prescription, years=[1, 3, 5])
+    series.save("alzheimers/")
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from .errors import InputError
+from .fields import invert, warp_image, warp_labels
+from .figures import series_png
+from .scenarios import Prescription
+from .simulator import Method, Simulation, Simulator, label_dtype
+from .subject import Subject, write_outputs
+
+INTRACRANIAL = "intracranial"  # the row of the whole brain mask: the skull is fixed, its volume is kept
+
+
+@dataclass
+class TimePoint:
+    """One time point of a series: its simulation and what was measured on it."""
+
+    years: float
+    simulation: Simulation
+    warped_parcellation: Tensor | None  # (1, 1, *N) the parcellation carried by the field (labels stay labels)
+    followup_ml: dict[str, float]  # zone (and intracranial) -> follow-up volume from partial volumes, mL
+    jacobian_ml: dict[str, float]  # the same by Jacobian integration: sum over the region of 1 / det F, mL
+
+
+@dataclass
+class Series:
+    """A scenario's time points on one subject, with the region x time table and the figure."""
+
+    subject: Subject
+    prescription: Prescription
+    points: list[TimePoint]
+    note: str  # how CSF was treated by the method
+
+    def baseline_ml(self) -> dict[str, float]:
+        """Zone (and intracranial) -> baseline volume, mL."""
+        voxel_ml = math.prod(self.subject.spacing) / 1000.0
+        masks = _measured_masks(self.subject, self.prescription)
+        return {name: int(mask.sum()) * voxel_ml for name, mask in masks.items()}
+
+    def rows(self) -> list[dict]:
+        """Region x time point: prescribed (compounded; empty for regions only measured) and simulated
+        percent volume change: measured on the result by partial volumes (``simulated_percent``, what the
+        warped images hold) and by Jacobian integration (``jacobian_percent``, what the map prescribes:
+        the two differ by the motion of the region's boundary times the change of det F across it, which
+        matters for regions a few voxels wide)."""
+        baseline, rows = self.baseline_ml(), []
+        zones = {z.name: z for z in self.prescription.zones}
+        for name in baseline:
+            zone = zones.get(name)
+            kind = zone.kind if zone else "skull fixed" if name == INTRACRANIAL else "measured"
+            for point in self.points:
+                prescribed = zone.prescribed_percent(point.years) if zone else 0.0 if name == INTRACRANIAL else None
+                rows.append({
+                    "region": name, "kind": kind, "years": point.years,
+                    "baseline_ml": round(baseline[name], 4), "followup_ml": round(point.followup_ml[name], 4),
+                    "prescribed_percent": None if prescribed is None else round(prescribed, 4),
+                    "simulated_percent": round((point.followup_ml[name] / baseline[name] - 1.0) * 100.0, 4),
+                    "jacobian_percent": round((point.jacobian_ml[name] / baseline[name] - 1.0) * 100.0, 4),
+                })
+        return rows
+
+    def csv(self) -> str:
+        rows = self.rows()
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+
+    def figure(self) -> bytes:
+        """Volume curves (prescribed dashed, simulated solid) and the time points on one slice through
+        the first region (coronal in 3D), its warped boundary drawn in."""
+        rows, years = self.rows(), [0.0, *(p.years for p in self.points)]
+        curves = {}
+        for name in dict.fromkeys(r["region"] for r in rows):
+            mine = [r for r in rows if r["region"] == name]
+            prescribed = [0.0, *(np.nan if r["prescribed_percent"] is None else r["prescribed_percent"] for r in mine)]
+            curves[name] = (prescribed, [0.0, *(r["simulated_percent"] for r in mine)])
+        focus = self.prescription.zones[0].mask
+        axis, index = _slice_through(focus, self.subject)
+        images = [self.subject.image] + [p.simulation.warped_image for p in self.points]
+        outlines = [focus.float()] + [warp_image(focus.float(), p.simulation.displacement) for p in self.points]
+        panels = [(_plane(image, axis, index), _plane(outline, axis, index)) for image, outline in zip(images, outlines)]
+        where = "" if axis is None else f" (coronal, y = {_world_y(focus, self.subject, axis, index):.0f} mm)"
+        titles = ["baseline" + where] + [f"year {t:g}" for t in years[1:]]
+        brain = _plane(self.subject.brain.float(), axis, index)
+        fluid = (*(z.name for z in self.prescription.zones if z.kind.startswith("csf")), *self.prescription.measured,
+                 INTRACRANIAL)
+        right = self.subject.affine[0, 0] > 0  # the first voxel axis runs to the subject's right (RAS)
+        return series_png(years, curves, panels, titles, brain,
+                          title=f"{self.subject.name}: {self.prescription.scenario.name}, "
+                                f"{self.points[0].simulation.report.method}\n{self.note}",
+                          outline_name=self.prescription.zones[0].name, fluid=fluid,
+                          left_right=("L", "R") if right else ("R", "L"))
+
+    def summary(self) -> dict:
+        """``series.json``: the prescription (scenario as drawn, parcellation and licence), the note, the table."""
+        return {**self.prescription.summary(), "years": [p.years for p in self.points],
+                "method": self.points[0].simulation.report.method, "note": self.note, "rows": self.rows()}
+
+    def save(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``year-<t>/`` (every output of DESIGN §5, plus the parcellation before and after),
+        ``series.csv``, ``series.png``, ``series.json`` and ``scenario.yaml`` atomically into ``out_dir``."""
+        images, extra = {}, {}
+        parcellation = self.prescription.parcellation
+        for point in self.points:
+            folder = f"year-{point.years:g}"
+            point_images, point_extra = point.simulation.outputs()
+            if parcellation is not None:
+                dtype = label_dtype(parcellation.labels)
+                point_images["parcellation.nii.gz"] = self.subject.to_nifti(parcellation.labels, dtype=dtype)
+                point_images["warped_parcellation.nii.gz"] = self.subject.to_nifti(point.warped_parcellation, dtype=dtype)
+            images.update({f"{folder}/{name}": image for name, image in point_images.items()})
+            extra.update({f"{folder}/{name}": content for name, content in point_extra.items()})
+        extra["series.csv"] = self.csv().encode()
+        extra["series.json"] = json.dumps(self.summary(), indent=2).encode()
+        extra["scenario.yaml"] = yaml.safe_dump(self.prescription.scenario.to_dict(), sort_keys=False).encode()
+        extra["series.png"] = self.figure()
+        return write_outputs(images, extra, out_dir, overwrite=overwrite)
+
+
+def check_years(years: Sequence[float]) -> list[float]:
+    """Time points in years: finite, > 0, sorted, each once."""
+    if not years:
+        raise InputError("give at least one time point, years=[1, 2, 5]")
+    bad = [t for t in years if not (math.isfinite(t) and t > 0)]
+    if bad:
+        raise InputError(f"years= must be > 0 (time points after the baseline), got {bad}")
+    return sorted(set(float(t) for t in years))
+
+
+def jacobian_volumes(subject: Subject, prescription: Prescription, u: Tensor, det_f: Tensor) -> dict[str, float]:
+    """Zone (and intracranial) -> follow-up volume in mL by Jacobian integration: the sum over the
+    baseline region of ``1 / det F`` taken where each baseline point went (``det F`` lives on the
+    follow-up grid, so it is carried back through the inverse field). ``a = 1 / det F`` is what the
+    map prescribes, so this is the prescription's own measure."""
+    voxel_ml = math.prod(subject.spacing) / 1000.0
+    growth = warp_image(1.0 / det_f.double(), invert(u.double()))  # follow-up/baseline volume at each baseline x
+    return {name: float(growth[mask].sum()) * voxel_ml for name, mask in _measured_masks(subject, prescription).items()}
+
+
+def followup_volumes(subject: Subject, prescription: Prescription, u: Tensor) -> dict[str, float]:
+    """Zone (and intracranial) -> follow-up volume in mL: the indicator warped linearly (partial volumes)
+    through ``u`` and summed; since ``followup(y) = indicator(y + u(y))``, the sum is the volume the
+    region occupies in the follow-up."""
+    voxel_ml = math.prod(subject.spacing) / 1000.0
+    masks = _measured_masks(subject, prescription)
+    names = list(masks)
+    stacked = torch.cat([masks[n].to(u.dtype) for n in names], 1)
+    warped = warp_image(stacked, u.to(stacked.device))
+    return {name: float(warped[:, i].double().sum()) * voxel_ml for i, name in enumerate(names)}
+
+
+def simulate_series(simulator: Simulator, subject: Subject, prescription: Prescription, years: Sequence[float],
+                    *, on_time_point: Callable[[float], None] | None = None) -> Series:
+    """Simulate ``prescription`` at each of ``years`` on one path: yearly steps (each split further into
+    the simulator's ``steps``), every time point continuing the field of the one before.
+
+    CSF ``free`` runs brain-only with the solver and ``network+refine``; the network alone cannot free
+    CSF, so it sees CSF prescribed to keep the intracranial volume (the note says so).
+    """
+    years = check_years(years)
+    simulator = copy.copy(simulator)  # the caller's keeps its settings; the loaded network is shared
+    free = prescription.brain_only
+    simulator.brain_only = free and simulator.method is not Method.NETWORK
+    note = ("CSF free: brain-only energy (CSF has no bulk term)" if simulator.brain_only else
+            "CSF free, but the network alone cannot free it: CSF prescribed with the change that keeps the "
+            "intracranial volume" if free else f"CSF {prescription.zones[-1].kind}")
+    if simulator.method is not Method.SOLVER:
+        simulator.network(subject.ndim)
+    u, records, elapsed, previous, points = None, [], 0.0, 0.0, []
+    for t in years:
+        if on_time_point:
+            on_time_point(t)
+        start = time.perf_counter()
+        leg_steps = max(1, math.ceil(t - previous - 1e-9)) * simulator.steps  # at most a year per step
+        u, leg_records = simulator.displace(subject, prescription.atrophy(t - previous), start=u, steps=leg_steps)
+        elapsed += time.perf_counter() - start
+        records += leg_records
+        simulation = simulator.result(subject, prescription.atrophy(t), u, records, elapsed)
+        simulation.report.scenario = {**prescription.summary(), "years": t, "note": note}
+        warped = (warp_labels(prescription.parcellation.labels, simulation.displacement)
+                  if prescription.parcellation is not None else None)
+        points.append(TimePoint(t, simulation, warped, followup_volumes(subject, prescription, simulation.displacement),
+                                jacobian_volumes(subject, prescription, simulation.displacement, simulation.det_f)))
+        previous = t
+    return Series(subject=subject, prescription=prescription, points=points, note=note)
+
+
+def _measured_masks(subject: Subject, prescription: Prescription) -> dict[str, Tensor]:
+    """Every volume a series measures: the zones, the regions only measured, the intracranial volume."""
+    return {**{z.name: z.mask for z in prescription.zones}, **prescription.measured, INTRACRANIAL: subject.brain}
+
+
+def _slice_through(mask: Tensor, subject: Subject) -> tuple[int | None, int | None]:
+    """The voxel axis nearest the world's anterior-posterior axis and the index of the mask's centre
+    along it (a coronal slice); (None, None) for a 2D subject."""
+    if subject.ndim == 2:
+        return None, None
+    axis = int(np.argmax(np.abs(subject.affine[1, :3])))
+    centre = torch.nonzero(mask[0, 0]).double().mean(0)
+    return axis, int(round(float(centre[axis])))
+
+
+def _world_y(mask: Tensor, subject: Subject, axis: int, index: int) -> float:
+    """World (RAS) y in mm of the plane ``index`` of voxel ``axis`` at the mask's centre."""
+    centre = torch.nonzero(mask[0, 0]).double().mean(0).numpy()
+    centre[axis] = index
+    return float(subject.affine[1, :3] @ centre + subject.affine[1, 3])
+
+
+def _plane(volume: Tensor, axis: int | None, index: int | None) -> np.ndarray:
+    """One plane of ``(1, 1, *N)`` as a 2D array with rows bottom-up (``origin='lower'``)."""
+    array = volume.detach().cpu().float().numpy()[0, 0]
+    if axis is not None:
+        array = np.take(array, index, axis=axis)
+    return array.T
