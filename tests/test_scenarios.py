@@ -29,6 +29,7 @@ SCENARIO = {
     "regions": {"hippocampus": {"labels": ["Left-Hippocampus", "Right-Hippocampus"], "percent_per_year": -5.0,
                                 "source": "made up for the test"}},
     "default_percent_per_year": -1.0,
+    "measure": {"ventricles": ["*-Lateral-Ventricle"]},
 }
 
 
@@ -224,11 +225,13 @@ def test_a_freesurfer_subject_series_meets_its_rates_as_simpleitk_measures_them(
         assert prescribed == pytest.approx((0.95 ** float(year) - 1) * 100, abs=1e-3)
         measured = (sitk_followup_fraction(folder, hippocampus) - 1) * 100
         assert measured == pytest.approx(simulated, abs=0.05)  # an independent warp of the written field agrees
+        assert row("ventricles")["prescribed_percent"] == ""  # measured, no rate
         csf = row("csf")
         assert float(csf["simulated_percent"]) > 0.6 * float(csf["prescribed_percent"]) > 0  # CSF free: it expands
         assert abs(float(row("intracranial")["simulated_percent"])) < 0.2  # the skull holds the brain's outer layer
         report = json.loads((folder / "report.json").read_text())
         assert report["scenario"]["years"] == float(year) and report["scenario"]["scenario"]["name"] == "test-ad"
+    assert "ventricles (measured), year 2: prescribed no rate" in result.output
     assert (out / "series.png").read_bytes()[:4] == b"\x89PNG"
     assert Scenario.load(out / "scenario.yaml") == Scenario.from_dict(SCENARIO)
 

@@ -233,8 +233,9 @@ def _run_series(simulator, subject, scenario, parcellation, years: list[float], 
     console.print(f"[bold]{subject.name}[/]: {scenario.name} over {', '.join(f'{t:g}' for t in years)} years "
                   f"({simulator.method.value}; {series.note})", highlight=False)
     for row in series.rows():
-        console.print(f"  {row['region']:<14} year {row['years']:<4g} prescribed {row['prescribed_percent']:+7.2f} %  "
-                      f"simulated {row['simulated_percent']:+7.2f} %", highlight=False)
+        target = "no rate" if row["prescribed_percent"] is None else f"{row['prescribed_percent']:+.2f} %"
+        console.print(f"  {row['region']} ({row['kind']}), year {row['years']:g}: prescribed {target}, "
+                      f"simulated {row['simulated_percent']:+.2f} %", highlight=False)
     print(f"wrote {out}/ (year-*/ with every output; series.csv, series.png, series.json, scenario.yaml)")
 
 

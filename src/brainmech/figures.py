@@ -77,7 +77,7 @@ def series_png(years: list[float], curves: dict[str, tuple[list[float], list[flo
     crop = (slice(max(rows.min() - 2, 0), rows.max() + 3), slice(max(columns.min() - 2, 0), columns.max() + 3))
     fig = plt.figure(figsize=(max(11, 2.6 * len(panels)), 8), constrained_layout=True)
     grid = fig.add_gridspec(2, len(panels), height_ratios=[1.1, 1])
-    split = max(1, len(panels) // 2) if fluid else len(panels)
+    split = (len(panels) + 1) // 2 if fluid else len(panels)
     plots = [fig.add_subplot(grid[0, :split])] + ([fig.add_subplot(grid[0, split:])] if fluid else [])
     colours = dict(zip(curves, plt.cm.tab10.colors * 3))
     for plot, names, heading in zip(plots, [[n for n in curves if n not in fluid], list(fluid)],
@@ -102,11 +102,10 @@ def series_png(years: list[float], curves: dict[str, tuple[list[float], list[flo
                 axis.text(x, 0.97, text, transform=axis.transAxes, color="yellow", ha="center", va="top")
         axis.set_title(name)
         axis.set_axis_off()
-    fig.text(0.99, 0.005, "dashed: prescribed (free CSF: what keeps the intracranial volume); solid: simulated, each "
-             "region's indicator carried through the field (partial volumes)"
-             + (f"; orange: the {outline_name} boundary" if outline_name else ""), ha="right", fontsize="small")
-    if title:
-        fig.suptitle(title, fontsize="medium")
+    legend = ("dashed: prescribed (free CSF: what keeps the intracranial volume)\nsolid: simulated (each region's "
+              "indicator carried through the field: partial volumes)"
+              + (f"; orange: the {outline_name} boundary" if outline_name else ""))
+    fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize="medium")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)

@@ -33,7 +33,7 @@ from torch import Tensor
 from .errors import InputError
 from .fields import invert, warp_image, warp_labels
 from .figures import series_png
-from .scenarios import Prescription
+from .scenarios import CsfMode, Prescription
 from .simulator import Method, Simulation, Simulator, label_dtype
 from .subject import Subject, write_outputs
 
@@ -192,9 +192,11 @@ def simulate_series(simulator: Simulator, subject: Subject, prescription: Prescr
     simulator = copy.copy(simulator)  # the caller's keeps its settings; the loaded network is shared
     free = prescription.brain_only
     simulator.brain_only = free and simulator.method is not Method.NETWORK
-    note = ("CSF free: brain-only energy (CSF has no bulk term)" if simulator.brain_only else
+    note = ("CSF free: no bulk term in CSF, the skull holds the brain's outer layer" if simulator.brain_only else
             "CSF free, but the network alone cannot free it: CSF prescribed with the change that keeps the "
-            "intracranial volume" if free else f"CSF {prescription.zones[-1].kind}")
+            "intracranial volume" if free else "CSF compensates: a uniform change keeps the intracranial volume"
+            if prescription.scenario.csf is CsfMode.COMPENSATE else
+            f"CSF at its own rate ({prescription.scenario.csf:+g} % a year)")
     if simulator.method is not Method.SOLVER:
         simulator.network(subject.ndim)
     u, records, elapsed, previous, points = None, [], 0.0, 0.0, []
