@@ -26,7 +26,7 @@ import torch
 
 from brainmech import Simulator, load_mni, retain_freed_memory
 from brainmech.scenarios import Scenario, mni_atlas, prescribe
-from brainmech.series import INTRACRANIAL, simulate_series
+from brainmech.series import measured_masks, simulate_series, year_folder
 
 warnings.filterwarnings("ignore")
 
@@ -68,11 +68,11 @@ def main() -> None:
         series = simulate_series(Simulator(method), subject, prescription, args.years)
         seconds = time.perf_counter() - start
         out = series.save(args.out / method.replace("+", "-"), overwrite=True)
-        masks = {z.name: z.mask for z in prescription.zones} | prescription.measured | {INTRACRANIAL: subject.brain}
+        masks = measured_masks(subject, prescription)
         with open(out / "series.csv") as handle:
             for row in csv.DictReader(handle):
                 mask = masks[row["region"]][0, 0].numpy().reshape(subject.file_shape)
-                measured = sitk_percent(out / f"year-{float(row['years']):g}", mask)
+                measured = sitk_percent(out / year_folder(float(row["years"])), mask)
                 simulated, jacobian = float(row["simulated_percent"]), float(row["jacobian_percent"])
                 judged = float(row["baseline_ml"]) >= 1.0 and row["kind"] in ("region", "other tissue", "csf")
                 prescribed = float(row["prescribed_percent"] or "nan")

@@ -211,6 +211,7 @@ def test_the_outer_layer_is_the_brain_voxels_touching_the_background():
     brain[..., 1:6, 1:6, 1:6] = True
     layer = outer_layer(brain)
     assert int(layer.sum()) == 5**3 - 3**3 and not layer[..., 2:5, 2:5, 2:5].any() and not (layer & ~brain).any()
+    assert not outer_layer(torch.ones(1, 1, 6, 5, dtype=torch.bool)).any()  # the grid's edge is no skull
 
 
 def test_density_matches_the_textbook_form_with_explicit_growth_tensor():

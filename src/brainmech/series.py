@@ -48,7 +48,7 @@ class TimePoint:
     simulation: Simulation
     warped_parcellation: Tensor | None  # (1, 1, *N) the parcellation carried by the field (labels stay labels)
     followup_ml: dict[str, float]  # zone (and intracranial) -> follow-up volume from partial volumes, mL
-    jacobian_ml: dict[str, float]  # the same by Jacobian integration: sum over the region of 1 / det F, mL
+    jacobian_ml: dict[str, float]  # the same by Jacobian integration of 1 / det F over the baseline region, mL
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Series:
     def baseline_ml(self) -> dict[str, float]:
         """Zone (and intracranial) -> baseline volume, mL."""
         voxel_ml = math.prod(self.subject.spacing) / 1000.0
-        masks = _measured_masks(self.subject, self.prescription)
+        masks = measured_masks(self.subject, self.prescription)
         return {name: int(mask.sum()) * voxel_ml for name, mask in masks.items()}
 
     def rows(self) -> list[dict]:
@@ -78,7 +78,8 @@ class Series:
             zone = zones.get(name)
             kind = zone.kind if zone else "skull fixed" if name == INTRACRANIAL else "measured"
             for point in self.points:
-                prescribed = zone.prescribed_percent(point.years) if zone else 0.0 if name == INTRACRANIAL else None
+                prescribed = (self.prescription.prescribed_percent(zone, point.years) if zone else
+                              0.0 if name == INTRACRANIAL else None)
                 rows.append({
                     "region": name, "kind": kind, "years": point.years,
                     "baseline_ml": round(baseline[name], 4), "followup_ml": round(point.followup_ml[name], 4),
@@ -133,7 +134,7 @@ class Series:
         images, extra = {}, {}
         parcellation = self.prescription.parcellation
         for point in self.points:
-            folder = f"year-{point.years:g}"
+            folder = year_folder(point.years)
             point_images, point_extra = point.simulation.outputs()
             if parcellation is not None:
                 dtype = label_dtype(parcellation.labels)
@@ -149,23 +150,32 @@ class Series:
 
 
 def check_years(years: Sequence[float]) -> list[float]:
-    """Time points in years: finite, > 0, sorted, each once."""
+    """Time points in years, sorted: finite, > 0, and each with its own output folder (``year-<t>``)."""
     if not years:
         raise InputError("give at least one time point, years=[1, 2, 5]")
     bad = [t for t in years if not (math.isfinite(t) and t > 0)]
     if bad:
         raise InputError(f"years= must be > 0 (time points after the baseline), got {bad}")
-    return sorted(set(float(t) for t in years))
+    folders = [year_folder(t) for t in years]
+    repeated = sorted({f for f in folders if folders.count(f) > 1})
+    if repeated:
+        raise InputError(f"years= names the same time point twice ({', '.join(repeated)}); give each once")
+    return sorted(float(t) for t in years)
+
+
+def year_folder(years: float) -> str:
+    """The output folder of a time point: ``year-1``, ``year-2.5``."""
+    return f"year-{years:g}"
 
 
 def jacobian_volumes(subject: Subject, prescription: Prescription, u: Tensor, det_f: Tensor) -> dict[str, float]:
     """Zone (and intracranial) -> follow-up volume in mL by Jacobian integration: the sum over the
     baseline region of ``1 / det F`` taken where each baseline point went (``det F`` lives on the
-    follow-up grid, so it is carried back through the inverse field). ``a = 1 / det F`` is what the
-    map prescribes, so this is the prescription's own measure."""
+    follow-up grid, so it is carried back through the inverse field). The map prescribes det F = a,
+    so this is the prescription's own measure: ``sum 1/a`` over the region."""
     voxel_ml = math.prod(subject.spacing) / 1000.0
     growth = warp_image(1.0 / det_f.double(), invert(u.double()))  # follow-up/baseline volume at each baseline x
-    return {name: float(growth[mask].sum()) * voxel_ml for name, mask in _measured_masks(subject, prescription).items()}
+    return {name: float(growth[mask].sum()) * voxel_ml for name, mask in measured_masks(subject, prescription).items()}
 
 
 def followup_volumes(subject: Subject, prescription: Prescription, u: Tensor) -> dict[str, float]:
@@ -173,7 +183,7 @@ def followup_volumes(subject: Subject, prescription: Prescription, u: Tensor) ->
     through ``u`` and summed; since ``followup(y) = indicator(y + u(y))``, the sum is the volume the
     region occupies in the follow-up."""
     voxel_ml = math.prod(subject.spacing) / 1000.0
-    masks = _measured_masks(subject, prescription)
+    masks = measured_masks(subject, prescription)
     names = list(masks)
     stacked = torch.cat([masks[n].to(u.dtype) for n in names], 1)
     warped = warp_image(stacked, u.to(stacked.device))
@@ -205,7 +215,8 @@ def simulate_series(simulator: Simulator, subject: Subject, prescription: Prescr
             on_time_point(t)
         start = time.perf_counter()
         leg_steps = max(1, math.ceil(t - previous - 1e-9)) * simulator.steps  # at most a year per step
-        u, leg_records = simulator.displace(subject, prescription.atrophy(t - previous), start=u, steps=leg_steps)
+        leg = prescription.atrophy_between(previous, t)
+        u, leg_records = simulator.displace(subject, leg, start=u, steps=leg_steps)
         elapsed += time.perf_counter() - start
         records += leg_records
         simulation = simulator.result(subject, prescription.atrophy(t), u, records, elapsed)
@@ -218,7 +229,7 @@ def simulate_series(simulator: Simulator, subject: Subject, prescription: Prescr
     return Series(subject=subject, prescription=prescription, points=points, note=note)
 
 
-def _measured_masks(subject: Subject, prescription: Prescription) -> dict[str, Tensor]:
+def measured_masks(subject: Subject, prescription: Prescription) -> dict[str, Tensor]:
     """Every volume a series measures: the zones, the regions only measured, the intracranial volume."""
     return {**{z.name: z.mask for z in prescription.zones}, **prescription.measured, INTRACRANIAL: subject.brain}
 
