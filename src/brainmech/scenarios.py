@@ -515,23 +515,25 @@ def _smooth_in(field: np.ndarray, mask: np.ndarray, sigma: list[float]) -> np.nd
     return np.where(mask, gaussian_filter(field * mask, sigma, mode="nearest") / np.maximum(weight, 1e-12), 0.0)
 
 
-def fit_levels(zones: list[Zone], brain: Tensor, tissue: Tensor, spacing: tuple[float, ...],
-               fwhm_mm: float) -> np.ndarray:
+def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwhm_mm: float) -> np.ndarray:
     """log a (yearly; a = baseline / follow-up volume) over the grid: a zone-wise constant field smoothed
-    at ``fwhm_mm`` within each compartment (tissue, and the rest of the brain: CSF levels never leak into
-    tissue), its levels adjusted until every zone's follow-up volume ``sum 1/a`` equals
-    ``voxels * (1 + p/100)``, then shifted per zone so that the equalities are exact."""
+    at ``fwhm_mm`` within the brain, its levels adjusted until every zone's follow-up volume ``sum 1/a``
+    equals ``voxels * (1 + p/100)``, then shifted per zone so that the equalities are exact.
+
+    The smoothing crosses the tissue/CSF boundary on purpose: at MRI resolution a boundary voxel is a
+    mixture, and its CSF part expands (compensating CSF) while its tissue shrinks, so the voxel's own
+    change lies between the two. Smoothing only within tissue was measured to miss every region's target
+    on the MNI brain (README): the boundary voxels' tissue fraction, the only part with bulk stiffness
+    under brain-only, was then told to shrink against the CSF around it."""
     masks = [z.mask[0, 0].numpy() for z in zones]
     targets = np.array([z.voxels * (1.0 + z.percent_per_year / 100.0) for z in zones])  # follow-up voxels
     levels = -np.log1p(np.array([z.percent_per_year for z in zones]) / 100.0)  # log a = -log(1 + p/100)
-    inside, solid = brain[0, 0].numpy(), (tissue & brain)[0, 0].numpy()
+    inside = brain[0, 0].numpy()
     sigma = [fwhm_mm / FWHM_PER_SIGMA / h for h in spacing]
 
     def field(values: np.ndarray) -> np.ndarray:
         sharp = sum(level * mask for level, mask in zip(values, masks))
-        if fwhm_mm == 0:
-            return sharp
-        return np.where(solid, _smooth_in(sharp, solid, sigma), _smooth_in(sharp, inside & ~solid, sigma))
+        return _smooth_in(sharp, inside, sigma) if fwhm_mm > 0 else sharp
 
     def error_of(log_a: np.ndarray) -> np.ndarray:  # > 0: too little loss in the zone
         return np.log(np.array([np.exp(-log_a[mask]).sum() for mask in masks]) / targets)
@@ -568,7 +570,7 @@ def prescribe(scenario: Scenario, subject: Subject, parcellation: Parcellation |
     for name, mask in measured.items():
         if not mask.any():
             raise InputError(f"measured region {name} is empty: none of its voxels lies in the subject's brain")
-    log_a = fit_levels(zones, subject.brain, subject.tissue, subject.spacing, drawn.fwhm_mm)
+    log_a = fit_levels(zones, subject.brain, subject.spacing, drawn.fwhm_mm)
     atrophy = torch.from_numpy(np.exp(log_a).astype(np.float32))[None, None]
     return Prescription(scenario=drawn, yearly_atrophy=atrophy, zones=zones, parcellation=parcellation,
                         measured=measured, seed=seed)
