@@ -126,11 +126,12 @@ def test_each_region_changes_by_exactly_its_rate_after_smoothing(aseg_subject, f
 def test_compensating_csf_keeps_the_intracranial_volume_in_every_year(aseg_subject, csf):
     subject, parcellation = aseg_subject
     prescription = prescribe(Scenario.from_dict({**SCENARIO, "csf": csf}), subject, parcellation)
-    csf_zone = prescription.zones[-1]
     for years in (1, 2.5, 5, 10):
-        assert followup_fraction(prescription.atrophy(years), subject.brain) == pytest.approx(1.0, abs=1e-5), years
-        expected = 1 + prescription.prescribed_percent(csf_zone, years) / 100
-        assert followup_fraction(prescription.atrophy(years), csf_zone.mask) == pytest.approx(expected, rel=5e-3)  # nominal: a ** t is not exact within a smoothed zone
+        atrophy = prescription.atrophy(years)
+        assert followup_fraction(atrophy, subject.brain) == pytest.approx(1.0, abs=1e-5), years
+        for zone in prescription.zones:  # every zone, the CSF too, holds its compounded change exactly
+            expected = 1 + prescription.prescribed_percent(zone, years) / 100
+            assert followup_fraction(atrophy, zone.mask) == pytest.approx(expected, abs=1e-5), (years, zone.name)
     torch.testing.assert_close(prescription.atrophy(1) * prescription.atrophy_between(1, 3), prescription.atrophy(3))
 
 
@@ -297,6 +298,11 @@ def test_years_take_several_values_after_one_flag():
     ({}, ["--years", "0"], "years must be > 0"),
     ({}, ["--years", "2", "1", "2"], "names the same time point twice (year-2)"),
     ({"regions": {"a": {"labels": [["nested"]], "percent_per_year": -1}}}, [], "labels must be names"),
+    ({"measure": {"hippocampus": ["*-Lateral-Ventricle"]}}, [], "are used twice or reserved"),
+    ({"regions": {"csf": {"tissue": "csf", "percent_per_year": 1}}}, [], "are used twice or reserved"),
+    ({"csf": "compensate", "regions": {"fluid": {"tissue": "csf", "percent_per_year": 1}}}, [],
+     "no CSF voxel is left"),
+    ({}, ["--seed", "-1"], "--seed': Input should be greater than or equal to 0"),
 ])
 def test_bad_scenarios_are_one_line_exit_2_and_nothing_written(aseg_files, tmp_path, change, extra, message):
     aseg_files["scenario"].write_text(yaml.safe_dump({**SCENARIO, **change}))

@@ -256,7 +256,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output folder (a previous demo's folder is replaced).")] = Path("brainmech-demo"),
     resolution: Annotated[int, typer.Option(min=1, max=2, help="MNI template resolution in mm: 1 or 2.")] = 2,
     two_d: Annotated[bool, typer.Option("--2d", help="Simulate one axial slice (z = 10 mm) instead of the volume.")] = False,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the random atrophy map (default 0); with --scenario, of "
+    seed: Annotated[Optional[int], typer.Option(min=0, help="Seed of the random atrophy map (default 0); with --scenario, of "
                                                      "the rates drawn from their spread (default: the mean rates).")] = None,
     method: Annotated[Optional[Method], typer.Option(help="How the displacement is found (default: network; "
                                                           "network+refine with --scenario).")] = None,
@@ -311,7 +311,7 @@ def simulate(
                                                               "(resampled by nearest neighbour) naming its regions.")] = None,
     lut: Annotated[Optional[Path], typer.Option(help="Names of the parcellation's labels: FreeSurfer LUT or CSV/TSV "
                                                      "'id name' (default: FreeSurfer's aseg names).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="With --scenario: seed of the rates drawn from their "
+    seed: Annotated[Optional[int], typer.Option(min=0, help="With --scenario: seed of the rates drawn from their "
                                                      "between-subject spread (default: the mean rates).")] = None,
     convention: Annotated[Convention, typer.Option(help="ratio (baseline/follow-up volume, >1 = loss), inverse "
                                                         "(follow-up/baseline) or percent (change, <0 = loss).")] = Convention.RATIO,

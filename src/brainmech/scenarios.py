@@ -43,6 +43,7 @@ SCENARIO_FILES = "data/scenarios"  # named scenarios shipped in the package
 MIN_COVERAGE = 0.95  # a parcellation must cover this fraction of the subject's brain voxels
 LEVEL_TOLERANCE = 1e-6  # relative error of each region's yearly volume, after which the levels stop
 MAX_LEVEL_ITERATIONS = 200
+RESERVED_NAMES = {"other tissue", "csf", "intracranial"}  # rows every series has
 
 # FreeSurfer's aseg labels (FreeSurferColorLUT.txt): an aseg works as it is, with no lookup table
 FREESURFER_ASEG = {
@@ -168,6 +169,11 @@ class Scenario:
         default_source = data.get("default_source")
         if default_source is not None and not isinstance(default_source, str):
             raise InputError(f"scenario {origin}: default_source must be text, got {default_source!r}")
+        names = [str(name) for name in regions] + list(measure)
+        taken = sorted({n for n in names if names.count(n) > 1} | (set(names) & RESERVED_NAMES))
+        if taken:
+            raise InputError(f"scenario {origin}: region names {taken} are used twice or reserved "
+                             f"({sorted(RESERVED_NAMES)} name brainmech's own rows); rename them")
         return cls(name=str(data.get("name") or Path(origin).stem), description=str(data.get("description") or ""),
                    regions=tuple(_region(name, value, origin) for name, value in regions.items()),
                    default_percent_per_year=_rate(data.get("default_percent_per_year", 0.0),
@@ -180,7 +186,9 @@ class Scenario:
         return bool(self.measure) or any(region.tissue is None for region in self.regions)
 
     def draw(self, seed: int) -> Scenario:
-        """The scenario of one subject: each rate with a spread drawn from N(rate, sd), from ``seed``."""
+        """The scenario of one subject: each rate with a spread drawn from N(rate, sd), from ``seed`` (>= 0)."""
+        if seed < 0:
+            raise InputError(f"seed= must be >= 0, got {seed}")
         rng = np.random.default_rng(seed)
         regions = []
         for region in self.regions:
@@ -421,9 +429,14 @@ class Prescription:
         return (followup - 1.0) * 100.0
 
     def atrophy(self, years: float) -> Tensor:
-        """The map over ``years`` (baseline frame): ``a ** years``, compensating CSF shifted so that it
-        keeps the intracranial volume at that time."""
+        """The map over ``years`` (baseline frame): ``a ** years`` shifted per zone so that every zone
+        holds exactly its compounded change, and compensating CSF the change that keeps the intracranial
+        volume at that time."""
         log_a = self.yearly_atrophy.double().log() * years
+        for zone in self.zones:  # a ** t is not exact within a smoothed zone: shift each to its compounded volume
+            if not zone.compensates:
+                target = zone.voxels * (1.0 + self.prescribed_percent(zone, years) / 100.0)
+                log_a[zone.mask] += math.log(float(torch.exp(-log_a[zone.mask]).sum()) / target)
         for zone in self.zones:
             if zone.compensates:  # its follow-up volume: the brain's, less what the map leaves of the others
                 self.prescribed_percent(zone, years)  # refuses a tissue that outgrows the CSF
@@ -497,6 +510,9 @@ def _zones(scenario: Scenario, subject: Subject, parcellation: Parcellation | No
     if other_tissue.any():
         zones.append(Zone("other tissue", other_tissue, scenario.default_percent_per_year, "other tissue"))
     csf = brain & ~tissue & ~claimed
+    if isinstance(scenario.csf, CsfMode) and not csf.any():
+        raise InputError(f"scenario {scenario.name}: csf is {scenario.csf.value}, but no CSF voxel is left to keep "
+                         "the intracranial volume (the subject has none, or regions hold it all); give csf a rate")
     if csf.any():
         if isinstance(scenario.csf, CsfMode):  # the change that keeps the intracranial volume
             kept = brain.sum() - sum(z.voxels * (1 + z.percent_per_year / 100) for z in zones)
