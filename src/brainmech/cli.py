@@ -208,7 +208,7 @@ ScenarioOption = Annotated[Optional[str], typer.Option(help="A named scenario (b
                                                             "of regional yearly rates; writes a series over --years.")]
 
 
-def _run_series(simulator, subject, scenario, parcellation, years: list[float], seed: int, out: Path,
+def _run_series(simulator, subject, scenario, parcellation, years: list[float], seed: int | None, out: Path,
                 overwrite: bool) -> None:
     """Prescribe a scenario on ``subject``, simulate it over ``years`` with progress, save and summarise."""
     from .scenarios import prescribe
