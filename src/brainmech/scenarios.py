@@ -421,12 +421,7 @@ class Prescription:
         or for compensating CSF the change that keeps the intracranial volume at that time."""
         if not zone.compensates:
             return ((1.0 + zone.percent_per_year / 100.0) ** years - 1.0) * 100.0
-        others = sum(z.voxels * (1.0 + z.percent_per_year / 100.0) ** years for z in self.zones if z is not zone)
-        followup = (sum(z.voxels for z in self.zones) - others) / zone.voxels
-        if followup <= 0:
-            raise InputError(f"scenario {self.scenario.name}: after {years:g} years the tissue grows more than "
-                             "the CSF can give up")
-        return (followup - 1.0) * 100.0
+        return compensating_percent([z for z in self.zones if z is not zone], zone.voxels, years, self.scenario.name)
 
     def atrophy(self, years: float) -> Tensor:
         """The map over ``years`` (baseline frame): ``a ** years`` shifted per zone so that every zone
@@ -458,6 +453,17 @@ class Prescription:
                 "zones": [{"name": z.name, "kind": z.kind, "voxels": z.voxels, "percent_per_year": z.percent_per_year}
                           for z in self.zones],
                 "measured": {name: int(mask.sum()) for name, mask in self.measured.items()}}
+
+
+def compensating_percent(others: list[Zone], csf_voxels: int, years: float, scenario_name: str) -> float:
+    """Percent volume change of CSF after ``years`` that keeps the intracranial volume while the
+    ``others`` zones change at their compounded rates (the CSF takes up what they lose)."""
+    lost = sum(z.voxels * (1.0 - (1.0 + z.percent_per_year / 100.0) ** years) for z in others)  # voxels
+    followup = (csf_voxels + lost) / csf_voxels
+    if followup <= 0:
+        raise InputError(f"scenario {scenario_name}: after {years:g} years the tissue grows more than the CSF "
+                         "can give up")
+    return (followup - 1.0) * 100.0
 
 
 def _tissue_class_mask(subject: Subject, tissue: str) -> Tensor:
@@ -515,11 +521,8 @@ def _zones(scenario: Scenario, subject: Subject, parcellation: Parcellation | No
                          "the intracranial volume (the subject has none, or regions hold it all); give csf a rate")
     if csf.any():
         if isinstance(scenario.csf, CsfMode):  # the change that keeps the intracranial volume
-            kept = brain.sum() - sum(z.voxels * (1 + z.percent_per_year / 100) for z in zones)
-            follow_up = float(kept) / int(csf.sum())
-            if follow_up <= 0:
-                raise InputError(f"scenario {scenario.name}: the tissue grows more than the CSF can give up")
-            zones.append(Zone("csf", csf, (follow_up - 1.0) * 100.0, f"csf {scenario.csf.value}"))
+            zones.append(Zone("csf", csf, compensating_percent(zones, int(csf.sum()), 1.0, scenario.name),
+                              f"csf {scenario.csf.value}"))
         else:
             zones.append(Zone("csf", csf, scenario.csf, "csf"))
     return zones
