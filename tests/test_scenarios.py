@@ -257,6 +257,7 @@ def test_a_freesurfer_subject_series_meets_its_rates_as_simpleitk_measures_them(
         report = json.loads((folder / "report.json").read_text())
         assert report["scenario"]["years"] == float(year) and report["scenario"]["scenario"]["name"] == "test-ad"
     assert "ventricles (measured), year 2: prescribed no rate" in result.output
+    assert "warning:" not in result.output  # every prescribed zone met its target
     assert (out / "series.png").read_bytes()[:4] == b"\x89PNG"
     assert Scenario.load(out / "scenario.yaml") == Scenario.from_dict(SCENARIO)
 
@@ -275,6 +276,15 @@ def test_the_readme_example_scenario_runs_on_the_mni_brain():
                                                    "other tissue", "csf"]
     assert prescription.scenario.regions[1].percent_per_year != -2.0  # drawn from its spread
     assert set(prescription.measured) == {"ventricles"}
+
+
+def test_a_series_names_the_zones_that_miss_their_target(aseg_subject):
+    subject, parcellation = aseg_subject
+    prescription = prescribe(Scenario.from_dict({**SCENARIO, "csf": "compensate"}), subject, parcellation)
+    series = simulate_series(Simulator("solver"), subject, prescription, [1])
+    assert series.misses() == []
+    series.points[0].followup_ml["hippocampus"] *= 1.03  # the hippocampus now loses about 2 % instead of 5 %
+    assert [row["region"] for row in series.misses()] == ["hippocampus"]
 
 
 def test_years_take_several_values_after_one_flag():

@@ -239,6 +239,10 @@ def _run_series(simulator, subject, scenario, parcellation, years: list[float], 
         target = "no rate" if row["prescribed_percent"] is None else f"{row['prescribed_percent']:+.2f} %"
         console.print(f"  {row['region']} ({row['kind']}), year {row['years']:g}: prescribed {target}, "
                       f"simulated {row['simulated_percent']:+.2f} %", highlight=False)
+    for row in series.misses():
+        console.print(f"[bold yellow]warning:[/] {row['region']} at year {row['years']:g} changed "
+                      f"{row['simulated_percent']:+.2f} % where {row['prescribed_percent']:+.2f} % was prescribed "
+                      f"(more than 10 % or 0.2 pp off); --method solver or network+refine come closer", highlight=False)
     print(f"wrote {out}/ (year-*/ with every output; series.csv, series.png, series.json, scenario.yaml)")
 
 

@@ -38,6 +38,8 @@ from .simulator import Method, Simulation, Simulator, label_dtype
 from .subject import Subject, write_outputs
 
 INTRACRANIAL = "intracranial"  # the row of the whole brain mask: the skull is fixed, its volume is kept
+PRESCRIBED_KINDS = ("region", "other tissue", "csf")  # zones given a rate (compensating CSF takes what is left)
+MISS_RELATIVE, MISS_POINTS = 0.10, 0.2  # a zone misses its target by more than 10 % of it or 0.2 pp
 
 
 @dataclass
@@ -88,6 +90,13 @@ class Series:
                     "jacobian_percent": round((point.jacobian_ml[name] / baseline[name] - 1.0) * 100.0, 4),
                 })
         return rows
+
+    def misses(self) -> list[dict]:
+        """Rows of prescribed zones whose simulated change (partial volumes) lies further from the
+        prescription than 10 % of it or 0.2 percentage points, whichever is larger."""
+        return [row for row in self.rows() if row["kind"] in PRESCRIBED_KINDS
+                and abs(row["simulated_percent"] - row["prescribed_percent"]) > max(MISS_RELATIVE * abs(row["prescribed_percent"]),
+                                                                                   MISS_POINTS)]
 
     def csv(self) -> str:
         rows = self.rows()
