@@ -33,7 +33,7 @@ from brainmech.mechanics import Problem, build_problem, det_f_maps
 from brainmech.metrics import atrophy_mse, displacement_rmse, energy_gap, folded_voxels
 from brainmech.mni import load_mni
 from brainmech.network import load_pretrained
-from brainmech.simulator import REFINE_EVALUATIONS
+from brainmech.choices import REFINE_EVALUATIONS
 from brainmech.solver import solve
 
 warnings.filterwarnings("ignore")

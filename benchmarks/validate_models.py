@@ -4,7 +4,7 @@
     python benchmarks/validate_models.py --sharp         # also maps sharper than the training prior
 
 For each case: the relative loss (energy over the potential flow's), tissue MSE(det F, a), folded
-brain voxels (any quadrature point with det F <= 0, DESIGN §2.4; and, for comparison, the count by
+brain voxels (any quadrature point with det F <= 0, docs/conventions.md; and, for comparison, the count by
 the voxel mean that earlier figures used), the smallest det F in the brain, and the energy gap to
 the direct solver (rtol 1e-4, as training validates). ``--sharp`` draws maps like registration
 Jacobians of real pairs (FWHM 2-4 mm, spread 5-10 %), outside the training prior, to see where the
@@ -21,7 +21,8 @@ from brainmech import retain_freed_memory
 from brainmech.mechanics import brain_mask, build_problem, det_f_maps, potential_flow, tissue_mask
 from brainmech.metrics import atrophy_mse, energy_gap, folded_voxels
 from brainmech.network import load_pretrained
-from brainmech.pseudo_subjects import VALIDATION_SEED, AtrophyPrior, Dimension, PseudoSubjects
+from brainmech.pseudo_subjects import VALIDATION_SEED, AtrophyPrior, PseudoSubjects
+from brainmech.choices import Dimension
 from brainmech.solver import solve
 
 warnings.filterwarnings("ignore")

@@ -23,7 +23,7 @@ def test_uniform_growth_is_solved_exactly():
 
 def test_potential_flow_has_the_prescribed_divergence():
     shape, spacing = (40, 44), (1.0, 0.8)
-    x = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 40), torch.linspace(-1, 1, 44), indexing="ij"))
+    x = torch.stack(torch.meshgrid(torch.linspace(-1, 1, shape[0]), torch.linspace(-1, 1, shape[1]), indexing="ij"))
     atrophy = torch.exp(0.05 * torch.exp(-8 * (x**2).sum(0)))[None, None]
     u_mm = potential_flow(atrophy, spacing) * torch.tensor(spacing).reshape(1, 2, 1, 1)
     divergence = sum(torch.gradient(u_mm[0, k], spacing=spacing[k], dim=k)[0] for k in range(2))

@@ -10,7 +10,8 @@ from brainmech.cli import app
 from brainmech.mechanics import build_problem, potential_flow
 from brainmech.mni import load_mni
 from brainmech.network import load_network, load_pretrained
-from brainmech.pseudo_subjects import EVALUATION_SEED, VALIDATION_SEED, Dimension, PseudoSubjects
+from brainmech.pseudo_subjects import EVALUATION_SEED, VALIDATION_SEED, PseudoSubjects
+from brainmech.choices import Dimension
 from brainmech.train import NETWORKS, AtrophyNetModule, CaseDataModule
 
 runner = CliRunner()
@@ -103,7 +104,7 @@ def test_init_from_a_network_of_the_other_dimension_is_one_line_exit_2(tmp_path)
 
 def test_resume_from_a_missing_checkpoint_is_one_line_exit_2(tmp_path):
     result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--resume", str(tmp_path / "none.ckpt")])
-    assert result.exit_code == 2 and "not found" in result.output
+    assert result.exit_code == 2 and "does not exist" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 

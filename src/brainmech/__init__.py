@@ -1,16 +1,52 @@
-"""brainmech: fast biomechanical simulation of brain atrophy and growth on MRI."""
+"""brainmech: fast biomechanical simulation of brain atrophy and growth on MRI.
 
-from .allocator import retain_freed_memory
-from .atrophy import Convention, Direction, from_percent, load_atrophy, random_atrophy, to_percent
-from .errors import InputError
-from .mni import load_mni
-from .scenarios import Parcellation, Prescription, Scenario, load_parcellation, mni_atlas, prescribe
-from .series import Series, simulate_series
-from .simulator import Method, Report, Simulation, Simulator
-from .subject import Subject, load_subject
+The public names load on first use (PEP 562), so that ``import brainmech`` and the command line's
+``--help`` do not pay for torch: ``from brainmech import Simulator`` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .version import __version__
 
+_HOMES = {  # public name -> the module that defines it
+    "Convention": "choices", "Direction": "choices", "Method": "choices",
+    "InputError": "errors", "retain_freed_memory": "allocator",
+    "from_percent": "atrophy", "load_atrophy": "atrophy", "random_atrophy": "atrophy", "to_percent": "atrophy",
+    "load_mni": "mni",
+    "Parcellation": "scenarios", "Prescription": "scenarios", "Scenario": "scenarios", "load_parcellation": "scenarios",
+    "mni_atlas": "scenarios", "prescribe": "scenarios",
+    "Series": "series", "simulate_series": "series",
+    "Report": "simulator", "Simulation": "simulator", "Simulator": "simulator",
+    "Subject": "subject", "load_subject": "subject",
+}
 __all__ = ["Convention", "Direction", "InputError", "Method", "Parcellation", "Prescription", "Report", "Scenario",
            "Series", "Simulation", "Simulator", "Subject", "from_percent", "load_atrophy", "load_mni", "load_parcellation",
            "load_subject", "mni_atlas", "prescribe", "random_atrophy", "retain_freed_memory", "simulate_series",
            "to_percent", "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'brainmech' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value  # the next lookup skips this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
+
+
+if TYPE_CHECKING:  # static checkers and IDEs see the names as ordinary imports
+    from .allocator import retain_freed_memory
+    from .atrophy import from_percent, load_atrophy, random_atrophy, to_percent
+    from .choices import Convention, Direction, Method
+    from .errors import InputError
+    from .mni import load_mni
+    from .scenarios import Parcellation, Prescription, Scenario, load_parcellation, mni_atlas, prescribe
+    from .series import Series, simulate_series
+    from .simulator import Report, Simulation, Simulator
+    from .subject import Subject, load_subject

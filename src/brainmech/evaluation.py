@@ -1,4 +1,4 @@
-"""Evaluation of simulators over cases: the paper's Table 1 (DESIGN §6), on a user's case list or the
+"""Evaluation of simulators over cases: the paper's Table 1 (docs/conventions.md), on a user's case list or the
 synthetic benchmark.
 
 A case is a baseline subject, an atrophy map and a reference follow-up (image and labels). The
@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from .atrophy import Convention, load_atrophy
+from .atrophy import load_atrophy
+from .choices import Convention, Dimension, Method
 from .errors import InputError
 from .fields import warp_image, warp_labels
 from .mechanics import Tissue, build_problem
 from .metrics import dice_per_tissue, displacement_rmse, energy_gap
-from .pseudo_subjects import EVALUATION_SEED, Dimension, PseudoSubjects
-from .simulator import Method, Simulator
+from .pseudo_subjects import EVALUATION_SEED, PseudoSubjects
+from .simulator import Simulator
 from .solver import solve
 from .subject import Subject, as_tensor, check_same_grid, load_subject, read_nifti, volume
 

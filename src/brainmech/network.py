@@ -1,4 +1,4 @@
-"""The learned simulator (DESIGN §3): a U-Net that corrects the potential flow, and pretrained loading.
+"""The learned simulator (docs/conventions.md): a U-Net that corrects the potential flow, and pretrained loading.
 
 ``u = potential_flow(a) + UNet(log a, tissue, CSF, potential flow)``, in voxels. The potential flow
 (an FFT Poisson solve, no parameters) carries the long-range, nearly incompressible part of the
@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import enum
 import json
 import re
 from importlib import resources
@@ -36,13 +35,6 @@ UNET_MULTIPLE = 16  # BasicUNet halves the grid four times
 SCALAR_INPUTS = 3  # the U-Net's first input channels: x20 log a, solid tissue, CSF; then the x20 flow (d channels)
 #: channels-last layouts: faster convolutions on CPU (the same numbers)
 CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
-
-
-class Loss(str, enum.Enum):
-    """What training minimises for each case (:class:`brainmech.train.AtrophyNetModule`)."""
-
-    RELATIVE = "relative"  # its energy over its potential flow's energy: cases of any size weigh alike
-    ENERGY = "energy"  # its energy per voxel (mu): cases of large change dominate
 
 
 class AtrophyNet(nn.Module):
@@ -109,7 +101,7 @@ class AtrophyNet(nn.Module):
 
     def forward(self, atrophy: Tensor, probabilities: Tensor, spacing: tuple[float, ...]) -> Tensor:
         """``atrophy (B, 1, *N)`` (target det F), ``probabilities (B, K, *N)`` in :class:`Tissue` order
-        (K >= 4), ``spacing`` in mm -> displacement ``(B, d, *N)`` in voxels (pull-back, DESIGN §1)."""
+        (K >= 4), ``spacing`` in mm -> displacement ``(B, d, *N)`` in voxels (pull-back, docs/conventions.md)."""
         return self.displacement(self.inputs(atrophy, probabilities, spacing), self.grid_factors(spacing))
 
 

@@ -1,12 +1,11 @@
 """Pseudo-subjects of a template: random smooth diffeomorphisms and intensity changes, with random
-atrophy maps, reproducible from a seed (DESIGN §4), and the seeds held out for validation and evaluation.
+atrophy maps, reproducible from a seed (docs/conventions.md), and the seeds held out for validation and evaluation.
 
 They are the training data of the shipped networks and the cases of the synthetic benchmark.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch.utils.data import Dataset
 
+from .choices import Dimension
 from .atrophy import random_atrophy
 from .fields import refine_field, voxel_ratio, warp_image, warp_labels
 from .mni import load_mni
@@ -25,22 +25,6 @@ VALIDATION_SEED = 7919
 EVALUATION_SEED = 104_729
 HELD_OUT_SEEDS = (VALIDATION_SEED, EVALUATION_SEED)
 AXIAL_SLICES_MM = (-20.0, 50.0)  # 2D cases are axial slices of the template in this world-z range
-
-
-class Dimension(str, enum.Enum):
-    """The two kinds of shipped model and their cases: 1 mm axial slices (2D) or 2 mm volumes (3D)."""
-
-    TWO_D = "2d"
-    THREE_D = "3d"
-
-    @property
-    def ndim(self) -> int:
-        return 2 if self is Dimension.TWO_D else 3
-
-    @property
-    def resolution_mm(self) -> int:
-        """MNI template resolution the cases are drawn from."""
-        return 1 if self is Dimension.TWO_D else 2
 
 
 def pseudo_subject(template: Subject, seed: int, *, deformation_mm: float = 4.0, smoothness_mm: float = 12.0,

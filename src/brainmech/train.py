@@ -1,10 +1,10 @@
-"""Training the learned simulator with lightning (DESIGN §3): unsupervised, on the energy itself.
+"""Training the learned simulator with lightning (docs/conventions.md): unsupervised, on the energy itself.
 
-The loss of a case is its growth energy L(u) (DESIGN §2) relative to the energy of the potential
+The loss of a case is its growth energy L(u) (docs/conventions.md) relative to the energy of the potential
 flow (or, with ``loss="energy"``, per voxel); no solver output is needed. Cases are pseudo-subjects
 of the MNI brain (:mod:`brainmech.pseudo_subjects`) or a user's NIfTI folder, each with a random
 atrophy map. Validation reports the loss, MSE(det F, a) in tissue, folded voxels (minimum det F,
-DESIGN §2.4), and (with reference solves) the energy gap to the direct solver on held-out cases.
+docs/conventions.md), and (with reference solves) the energy gap to the direct solver on held-out cases.
 
 Example (a few CPU minutes)::
 
@@ -25,8 +25,9 @@ from .errors import InputError
 from .mechanics import brain_mask, build_problem, det_f_maps, potential_flow, tissue_mask
 from .metrics import atrophy_mse, energy_gap, folded_voxels
 from .mni import load_mni
-from .network import AtrophyNet, Loss, load_model, read_checkpoint, save_network
-from .pseudo_subjects import HELD_OUT_SEEDS, VALIDATION_SEED, AtrophyPrior, Dimension, PseudoSubjects, case
+from .choices import Dimension, Loss
+from .network import AtrophyNet, load_model, read_checkpoint, save_network
+from .pseudo_subjects import HELD_OUT_SEEDS, VALIDATION_SEED, AtrophyPrior, PseudoSubjects, case
 from .solver import solve
 from .subject import load_subject, read_nifti
 
@@ -116,7 +117,7 @@ def reference_energy(item: dict, rtol: float = 1e-4) -> float:
 
 
 class AtrophyNetModule(L.LightningModule):
-    """The network and its unsupervised loss (DESIGN §2), whole cases.
+    """The network and its unsupervised loss (docs/conventions.md), whole cases.
 
     ``loss``: "relative" (default), each case's energy over the energy of its potential flow (the
     untrained network's answer), averaged over the batch: every case weighs the same whatever the size

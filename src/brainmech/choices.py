@@ -1,0 +1,81 @@
+"""The choices users name (method, map convention, direction, model dimension, loss) and checks of values, torch-free.
+
+The command line builds its options from these enums before it imports torch, so that ``--help`` and
+argument errors answer at once; the library modules use the same enums.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+
+from .errors import InputError
+
+
+class Method(str, enum.Enum):
+    """How the displacement is found."""
+
+    NETWORK = "network"  # the pretrained U-Net: milliseconds to seconds
+    SOLVER = "solver"  # direct minimisation of the energy: the ground truth
+    NETWORK_REFINE = "network+refine"  # the network's answer polished by a budget of solver evaluations
+
+
+REFINE_EVALUATIONS = 30  # network+refine's default budget of solver energy evaluations (README benchmark)
+
+
+class Convention(str, enum.Enum):
+    """How the values of an atrophy map file are to be read."""
+
+    RATIO = "ratio"  # a = baseline/follow-up volume (a > 1 = loss): brainmech's own, a Jacobian of baseline->follow-up registration
+    INVERSE = "inverse"  # follow-up/baseline volume (< 1 = loss): inverted on reading
+    PERCENT = "percent"  # percent volume change (negative = loss): a = 1 / (1 + p/100)
+
+
+class Direction(str, enum.Enum):
+    """The direction of change a user expects in tissue (docs/conventions.md)."""
+
+    LOSS = "loss"  # a > 1: atrophy
+    GROWTH = "growth"  # a < 1
+
+
+class Dimension(str, enum.Enum):
+    """The two kinds of shipped model and their cases: 1 mm axial slices (2D) or 2 mm volumes (3D)."""
+
+    TWO_D = "2d"
+    THREE_D = "3d"
+
+    @property
+    def ndim(self) -> int:
+        return 2 if self is Dimension.TWO_D else 3
+
+    @property
+    def resolution_mm(self) -> int:
+        """MNI template resolution the cases are drawn from."""
+        return 1 if self is Dimension.TWO_D else 2
+
+
+class Loss(str, enum.Enum):
+    """What training minimises for each case (:class:`brainmech.train.AtrophyNetModule`)."""
+
+    RELATIVE = "relative"  # its energy over its potential flow's energy: cases of any size weigh alike
+    ENERGY = "energy"  # its energy per voxel (mu): cases of large change dominate
+
+
+def check_years(years: Sequence[float]) -> list[float]:
+    """Time points in years, sorted: finite, > 0, and each with its own output folder (``year-<t>``)."""
+    if not years:
+        raise InputError("give at least one time point, years=[1, 2, 5]")
+    bad = [t for t in years if not (math.isfinite(t) and t > 0)]
+    if bad:
+        raise InputError(f"years= must be > 0 (time points after the baseline), got {bad}")
+    folders = [year_folder(t) for t in years]
+    repeated = sorted({f for f in folders if folders.count(f) > 1})
+    if repeated:
+        raise InputError(f"years= names the same time point twice ({', '.join(repeated)}); give each once")
+    return sorted(float(t) for t in years)
+
+
+def year_folder(years: float) -> str:
+    """The output folder of a time point: ``year-1``, ``year-2.5``."""
+    return f"year-{years:g}"
