@@ -1,4 +1,4 @@
-"""The embedded brain: the MNI152 2009a template that ships inside nilearn, no download (DESIGN §4)."""
+"""The embedded brain: the MNI152 2009a template that ships inside nilearn, no download (docs/conventions.md)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ def load_mni(resolution: int = 2, *, axial_slice_mm: float | None = None) -> Sub
     labels = np.argmax(probabilities, axis=0)
     subject = Subject(image=torch.from_numpy(image)[None, None], labels=torch.from_numpy(labels)[None, None],
                       probabilities=torch.from_numpy(probabilities)[None], affine=template.affine.copy(),
-                      header=template.header.copy(), name=f"mni152-{resolution}mm")
+                      header=template.header.copy(), name=f"mni152-{resolution}mm",
+                      files={"image": f"the MNI152 2009 template shipped with nilearn ({resolution} mm), tissue "
+                                      "probabilities from its grey and white matter maps"})
     if axial_slice_mm is None:
         return subject
     k = int(np.clip(round(np.linalg.solve(subject.affine, [0, 0, axial_slice_mm, 1])[2]), 0, image.shape[2] - 1))

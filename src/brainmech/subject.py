@@ -1,4 +1,4 @@
-"""Subjects: NIfTI in and out with the input's geometry, ITK displacement fields, atomic writes (DESIGN §5).
+"""Subjects: NIfTI in and out with the input's geometry, ITK displacement fields, atomic writes (docs/outputs.md).
 
 A :class:`Subject` holds tensors in the library's conventions (channel-first, voxel axes in file
 order, a NIfTI volume with a third axis of length 1 squeezed to 2D) plus the NIfTI header needed to
@@ -8,10 +8,12 @@ write outputs with the input's geometry. User files are checked on reading: a ba
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -42,6 +44,7 @@ class Subject:
     affine: np.ndarray
     header: nib.Nifti1Header
     name: str = "subject"
+    files: dict[str, str] = field(default_factory=dict)  # the files it was read from (as given), for reports
 
     @property
     def ndim(self) -> int:
@@ -80,7 +83,7 @@ class Subject:
 
     def displacement_to_itk(self, u: Tensor) -> nib.Nifti1Image:
         """An ITK/ANTs displacement field of voxel displacement ``u (1, d, *N)``: X x Y x Z x 1 x 3,
-        vector intent, millimetres in the LPS world frame (DESIGN §5)."""
+        vector intent, millimetres in the LPS world frame (docs/outputs.md)."""
         voxels = u.detach().cpu().double().numpy()[0]
         if self.ndim == 2:
             voxels = np.concatenate([voxels, np.zeros_like(voxels[:1])])[..., None]
@@ -198,14 +201,34 @@ def load_subject(image_path: str | Path, labels_path: str | Path, label_table: s
     if not brain_mask(probabilities).any():
         raise InputError(f"label map {labels_path} has no brain: every voxel is background")
     return Subject(image=as_tensor(image), labels=labels_tensor, probabilities=probabilities,
-                   affine=image_nii.affine.copy(), header=image_nii.header.copy(), name=Path(image_path).name.split(".")[0])
+                   affine=image_nii.affine.copy(), header=image_nii.header.copy(), name=Path(image_path).name.split(".")[0],
+                   files={"image": str(image_path), "labels": str(labels_path),
+                          **({"label_table": str(label_table)} if label_table is not None else {})})
+
+
+MANIFEST = "manifest.json"  # in every output folder: the files brainmech wrote there, with their sizes and SHA-256
+
+
+def user_umask() -> int:
+    """The process's umask (the permission bits its files must not have)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, *, folder: bool) -> None:
+    """Give a staged file or folder the permissions a plain ``open``/``mkdir`` would (``tempfile`` makes them
+    private: 0600 and 0700)."""
+    path.chmod((0o777 if folder else 0o666) & ~user_umask())
 
 
 def write_image(image: nib.Nifti1Image, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Save one NIfTI atomically (temporary file in the same folder, then rename)."""
+    """Save one NIfTI atomically (temporary file in the same folder, then rename), with the user's umask."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise InputError(f"{path} already exists; pass overwrite=True to replace it")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; name a .nii.gz file")
     if not path.name.endswith((".nii", ".nii.gz")):
         raise InputError(f"{path} must end in .nii or .nii.gz")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,41 +237,88 @@ def write_image(image: nib.Nifti1Image, path: str | Path, *, overwrite: bool = F
     os.close(handle)
     try:
         nib.save(image, staging)
+        _publish_mode(Path(staging), folder=False)
         os.replace(staging, path)
     finally:
         Path(staging).unlink(missing_ok=True)
     return path
 
 
+def manifest(folder: Path, names: list[str]) -> bytes:
+    """``manifest.json`` of the files ``names`` in ``folder``: what brainmech wrote (bytes, SHA-256), so that a
+    later ``overwrite`` replaces exactly these and a reader can verify them."""
+    from .version import __version__
+
+    files = {}
+    for name in sorted(names):
+        content = (folder / name).read_bytes()
+        files[name] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    return json.dumps({"written_by": f"brainmech {__version__}", "files": files}, indent=2).encode()
+
+
+def written_by_brainmech(folder: Path) -> list[str]:
+    """The files a previous brainmech run wrote into ``folder`` (its manifest's list; none without one)."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    folder = folder.resolve()
+    return [name for name in files if isinstance(name, str) and (folder / name).resolve().is_relative_to(folder)]
+
+
 def write_outputs(images: dict[str, nib.Nifti1Image], extra: dict[str, bytes], out_dir: str | Path,
                   *, overwrite: bool = False) -> Path:
-    """Write every output into ``out_dir`` atomically: all files appear together or none do.
+    """Write every output into ``out_dir`` with a ``manifest.json``, files and folders with the user's umask.
 
-    Files are written into a temporary sibling folder that is renamed into place at the end; an
-    existing ``out_dir`` is refused unless ``overwrite``. A name may hold sub-folders (``year-1/report.json``).
+    A new ``out_dir`` appears whole or not at all: the files are written into a temporary sibling folder
+    that is renamed into place. An existing ``out_dir`` is refused unless ``overwrite``; then each file
+    is replaced atomically, the files the previous run listed in its manifest and this one does not
+    write are removed, and nothing else in the folder is touched (the manifest goes last, so a folder
+    without one was not finished). A name may hold sub-folders (``year-1/report.json``).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise InputError(f"output folder {out_dir} already exists; pass overwrite=True to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file; name an output folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        for name in [*images, *extra]:
+        names = [*images, *extra]
+        for name in names:
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
         for name, image in images.items():
             nib.save(image, staging / name)
         for name, content in extra.items():
             (staging / name).write_bytes(content)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            out_dir.rename(old / out_dir.name)
+        (staging / MANIFEST).write_bytes(manifest(staging, names))
+        for path in [staging, *staging.rglob("*")]:
+            _publish_mode(path, folder=path.is_dir())
+        if not out_dir.exists():
             staging.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            staging.rename(out_dir)
+            return out_dir
+        _replace_outputs(staging, names, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _replace_outputs(staging: Path, names: list[str], out_dir: Path) -> None:
+    """Move the staged files ``names`` (and the staged manifest, last) into ``out_dir``, removing what the
+    previous run's manifest lists and this run does not write; other files stay."""
+    previous = written_by_brainmech(out_dir)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for name in names:
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, out_dir / name)
+    for name in set(previous) - set(names):
+        stale = out_dir / name
+        stale.unlink(missing_ok=True)
+        for folder in stale.parents:  # the folders brainmech made for it, if nothing else is in them
+            if folder == out_dir or not folder.is_relative_to(out_dir) or any(folder.iterdir()):
+                break
+            folder.rmdir()
+    os.replace(staging / MANIFEST, out_dir / MANIFEST)
 
 
 def axial_slice(subject: Subject, k: int) -> Subject:
@@ -257,6 +327,6 @@ def axial_slice(subject: Subject, k: int) -> Subject:
     affine[:3, 3] = affine[:3, :3] @ [0, 0, k] + affine[:3, 3]
     return Subject(image=subject.image[..., k], labels=subject.labels[..., k],
                    probabilities=subject.probabilities[..., k], affine=affine, header=subject.header,
-                   name=f"{subject.name}-k{k}")
+                   name=f"{subject.name}-k{k}", files=subject.files)
 
 
