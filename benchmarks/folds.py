@@ -4,7 +4,7 @@
 
 A ball centred at the tissue's centre of mass is given the atrophy ratio a (a = 4: -75 % volume,
 a = 10: -90 %), 1 elsewhere. For each method: folded brain voxels (any quadrature point with
-det F <= 0, DESIGN §2.4), the count by the voxel mean (what earlier figures used), the smallest
+det F <= 0, docs/conventions.md), the count by the voxel mean (what earlier figures used), the smallest
 det F, the tissue MSE(det F, a) and the simulation time.
 """
 

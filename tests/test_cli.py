@@ -1,6 +1,9 @@
 """The command line on user files: outputs keep the geometry; bad input is one line, exit 2, nothing written."""
 
+import csv
 import json
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -10,6 +13,12 @@ from typer.testing import CliRunner
 from brainmech.cli import app
 
 runner = CliRunner()
+
+
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def simulate(paths, out, *extra):
@@ -73,7 +82,7 @@ BAD_INPUTS = {
     "non-positive": (lambda p, t: atrophy_with(p, t, -0.5), "non-positive"),
     "unknown label": (lambda p, t: write_like(p, "labels", np.where(nib.load(p["labels"]).get_fdata() == 3, 17, nib.load(p["labels"]).get_fdata()).astype(np.int16), t), "17"),
     "empty brain": (lambda p, t: write_like(p, "labels", np.zeros(nib.load(p["labels"]).shape, np.int16), t), "no brain"),
-    "missing file": (lambda p, t: {**p, "image": t / "nowhere.nii.gz"}, "not found"),
+    "missing file": (lambda p, t: {**p, "image": t / "nowhere.nii.gz"}, "does not exist"),
     "unreadable file": (lambda p, t: (t / "junk.nii.gz").write_bytes(b"not a nifti") and {**p, "labels": t / "junk.nii.gz"}, "cannot read"),
 }
 
@@ -100,7 +109,7 @@ def test_an_existing_output_folder_is_refused_unless_overwrite(subject_files, tm
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (out / "keep.txt").read_text() == "mine"
     assert simulate(subject_files, out, "--overwrite").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "report.json").exists()
+    assert (out / "keep.txt").read_text() == "mine" and (out / "report.json").exists()  # only brainmech's files replaced
 
 
 def test_label_table_maps_other_labellings(subject_files, tmp_path):
@@ -285,3 +294,89 @@ def test_version():
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"brainmech {__version__}"
+
+
+def test_outputs_hold_partial_volumes_and_a_volume_table_that_sum_to_them(subject_files, tmp_path):
+    out = tmp_path / "out"
+    result = simulate(subject_files, out, "--method", "network")
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in csv.DictReader((out / "volumes.csv").open())}
+    voxel_ml = abs(np.linalg.det(nib.load(subject_files["image"]).affine[:3, :3])) / 1000
+    for tissue, label in [("csf", "1"), ("gm", "2"), ("wm", "3")]:
+        pv = nib.load(out / f"warped_pv_{tissue}.nii.gz")
+        assert pv.shape == nib.load(subject_files["image"]).shape and 0 <= pv.get_fdata().min() <= pv.get_fdata().max() <= 1
+        assert float(rows[tissue]["followup_ml"]) == pytest.approx(pv.get_fdata().sum() * voxel_ml, rel=1e-4)
+        assert rows[label]["followup_ml"] == rows[tissue]["followup_ml"]  # one label per class: the same indicator
+    atrophy = nib.load(subject_files["atrophy"]).get_fdata()
+    grey = nib.load(subject_files["labels"]).get_fdata() == 2
+    assert float(rows["gm"]["prescribed_percent"]) == pytest.approx(((1 / atrophy[grey]).mean() - 1) * 100, abs=1e-3)
+    report = json.loads((out / "report.json").read_text())
+    assert report["inputs"] == {"image": str(subject_files["image"]), "labels": str(subject_files["labels"]),
+                                "atrophy": str(subject_files["atrophy"]), "convention": "ratio"}
+    assert report["model"]["name"] == "mni-3d" and "command" not in report["model"]  # the history stays in the card
+
+
+def test_a_map_no_simulation_can_meet_is_warned_and_strict_writes_nothing(subject_files, tmp_path):
+    paths = write_atrophy(subject_files, tmp_path, "three", np.full(nib.load(subject_files["labels"]).shape, 3.0))
+    warned = simulate(paths, tmp_path / "out", "--method", "network")
+    assert warned.exit_code == 0, warned.output
+    lines = [line for line in warned.output.splitlines() if line.startswith("warning:")]
+    assert any("tissue volume changed" in line and "-66.67 %" in line for line in lines)
+    assert any("background" in line for line in lines) and any("--steps" in line for line in lines)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["warnings"] == [
+        line.removeprefix("warning: ").replace("--steps", "steps=").replace("--method network+refine", "method='network+refine'")
+        .replace("--method solver", "method='solver'") for line in lines]
+    strict = simulate(paths, tmp_path / "strict", "--method", "network", "--strict")
+    assert strict.exit_code == 1 and "error: --strict" in strict.output
+    assert not (tmp_path / "strict").exists()
+    ordinary = simulate(subject_files, tmp_path / "fine", "--method", "solver", "--strict")
+    assert ordinary.exit_code == 0 and "warning" not in ordinary.output, ordinary.output
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["atrophy-map", "--tissue-percent", "-150"], "--tissue-percent': -150 must be > -50"),
+    (["atrophy-map", "--spread-percent", "80"], "beyond -50 % or +100 %"),
+    (["atrophy-map", "--years", "-2"], "--years': -2 must be > 0"),
+    (["atrophy-map", "--fwhm-mm", "nan"], "nan is not a finite number"),
+    (["atrophy-map", "--seed", "-1"], "--seed"),
+    (["demo", "--years", "inf"], "inf is not a finite number"),
+    (["demo", "--steps", "0"], "--steps"),
+    (["train", "--learning-rate", "0"], "--learning-rate': 0 must be > 0"),
+    (["train", "--batch-size", "0"], "--batch-size"),
+    (["evaluate", "--count", "0"], "--count"),
+])
+def test_every_numeric_argument_is_checked(arguments, message, tmp_path):
+    out = tmp_path / ("map.nii.gz" if arguments[0] == "atrophy-map" else "out")
+    result = runner.invoke(app, [*arguments, "--out", str(out)])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_the_atrophy_map_summary_states_what_the_map_holds(tmp_path):
+    out = tmp_path / "map.nii.gz"
+    result = runner.invoke(app, ["atrophy-map", "--out", str(out), "--years", "3", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    from brainmech import load_mni
+
+    subject = load_mni(2)
+    atrophy = nib.load(out).get_fdata()[subject.tissue[0, 0].numpy()]
+    assert f"tissue volume {((1 / atrophy).mean() - 1) * 100:+.2f} %" in result.output
+    assert "compounds to -2.97 %" in result.output
+
+
+def test_the_command_line_answers_help_and_argument_errors_without_importing_torch(tmp_path):
+    script = ("import sys\nfrom brainmech.cli import app\n"
+              "for args in (['--help'], ['simulate', '--help'], ['atrophy-map', '--out', 'x.nii.gz', '--years', '-1'],\n"
+              "             ['simulate', '--image', 'nowhere.nii.gz', '--labels', 'x', '--out', 'y']):\n"
+              "    app(args, standalone_mode=False)\n"
+              "print(sorted(m for m in ('torch', 'monai', 'lightning', 'matplotlib', 'nibabel') if m in sys.modules))\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout + run.stderr
+
+
+@pytest.mark.skipif(torch_has_cuda(), reason="this torch sees a GPU")
+def test_device_cuda_without_a_gpu_is_one_line_exit_2(subject_files, tmp_path):
+    result = simulate(subject_files, tmp_path / "out", "--device", "cuda")
+    assert result.exit_code == 2 and "sees no CUDA GPU; use --device cpu" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

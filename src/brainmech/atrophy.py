@@ -1,4 +1,4 @@
-"""Atrophy maps (DESIGN §1, §4): ``a`` = baseline / follow-up volume = target det F.
+"""Atrophy maps (docs/conventions.md): ``a`` = baseline / follow-up volume = target det F.
 
 ``a > 1`` is tissue loss, ``a < 1`` growth, ``a = 1`` no change. A percent change ``p`` per year
 (negative = loss) over ``t`` years is ``a = (1 + p/100) ** -t``.
@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import enum
 import math
 from pathlib import Path
 
@@ -15,25 +14,11 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import Tensor
 
+from .choices import Convention, Direction
 from .errors import InputError
 from .subject import Subject, as_tensor, check_same_grid, read_nifti, volume
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-
-
-class Convention(str, enum.Enum):
-    """How the values of an atrophy map file are to be read."""
-
-    RATIO = "ratio"  # a = baseline/follow-up volume (a > 1 = loss): brainmech's own, a Jacobian of baseline->follow-up registration
-    INVERSE = "inverse"  # follow-up/baseline volume (< 1 = loss): inverted on reading
-    PERCENT = "percent"  # percent volume change (negative = loss): a = 1 / (1 + p/100)
-
-
-class Direction(str, enum.Enum):
-    """The direction of change a user expects in tissue (DESIGN §1)."""
-
-    LOSS = "loss"  # a > 1: atrophy
-    GROWTH = "growth"  # a < 1
 
 
 def from_percent(percent: Tensor | float, years: float = 1.0) -> Tensor | float:
@@ -85,14 +70,21 @@ def _direction(mean: float) -> str:
     return "loss" if mean > 1 else "growth" if mean < 1 else "no change"
 
 
+def tissue_volume_percent(atrophy: Tensor, subject: Subject) -> float:
+    """The tissue's volume change the map prescribes, percent (< 0: loss): the mean of ``1/a`` over the
+    tissue (follow-up / baseline volume of each voxel) minus one."""
+    return float((1 / atrophy[subject.tissue].double()).mean() - 1) * 100
+
+
 def describe(atrophy: Tensor, subject: Subject) -> str:
     """One line telling what the map does to the tissue, so a sign mistake is visible at once."""
     mean = tissue_mean(atrophy, subject)
-    return f"tissue mean a = {mean:.4f} ({to_percent(mean):+.2f} % volume, {_direction(mean)})"
+    return (f"tissue volume {tissue_volume_percent(atrophy, subject):+.2f} % (mean of 1/a - 1; tissue mean "
+            f"a = {mean:.4f}, {_direction(mean)})")
 
 
 def direction_warning(atrophy: Tensor, subject: Subject, expect: Direction | str | None) -> str | None:
-    """A warning when the map's tissue mean contradicts the ``expect``ed direction (DESIGN §1), else None.
+    """A warning when the map's tissue mean contradicts the ``expect``ed direction (docs/conventions.md), else None.
 
     A follow-up/baseline Jacobian (1/a) read as a ratio would otherwise be simulated backwards.
     """
@@ -118,17 +110,24 @@ def random_atrophy(
 
     In tissue voxels (GM, WM, DGM dominant) the percent volume change is Gaussian noise smoothed
     with a Gaussian of ``fwhm_mm``, rescaled to mean ``tissue_percent`` and standard deviation
-    ``spread_percent``. With ``compensate_csf`` the CSF voxels change uniformly so the intracranial
+    ``spread_percent`` (refused where that would put a voxel beyond -50 % or +100 %). With ``compensate_csf`` the CSF voxels change uniformly so the intracranial
     volume is kept (the skull does not move); otherwise CSF and background keep a = 1.
     """
-    if spread_percent < 0 or fwhm_mm <= 0:
-        raise InputError(f"spread_percent= must be >= 0 and fwhm_mm= > 0, got {spread_percent} and {fwhm_mm}")
+    if not all(map(math.isfinite, (tissue_percent, spread_percent, fwhm_mm))):
+        raise InputError("tissue_percent=, spread_percent= and fwhm_mm= must be finite numbers")
+    if spread_percent < 0 or fwhm_mm <= 0 or not -50 < tissue_percent < 100:
+        raise InputError(f"need -50 < tissue_percent= < 100, spread_percent= >= 0 and fwhm_mm= > 0; got "
+                         f"{tissue_percent:g}, {spread_percent:g} and {fwhm_mm:g}")
     rng = np.random.default_rng(seed)
     sigma = [fwhm_mm / FWHM_PER_SIGMA / h for h in subject.spacing]
     field = gaussian_filter(rng.standard_normal(subject.shape), sigma, mode="reflect")
     tissue = subject.tissue[0, 0].numpy()
     field = (field - field[tissue].mean()) / (field[tissue].std() + 1e-12)
-    percent = np.clip(tissue_percent + spread_percent * field, -50.0, 100.0)
+    percent = tissue_percent + spread_percent * field
+    beyond = (percent[tissue] <= -50.0) | (percent[tissue] >= 100.0)
+    if beyond.any():  # clipping them would change the mean and spread the caller asked for
+        raise InputError(f"tissue_percent={tissue_percent:g} with spread_percent={spread_percent:g} puts "
+                         f"{beyond.mean():.2%} of the tissue beyond -50 % or +100 % a year; lower spread_percent=")
     log_a = np.where(tissue, -np.log1p(percent / 100.0), 0.0)
     if compensate_csf:
         csf = (subject.brain & ~subject.tissue)[0, 0].numpy()

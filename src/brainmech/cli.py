@@ -17,6 +17,7 @@ Enums and bounds are typer options, so typer lists and enforces them.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import re
 import sys
@@ -33,11 +34,8 @@ from typer.core import TyperGroup
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
 from .allocator import retain_freed_memory
-from .atrophy import Convention, Direction
+from .choices import REFINE_EVALUATIONS, Convention, Dimension, Direction, Loss, Method, check_years
 from .errors import InputError
-from .pseudo_subjects import Dimension
-from .network import Loss
-from .simulator import REFINE_EVALUATIONS, Method, Simulator
 from .version import __version__
 
 console = Console(stderr=True, soft_wrap=True)
@@ -143,6 +141,30 @@ def _before_every_command(
     retain_freed_memory()  # on Linux: the solver and training run much faster (no page faults of re-used memory)
 
 
+def bounded(*, above: float | None = None, below: float | None = None, at_least: float | None = None):
+    """A typer callback that refuses non-finite numbers (click lets ``nan`` through any range) and values
+    outside open bounds (``above``, ``below``) or a closed lower bound (``at_least``)."""
+
+    def check(value):
+        for number in value if isinstance(value, list) else [] if value is None else [value]:
+            if not math.isfinite(number):
+                raise typer.BadParameter(f"{number} is not a finite number")
+            if above is not None and number <= above:
+                raise typer.BadParameter(f"{number:g} must be > {above:g}")
+            if below is not None and number >= below:
+                raise typer.BadParameter(f"{number:g} must be < {below:g}")
+            if at_least is not None and number < at_least:
+                raise typer.BadParameter(f"{number:g} must be >= {at_least:g}")
+        return value
+
+    return check
+
+
+def input_file(help: str, **kwargs):
+    """A typer option naming a file the command reads: its existence is checked before any work."""
+    return typer.Option(help=help, exists=True, dir_okay=False, **kwargs)
+
+
 RefineEvaluations = Annotated[int, typer.Option(min=2, help="network+refine: solver energy evaluations after the "
                                                             "network (more: closer to the solver's minimum).")]
 Steps = Annotated[int, typer.Option(min=1, help="Simulate in this many composed steps (large or multi-year changes).")]
@@ -168,7 +190,7 @@ def _simulate(simulator, subject, atrophy):
         return simulator(subject, atrophy)
 
 
-def _summarise(simulation, out_dir: Path) -> None:
+def _summarise(simulation) -> None:
     report = simulation.report
     how = report.method + (f", {report.steps} steps" if report.steps > 1 else "")
     if report.solver:
@@ -179,15 +201,28 @@ def _summarise(simulation, out_dir: Path) -> None:
             how += f"; {evaluations} energy evaluations, converged: {all(r['converged'] for r in report.solver)}"
     console.print(f"[bold]{report.subject}[/]: simulated in {report.timings['simulate_s']:.2f} s ({how})",
                   highlight=False)
-    console.print(f"  MSE(det F, a): tissue {report.mse_atrophy_tissue:.2e}, brain {report.mse_atrophy_brain:.2e}; "
-                  f"folded voxels: {report.folded_voxels_brain}; max |u| {report.max_displacement_mm:.2f} mm",
-                  highlight=False)
-    print(f"wrote {out_dir}/ (warped_image, warped_labels, det_f, atrophy, displacement .nii.gz; report.json; figure.png)")
+    volume = report.tissue_volume_percent
+    console.print(f"  tissue volume {volume['simulated']:+.2f} % (prescribed {volume['prescribed']:+.2f} %); det F - a: "
+                  f"{report.error_tissue:.0%} of the prescribed change (RMS in tissue); folded voxels: "
+                  f"{report.folded_voxels_brain}; max |u| {report.max_displacement_mm:.2f} mm", highlight=False)
+
+
+def _warn(warnings: list[str], strict: bool, prefix: str = "") -> None:
+    """Print each warning as one ``warning:`` line; under ``--strict``, exit 1 (nothing is written yet)."""
+    for warning in warnings:
+        console.print(f"[bold yellow]warning:[/] {escape(prefix + as_flags(warning))}", highlight=False)
+    if strict and warnings:
+        _error(f"--strict: the result misses its target ({len(warnings)} warning(s) above); nothing written", 1)
+        raise typer.Exit(1)
+
+
+def _save(simulation, out: Path, overwrite: bool) -> None:
+    simulation.save(out, overwrite=overwrite)
+    print(f"wrote {out}/ (warped_image, warped_labels, warped_pv_*, det_f, atrophy, displacement .nii.gz; "
+          "volumes.csv; report.json; figure.png; manifest.json)")
 
 
 def _check_series_options(scenario: str | None, years: list[float] | None) -> None:
-    from .series import check_years
-
     if years is not None and scenario is None:
         raise InputError("--years gives the time points of a --scenario; for one map over several years use "
                          "atrophy-map --years, or --steps")
@@ -200,16 +235,19 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
         raise InputError(f"{out} already exists; pass --overwrite to replace it")
 
 
-# the network alone misses multi-year regional targets (README, "Scenarios over years"): a series refines it
-SERIES_METHOD = Method.NETWORK_REFINE
-Years = Annotated[Optional[list[float]], typer.Option(help="With --scenario: time points in years, e.g. --years 1 2 5 "
+# the network alone misses ordinary multi-year maps by more than 10 % of the tissue change (README, "Which
+# method"); network+refine is the default of every command (the library's Simulator too)
+DEFAULT_METHOD = Method.NETWORK_REFINE
+Strict = Annotated[bool, typer.Option(help="Exit 1 and write nothing when the result misses its target (the "
+                                           "warning lines: tissue volume, det F against a, background, folds).")]
+Years = Annotated[Optional[list[float]], typer.Option(callback=bounded(above=0), help="With --scenario: time points in years, e.g. --years 1 2 5 "
                                                            "(one path: later years continue earlier ones).")]
 ScenarioOption = Annotated[Optional[str], typer.Option(help="A named scenario (brainmech scenarios) or a YAML file "
                                                             "of regional yearly rates; writes a series over --years.")]
 
 
 def _run_series(simulator, subject, scenario, parcellation, years: list[float], seed: int | None, out: Path,
-                overwrite: bool) -> None:
+                overwrite: bool, strict: bool) -> None:
     """Prescribe a scenario on ``subject``, simulate it over ``years`` with progress, save and summarise."""
     from .scenarios import prescribe
     from .series import simulate_series
@@ -232,18 +270,15 @@ def _run_series(simulator, subject, scenario, parcellation, years: list[float], 
 
         simulator.callback = show_evaluation
         series = simulate_series(simulator, subject, prescription, years, on_time_point=show_year)
-    series.save(out, overwrite=overwrite)
     console.print(f"[bold]{subject.name}[/]: {scenario.name} at years {', '.join(f'{p.years:g}' for p in series.points)} "
                   f"({simulator.method.value}; {series.note})", highlight=False)
     for row in series.rows():
         target = "no rate" if row["prescribed_percent"] is None else f"{row['prescribed_percent']:+.2f} %"
         console.print(f"  {row['region']} ({row['kind']}), year {row['years']:g}: prescribed {target}, "
                       f"simulated {row['simulated_percent']:+.2f} %", highlight=False)
-    for row in series.misses():
-        console.print(f"[bold yellow]warning:[/] {row['region']} at year {row['years']:g} changed "
-                      f"{row['simulated_percent']:+.2f} % where {row['prescribed_percent']:+.2f} % was prescribed "
-                      f"(more than 10 % or 0.2 pp off); --method solver or network+refine come closer", highlight=False)
-    print(f"wrote {out}/ (year-*/ with every output; series.csv, series.png, series.json, scenario.yaml)")
+    _warn(series.warnings(), strict)
+    series.save(out, overwrite=overwrite)
+    print(f"wrote {out}/ (year-*/ with every output; series.csv, series.png, series.json, scenario.yaml, manifest.json)")
 
 
 @app.command()
@@ -257,87 +292,86 @@ def scenarios() -> None:
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Output folder (a previous demo's folder is replaced).")] = Path("brainmech-demo"),
+    out: Annotated[Path, typer.Option(help="Output folder (a previous demo's files in it are replaced).")] = Path("brainmech-demo"),
     resolution: Annotated[int, typer.Option(min=1, max=2, help="MNI template resolution in mm: 1 or 2.")] = 2,
     two_d: Annotated[bool, typer.Option("--2d", help="Simulate one axial slice (z = 10 mm) instead of the volume.")] = False,
     seed: Annotated[Optional[int], typer.Option(min=0, help="Seed of the random atrophy map (default 0); with --scenario, of "
                                                      "the rates drawn from their spread (default: the mean rates).")] = None,
-    method: Annotated[Optional[Method], typer.Option(help="How the displacement is found (default: network; "
-                                                          "network+refine with --scenario).")] = None,
+    method: Annotated[Method, typer.Option(help="How the displacement is found (network alone: faster, misses "
+                                                "multi-year maps).")] = DEFAULT_METHOD,
     steps: Steps = 1,
     refine_evaluations: RefineEvaluations = REFINE_EVALUATIONS,
     device: DeviceOption = Device.CPU,
     scenario: ScenarioOption = None,
     years: Years = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT even if it is not a previous brainmech output.")] = False,
+    strict: Strict = False,
+    overwrite: Annotated[bool, typer.Option(help="Write into OUT even if it holds no previous brainmech output.")] = False,
 ) -> None:
     """Simulate atrophy on the MNI152 brain shipped with nilearn (no download) and write every output.
 
     With --scenario: a series over --years on the MNI brain, its regions from the scenario's atlas
     (pip install 'brainmech[atlas]').
     """
+    _check_series_options(scenario, years)
     from .atrophy import describe, random_atrophy
     from .mni import MNI_AXIAL_SLICE_MM, load_mni
     from .scenarios import Scenario, mni_atlas
+    from .simulator import Simulator
 
-    _check_series_options(scenario, years)
     chosen = Scenario.load(scenario) if scenario is not None else None
     if chosen is not None and chosen.needs_parcellation and chosen.atlas is None:
         raise InputError(f"scenario {chosen.name} names parcellation labels but no atlas for the MNI brain; "
                          f"add 'atlas: desikan-killiany' (or another of brainmech's MNI atlases) to it")
-    _refuse_existing(out, overwrite or (out / "report.json").is_file() or (out / "series.json").is_file())
+    _refuse_existing(out, overwrite or (out / "manifest.json").is_file() or (out / "report.json").is_file())
+    simulator = Simulator(method, steps=steps, refine_evaluations=refine_evaluations, device=device.value)
     with console.status("loading the MNI152 template (from nilearn)"):
         subject = load_mni(resolution, axial_slice_mm=MNI_AXIAL_SLICE_MM if two_d else None)
     if chosen is not None:
-        simulator = Simulator(method or SERIES_METHOD, steps=steps, refine_evaluations=refine_evaluations,
-                              device=device.value)
         atlas = mni_atlas(chosen.atlas, subject) if chosen.needs_parcellation else None
-        _run_series(simulator, subject, chosen, atlas, years or [1.0], seed, out, overwrite=True)
+        _run_series(simulator, subject, chosen, atlas, years or [1.0], seed, out, overwrite=True, strict=strict)
         return
     atrophy = random_atrophy(subject, seed=seed or 0)
     console.print(f"random atrophy map (seed {seed or 0}): {describe(atrophy, subject)}", highlight=False)
-    simulator = Simulator(method or Method.NETWORK, steps=steps, refine_evaluations=refine_evaluations,
-                          device=device.value)
     simulation = _simulate(simulator, subject, atrophy)
-    simulation.save(out, overwrite=True)
-    _summarise(simulation, out)
+    simulation.report.inputs.update(atrophy=f"random_atrophy(seed={seed or 0})", convention="ratio")
+    _summarise(simulation)
+    _warn(simulation.report.warnings, strict)
+    _save(simulation, out, overwrite=True)
 
 
 @app.command()
 def simulate(
-    image: Annotated[Path, typer.Option(help="Baseline intensity NIfTI.")],
-    labels: Annotated[Path, typer.Option(help="Tissue label NIfTI on the image grid (0 bg, 1 CSF, 2 GM, 3 WM, 4 DGM).")],
+    image: Annotated[Path, input_file("Baseline intensity NIfTI.")],
+    labels: Annotated[Path, input_file("Tissue label NIfTI on the image grid (0 bg, 1 CSF, 2 GM, 3 WM, 4 DGM).")],
     out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
-    atrophy: Annotated[Optional[Path], typer.Option(help="Atrophy map NIfTI on the image grid (or --scenario).")] = None,
+    atrophy: Annotated[Optional[Path], input_file("Atrophy map NIfTI on the image grid (or --scenario).")] = None,
     scenario: ScenarioOption = None,
     years: Years = None,
-    parcellation: Annotated[Optional[Path], typer.Option(help="With --scenario: a label NIfTI in the subject's space "
-                                                              "(resampled by nearest neighbour) naming its regions.")] = None,
-    lut: Annotated[Optional[Path], typer.Option(help="Names of the parcellation's labels: FreeSurfer LUT or CSV/TSV "
-                                                     "'id name' (default: FreeSurfer's aseg names).")] = None,
+    parcellation: Annotated[Optional[Path], input_file("With --scenario: a label NIfTI in the subject's space "
+                                                       "(resampled by nearest neighbour) naming its regions.")] = None,
+    lut: Annotated[Optional[Path], input_file("Names of the parcellation's labels: FreeSurfer LUT or CSV/TSV "
+                                              "'id name' (default: FreeSurfer's aseg names).")] = None,
     seed: Annotated[Optional[int], typer.Option(min=0, help="With --scenario: seed of the rates drawn from their "
                                                      "between-subject spread (default: the mean rates).")] = None,
     convention: Annotated[Convention, typer.Option(help="ratio (baseline/follow-up volume, >1 = loss), inverse "
                                                         "(follow-up/baseline) or percent (change, <0 = loss).")] = Convention.RATIO,
     expect: Annotated[Optional[Direction], typer.Option(help="Warn if the map's tissue mean says the other direction "
                                                              "(a sign or convention mistake).")] = None,
-    label_table: Annotated[Optional[Path], typer.Option(help="YAML 'label: tissue class' table for other labellings.")] = None,
-    brain_only: Annotated[bool, typer.Option(help="Prescribe the map in tissue only; CSF volume is free to compensate (solver).")] = False,
-    method: Annotated[Optional[Method], typer.Option(help="How the displacement is found (default: network; solver "
-                                                          "with --brain-only; network+refine with --scenario).")] = None,
+    label_table: Annotated[Optional[Path], input_file("YAML 'label: tissue class' table for other labellings.")] = None,
+    brain_only: Annotated[bool, typer.Option(help="Prescribe the map in tissue only; CSF volume is free to compensate.")] = False,
+    method: Annotated[Method, typer.Option(help="How the displacement is found (network alone: faster, misses "
+                                                "multi-year maps).")] = DEFAULT_METHOD,
     model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d or a model.pt from 'brainmech train' "
                                                       "(default: by dimension).")] = None,
     steps: Steps = 1,
     refine_evaluations: RefineEvaluations = REFINE_EVALUATIONS,
     device: DeviceOption = Device.CPU,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    strict: Strict = False,
+    overwrite: Annotated[bool, typer.Option(help="Write into an existing output folder (only brainmech's files in it "
+                                                 "are replaced).")] = False,
 ) -> None:
     """Simulate the follow-up of your subject under an atrophy map (or a scenario over years) and write
     every output to OUT."""
-    from .atrophy import describe, direction_warning, load_atrophy
-    from .scenarios import Scenario, load_parcellation
-    from .subject import load_subject
-
     if (atrophy is None) == (scenario is None):
         raise InputError("give an atrophy map (--atrophy) or a scenario (--scenario), one of the two")
     _check_series_options(scenario, years)
@@ -348,47 +382,51 @@ def simulate(
         raise InputError("--parcellation, --lut and --seed belong to a --scenario")
     if lut is not None and parcellation is None:
         raise InputError("--lut names the labels of a --parcellation; pass both")
-    chosen = Scenario.load(scenario) if scenario is not None else None
     _refuse_existing(out, overwrite)
-    subject = load_subject(image, labels, label_table)
-    if chosen is not None:
-        regions = load_parcellation(parcellation, subject, lut) if parcellation is not None else None
-        simulator = Simulator(method or SERIES_METHOD, model=model, steps=steps,
-                              refine_evaluations=refine_evaluations, device=device.value)
-        _run_series(simulator, subject, chosen, regions, years or [1.0], seed, out, overwrite)
-        return
-    atrophy_map = load_atrophy(atrophy, subject, convention)
-    method = method or (Method.SOLVER if brain_only else Method.NETWORK)
+    from .atrophy import describe, direction_warning, load_atrophy
+    from .scenarios import Scenario, load_parcellation
+    from .simulator import Simulator
+    from .subject import load_subject
+
+    chosen = Scenario.load(scenario) if scenario is not None else None
     simulator = Simulator(method, model=model, steps=steps, brain_only=brain_only,
-                           refine_evaluations=refine_evaluations, device=device.value)
+                          refine_evaluations=refine_evaluations, device=device.value)
+    subject = load_subject(image, labels, label_table)
     if method is not Method.SOLVER:
         simulator.network(subject.ndim)  # a bad model file fails here, before any work or output
+    if chosen is not None:
+        regions = load_parcellation(parcellation, subject, lut) if parcellation is not None else None
+        _run_series(simulator, subject, chosen, regions, years or [1.0], seed, out, overwrite, strict)
+        return
+    atrophy_map = load_atrophy(atrophy, subject, convention)
     console.print(f"atrophy map ({convention.value}): {describe(atrophy_map, subject)}", highlight=False)
     warning = direction_warning(atrophy_map, subject, expect)
     if warning:
         console.print(f"[bold yellow]warning:[/] {as_flags(warning)}", highlight=False)
     simulation = _simulate(simulator, subject, atrophy_map)
-    simulation.save(out, overwrite=overwrite)
-    _summarise(simulation, out)
+    simulation.report.inputs.update(atrophy=str(atrophy), convention=convention.value)
+    _summarise(simulation)
+    _warn(simulation.report.warnings, strict)
+    _save(simulation, out, overwrite)
 
 
 @app.command("atrophy-map")
 def atrophy_map(
     out: Annotated[Path, typer.Option(help="Output NIfTI file (.nii.gz).")],
-    image: Annotated[Optional[Path], typer.Option(help="Subject image (default: the MNI template).")] = None,
-    labels: Annotated[Optional[Path], typer.Option(help="Subject label map (with --image).")] = None,
-    label_table: Annotated[Optional[Path], typer.Option(help="YAML 'label: tissue class' table.")] = None,
+    image: Annotated[Optional[Path], input_file("Subject image (default: the MNI template).")] = None,
+    labels: Annotated[Optional[Path], input_file("Subject label map (with --image).")] = None,
+    label_table: Annotated[Optional[Path], input_file("YAML 'label: tissue class' table.")] = None,
     resolution: Annotated[int, typer.Option(min=1, max=2, help="MNI resolution (mm) when no --image is given.")] = 2,
-    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same map.")] = 0,
-    tissue_percent: Annotated[float, typer.Option(help="Mean tissue volume change per year in percent (<0 = loss).")] = -1.0,
-    spread_percent: Annotated[float, typer.Option(min=0.0, help="Spatial standard deviation of the change in percent.")] = 2.0,
-    fwhm_mm: Annotated[float, typer.Option(min=0.0, help="Smoothness of the map (FWHM, mm).")] = 10.0,
-    years: Annotated[float, typer.Option(help="Years the yearly change compounds over.")] = 1.0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed: the same seed gives the same map.")] = 0,
+    tissue_percent: Annotated[float, typer.Option(callback=bounded(above=-50, below=100), help="Mean tissue volume change per year in percent (<0 = loss; -50 < p < 100).")] = -1.0,
+    spread_percent: Annotated[float, typer.Option(callback=bounded(at_least=0), help="Spatial standard deviation of the change in percent.")] = 2.0,
+    fwhm_mm: Annotated[float, typer.Option(callback=bounded(above=0), help="Smoothness of the map (FWHM, mm; > 0).")] = 10.0,
+    years: Annotated[float, typer.Option(callback=bounded(above=0), help="Years the yearly change compounds over (> 0).")] = 1.0,
     compensate_csf: Annotated[bool, typer.Option(help="CSF changes to keep the intracranial volume.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:
     """Write a smooth random atrophy map (ratio convention: a > 1 = loss) for a subject."""
-    from .atrophy import describe, random_atrophy
+    from .atrophy import describe, random_atrophy, tissue_volume_percent
     from .mni import load_mni
     from .subject import load_subject, write_image
 
@@ -398,9 +436,12 @@ def atrophy_map(
     subject = load_mni(resolution) if image is None else load_subject(image, labels, label_table)
     yearly = random_atrophy(subject, seed=seed, tissue_percent=tissue_percent, spread_percent=spread_percent,
                             fwhm_mm=fwhm_mm, compensate_csf=compensate_csf)
-    atrophy = yearly**years
+    atrophy = yearly**years  # each voxel's yearly change compounded: a = (1 + p/100) ** -years
     write_image(subject.to_nifti(atrophy), out, overwrite=overwrite)
-    console.print(f"made a map of {describe(atrophy, subject)} over {years:g} year(s)", highlight=False)
+    uniform = ((1 + tissue_percent / 100) ** years - 1) * 100
+    console.print(f"made a map of {describe(atrophy, subject)} over {years:g} year(s); {tissue_percent:+g} %/yr "
+                  f"compounds to {uniform:+.2f} % where uniform, and the spread of rates moves the tissue's mean "
+                  f"change by {tissue_volume_percent(atrophy, subject) - uniform:+.2f} pp", highlight=False)
     print(f"wrote {out}")
 
 
@@ -410,18 +451,18 @@ def train(
     dimension: Annotated[Dimension, typer.Option(help="2d (1 mm axial slices) or 3d (2 mm volumes).")] = Dimension.TWO_D,
     max_steps: Annotated[int, typer.Option(min=1, help="Optimiser steps in total (a resumed run continues to this count).")] = 2000,
     batch_size: Annotated[int, typer.Option(min=1, help="Cases per step.")] = 4,
-    learning_rate: Annotated[float, typer.Option(min=0.0, help="Adam learning rate (cosine decay to 1/20 of it).")] = 2e-3,
-    data: Annotated[Optional[Path], typer.Option(help="Your subjects: DATA/images/NAME.nii.gz + DATA/labels/NAME.nii.gz (default: MNI pseudo-subjects).")] = None,
-    label_table: Annotated[Optional[Path], typer.Option(help="YAML 'label: tissue class' table for --data.")] = None,
+    learning_rate: Annotated[float, typer.Option(callback=bounded(above=0), help="Adam learning rate (cosine decay to 1/20 of it).")] = 2e-3,
+    data: Annotated[Optional[Path], typer.Option(exists=True, file_okay=False, help="Your subjects: DATA/images/NAME.nii.gz + DATA/labels/NAME.nii.gz (default: MNI pseudo-subjects).")] = None,
+    label_table: Annotated[Optional[Path], input_file("YAML 'label: tissue class' table for --data.")] = None,
     validation_cases: Annotated[int, typer.Option(min=1, help="Held-out pseudo-subjects for validation.")] = 4,
     validate_every: Annotated[int, typer.Option(min=1, help="Validate and checkpoint every this many steps.")] = 250,
-    seed: Annotated[int, typer.Option(help="Seed of the training cases and their order (validation cases are "
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the training cases and their order (validation cases are "
                                            "fixed); give a continued run a new one to draw new cases.")] = 0,
     accelerator: Annotated[Accelerator, typer.Option(help="Lightning accelerator.")] = Accelerator.AUTO,
     devices: Annotated[str, typer.Option(help="Devices per node (a number or 'auto'); > 1 uses DDP.")] = "1",
     num_nodes: Annotated[int, typer.Option(min=1, help="Nodes (DDP across machines, launched by your cluster).")] = 1,
     workers: Annotated[int, typer.Option(min=0, help="Data loader worker processes.")] = 0,
-    resume: Annotated[Optional[Path], typer.Option(help="Checkpoint to resume from (e.g. OUT/checkpoints/last.ckpt).")] = None,
+    resume: Annotated[Optional[Path], input_file("Checkpoint to resume from (e.g. OUT/checkpoints/last.ckpt).")] = None,
     init_from: Annotated[Optional[str], typer.Option(help="Start from these weights (mni-2d, mni-3d or a model.pt/.ckpt), e.g. to fine-tune on --data.")] = None,
     loss: Annotated[Loss, typer.Option(help="relative (each case's energy over its potential flow's: cases weigh alike) or energy (per voxel).")] = Loss.RELATIVE,
 ) -> None:
@@ -442,7 +483,7 @@ def train(
 @app.command()
 def evaluate(
     out: Annotated[Path, typer.Option(help="Output folder: cases.csv (every case) and table.md (means per method).")],
-    cases: Annotated[Optional[Path], typer.Option(help="CSV: baseline, labels, atrophy, followup[, followup_labels] (default: synthetic benchmark).")] = None,
+    cases: Annotated[Optional[Path], input_file("CSV: baseline, labels, atrophy, followup[, followup_labels] (default: synthetic benchmark).")] = None,
     dimension: Annotated[Dimension, typer.Option(help="Synthetic benchmark: 2d (1 mm slices) or 3d (2 mm volumes).")] = Dimension.TWO_D,
     count: Annotated[int, typer.Option(min=1, help="Synthetic benchmark: number of held-out pseudo-subjects.")] = 4,
     method: Annotated[list[Method], typer.Option(help="A method to compare (repeat the option for several).")] = [Method.NETWORK, Method.SOLVER],  # noqa: B006
@@ -452,6 +493,7 @@ def evaluate(
 ) -> None:
     """Table 1 metrics (MSE_atrophy, MSE_image, Dice, energy gap, RMSE to solver, folds, time) over cases."""
     from .evaluation import csv_text, evaluate_cases, markdown_table, read_cases, summarise, synthetic_cases
+    from .simulator import Simulator
     from .subject import write_outputs
 
     _refuse_existing(out, overwrite)

@@ -1,6 +1,6 @@
 """Field operations on voxel grids: warping images and labels, composing fields, resizing between grids.
 
-Conventions (DESIGN §1): a displacement ``u`` is ``(B, d, *N)`` in voxel units along the voxel axes;
+Conventions (docs/conventions.md): a displacement ``u`` is ``(B, d, *N)`` in voxel units along the voxel axes;
 warping is a pull-back, ``followup(y) = baseline(y + u(y))``, as MONAI's ``Warp`` does it
 (``align_corners=True``); outside the grid the border value is repeated. Grids of different sizes
 spanning the same box are align-corners grids: their first and last nodes coincide, so node ``i`` of
@@ -32,21 +32,30 @@ def warp_image(image: Tensor, u: Tensor) -> Tensor:
 def warp_labels(labels: Tensor, u: Tensor) -> Tensor:
     """Resample an integer label map ``(B, 1, *N)``: each label's indicator is warped linearly and
     every voxel takes the label of largest weight, so labels stay labels and boundaries stay smooth."""
+    return warp_labels_and_volumes(labels, u)[0]
+
+
+def warp_labels_and_volumes(labels: Tensor, u: Tensor) -> tuple[Tensor, dict[int, float]]:
+    """:func:`warp_labels` and each label's partial volume in the result (voxels, summed over the batch):
+    the sum of its linearly warped indicator, which carries sub-voxel motion that hard labels cannot."""
     values = torch.unique(labels)
     best_weight = torch.full(labels.shape, -1.0, dtype=u.dtype, device=u.device)
     best_label = torch.zeros_like(labels)
+    volumes = {}
     for start in range(0, len(values), LABEL_CHUNK):
         chunk = values[start:start + LABEL_CHUNK]
         indicators = (labels == chunk.reshape(1, -1, *([1] * (labels.ndim - 2)))).to(u.dtype)
-        weight, index = warp_image(indicators, u).max(dim=1, keepdim=True)  # channels share one sampling grid
+        warped = warp_image(indicators, u)  # channels share one sampling grid
+        volumes.update(zip(chunk.tolist(), warped.double().sum(dim=[0, *range(2, warped.ndim)]).tolist()))
+        weight, index = warped.max(dim=1, keepdim=True)
         better = weight > best_weight
         best_weight = torch.where(better, weight, best_weight)
         best_label = torch.where(better, chunk[index], best_label)
-    return best_label
+    return best_label, volumes
 
 
 def compose(u_step: Tensor, u_previous: Tensor) -> Tensor:
-    """Field of ``y -> x`` after ``u_previous`` then ``u_step`` in pull-back order (DESIGN §3), voxels:
+    """Field of ``y -> x`` after ``u_previous`` then ``u_step`` in pull-back order (docs/conventions.md), voxels:
     ``u(y) = u_step(y) + u_previous(y + u_step(y))``."""
     return u_step + warp_image(u_previous, u_step)
 

@@ -7,7 +7,12 @@ import io
 import numpy as np
 from torch import Tensor
 
+from .errors import InputError
 from .mechanics import vector_length
+
+
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
+_PLANE = ("sagittal", "coronal", "axial")  # the plane normal to world x, y, z
 
 
 def _axial_slice(volume: Tensor, index: int | None) -> np.ndarray:
@@ -17,42 +22,187 @@ def _axial_slice(volume: Tensor, index: int | None) -> np.ndarray:
     return array.T  # rows = second voxel axis, drawn bottom-up
 
 
-def figure_png(image: Tensor, atrophy: Tensor, det_f: Tensor, displacement_mm: Tensor, followup: Tensor,
-               brain: Tensor, *, title: str = "", slice_index: int | None = None) -> bytes:
-    """A 2 x 3 PNG: baseline, atrophy a, det F, |u| (mm), simulated follow-up, follow-up - baseline.
+def _brain_crop(brain: np.ndarray) -> tuple[slice, slice]:
+    """Rows and columns of a 2D array's bounding box of ``brain > 0.5``, 2 voxels wider on each side
+    (the whole array where the brain is absent)."""
+    rows, columns = np.nonzero(brain > 0.5)
+    if rows.size == 0:
+        return slice(None), slice(None)
+    return (slice(max(rows.min() - 2, 0), rows.max() + 3), slice(max(columns.min() - 2, 0), columns.max() + 3))
 
-    3D volumes are shown at axial slice ``slice_index`` (middle by default); voxel axes, first axis
-    left to right, second bottom to top.
+
+def _slice_position(affine: np.ndarray, shape: tuple[int, ...], k: int) -> tuple[str, str, float]:
+    """The plane name, world axis name and world coordinate (mm) of voxel slice ``k`` along the
+    third voxel axis, at the slice centre ``((X - 1) / 2, (Y - 1) / 2, k)``; the world axis is the
+    one the third voxel axis is most aligned with (largest ``|affine[:3, 2]|``)."""
+    axis = int(np.argmax(np.abs(affine[:3, 2])))
+    centre = affine[:3, :3] @ [(shape[0] - 1) / 2, (shape[1] - 1) / 2, k] + affine[:3, 3]  # mm, RAS
+    return _PLANE[axis], "xyz"[axis], float(centre[axis])
+
+
+def _edge_letters(affine: np.ndarray) -> dict[str, str]:
+    """Anatomical direction at each edge of a drawn slice: horizontal = first voxel axis (left edge
+    index 0), vertical = second voxel axis (bottom edge index 0). An axis code (``aff2axcodes``) names
+    the direction of increasing index, so the far edge takes it and the index-0 edge its opposite."""
+    from nibabel.orientations import aff2axcodes
+
+    first, second = aff2axcodes(affine)[:2]
+    return {"left": _OPPOSITE.get(first, "?"), "right": first or "?",
+            "bottom": _OPPOSITE.get(second, "?"), "top": second or "?"}
+
+
+def _mark_edges(axis, letters: dict[str, str]) -> None:
+    """Orientation letters in yellow, outlined in black so they read on any background."""
+    from matplotlib import patheffects
+
+    outline = [patheffects.withStroke(linewidth=2, foreground="black")]
+    places = {"left": (0.015, 0.5, "left", "center"), "right": (0.985, 0.5, "right", "center"),
+              "bottom": (0.5, 0.015, "center", "bottom"), "top": (0.5, 0.985, "center", "top")}
+    for edge, (x, y, ha, va) in places.items():
+        axis.text(x, y, letters[edge], transform=axis.transAxes, color="yellow", fontsize="small",
+                  fontweight="bold", ha=ha, va=va, path_effects=outline)
+
+
+def _zoom_window(magnitude: np.ndarray, tissue: np.ndarray, brain: np.ndarray, half: int) -> tuple[slice, slice]:
+    """A square window (rows, columns) of up to ``2 * half + 1`` pixels around the largest |u| on the
+    baseline tissue boundary (0.25 < tissue fraction < 0.75) of the slice, else the largest |u| in the
+    brain, shifted to stay inside the array."""
+    edge = (tissue > 0.25) & (tissue < 0.75) & (brain > 0.5)
+    where = edge if edge.any() else brain > 0.5
+    if not where.any():
+        where = np.ones_like(brain, dtype=bool)
+    row, column = np.unravel_index(np.argmax(np.where(where, magnitude, -np.inf)), magnitude.shape)
+    window = []
+    for centre, size in ((row, magnitude.shape[0]), (column, magnitude.shape[1])):
+        start = int(np.clip(centre - half, 0, max(size - 2 * half - 1, 0)))
+        window.append(slice(start, min(start + 2 * half + 1, size)))
+    return window[0], window[1]
+
+
+def figure_png(image: Tensor, atrophy: Tensor, det_f: Tensor, displacement_mm: Tensor, followup: Tensor,
+               brain: Tensor, *, affine: np.ndarray, tissue: Tensor, warped_tissue: Tensor, title: str = "",
+               slice_index: int | None = None) -> bytes:
+    """A 2 x 4 PNG overview of one simulation on one slice along the third voxel axis.
+
+    Top row: the baseline; the atrophy ``a`` (baseline / follow-up volume, dimensionless, > 1 loss);
+    the simulated det F (the same ratio, of the map ``y -> y + u(y)``, on the same colour range); and
+    its error det F - a (dimensionless, own symmetric range). Bottom row: the simulated follow-up with
+    the tissue boundary (tissue fraction at 0.5) of the baseline and the one carried to the follow-up;
+    a zoom of the follow-up around the largest |u| on the boundary, where the motion is visible even
+    at -1 % change; follow-up - baseline (image intensity units); and |u| (mm).
+
+    Tensors are ``(1, 1, *N)``, 2D or 3D; ``brain`` is a bool mask, ``tissue`` the baseline tissue
+    fraction (grey + white + deep grey matter, in [0, 1]) and ``warped_tissue`` that fraction carried
+    to the follow-up. ``affine`` is the 4 x 4 voxel -> RAS mm affine (for 2D, the third voxel axis has
+    length 1). 3D volumes are shown at ``slice_index`` along the third voxel axis (middle if None);
+    the first voxel axis runs left to right, the second bottom to top, the letters at the edges are
+    the anatomical directions from ``affine``; every panel is cropped to the brain (+2 voxels).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
 
-    magnitude = vector_length(displacement_mm)
-    outside = ~brain
-    masked = lambda v: np.ma.masked_where(_axial_slice(outside, slice_index) > 0, _axial_slice(v, slice_index))  # noqa: E731
-    ratio_range = max(float((atrophy[brain] - 1).abs().max()), 1e-3)
-    difference = followup - image
-    difference_range = max(float(difference.abs().max()), 1e-6)
-    panels = [
-        ("baseline", _axial_slice(image, slice_index), dict(cmap="gray")),
-        ("atrophy a (>1 loss)", masked(atrophy), dict(cmap="RdBu_r", vmin=1 - ratio_range, vmax=1 + ratio_range)),
-        ("det F (simulated)", masked(det_f), dict(cmap="RdBu_r", vmin=1 - ratio_range, vmax=1 + ratio_range)),
-        ("|u| (mm)", _axial_slice(magnitude, slice_index), dict(cmap="magma")),
-        ("simulated follow-up", _axial_slice(followup, slice_index), dict(cmap="gray")),
-        ("follow-up - baseline", _axial_slice(difference, slice_index),
-         dict(cmap="PuOr", vmin=-difference_range, vmax=difference_range)),
-    ]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 8.5), constrained_layout=True)
-    for axis, (name, data, style) in zip(axes.flat, panels):
+    affine = np.asarray(affine, dtype=float)
+    shape = tuple(image.shape[2:])
+    depth = shape[2] if len(shape) == 3 else 1  # 2D: the affine's third voxel axis has the one slice 0
+    k = depth // 2 if slice_index is None else int(slice_index)
+    if not 0 <= k < depth:
+        raise InputError(f"slice_index={k} is outside the third voxel axis (0 to {depth - 1}); "
+                         "give an index inside it or slice_index=None for the middle")
+    plane, world_axis, position = _slice_position(affine, (*shape[:2], 1), k)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)  # mm per voxel along each voxel axis
+
+    def cut(volume: Tensor) -> np.ndarray:
+        return _axial_slice(volume, k)[crop]
+
+    in_brain = _axial_slice(brain, k) > 0
+    crop = _brain_crop(in_brain)
+    in_brain = in_brain[crop]
+
+    def masked(volume: Tensor) -> np.ma.MaskedArray:
+        return np.ma.masked_where(~in_brain, cut(volume))
+
+    # Ranges: a and det F share 1 +- the largest |a - 1| in the brain (whole volume); det F - a, the
+    # simulation's error, its own +- 99th percentile of |det F - a| in the brain (whole volume);
+    # follow-up - baseline +- the 99.9th percentile of its magnitude in the brain (intensity units;
+    # drawn outside the brain too, where a moving edge can pull intensity in).
+    brain_all = brain.bool()
+    ratio_range = max(float((atrophy[brain_all] - 1).abs().max()), 1e-3) if brain_all.any() else 1e-3
+    error = det_f - atrophy  # dimensionless
+    error_all = error[brain_all].abs().float().cpu().numpy()
+    error_max = float(error_all.max()) if error_all.size else 0.0
+    error_range = max(float(np.quantile(error_all, 0.99)) if error_all.size else 0.0, 1e-4)
+    difference = followup - image  # intensity units
+    difference_all = difference[brain_all].abs().float().cpu().numpy()
+    difference_range = max(float(np.quantile(difference_all, 0.999)) if difference_all.size else 0.0, 1e-6)
+    baseline = cut(image)
+    # One grey window for baseline and follow-up: the 1st to 99.5th percentile of the baseline in the
+    # brain on this slice (in the whole brain where the slice has none; intensity units).
+    inside = baseline[in_brain] if in_brain.any() else image[brain_all].float().cpu().numpy()
+    low, high = np.percentile(inside if inside.size else baseline, [1, 99.5])
+    grey = dict(cmap="gray", vmin=low, vmax=max(high, low + 1e-6))
+    magnitude = cut(vector_length(displacement_mm))  # mm
+    tissue_now, tissue_then = cut(tissue), cut(warped_tissue)
+    colour_before, colour_after = "deepskyblue", "orangered"
+
+    letters = _edge_letters(affine)
+    fig, axes = plt.subplots(2, 4, figsize=(17, 9), constrained_layout=True)
+
+    def show(axis, data, name, style, label=None, extend="neither"):
         shown = axis.imshow(data, origin="lower", interpolation="nearest", **style)
         axis.set_title(name)
-        axis.set_axis_off()
-        if name not in ("baseline", "simulated follow-up"):
-            fig.colorbar(shown, ax=axis, shrink=0.8)
-    if title:
-        fig.suptitle(title)
+        axis.set_xticks([])
+        axis.set_yticks([])
+        _mark_edges(axis, letters)
+        if label:
+            bar = fig.colorbar(shown, ax=axis, shrink=0.85, extend=extend)
+            bar.set_label(label)
+        return axis
+
+    def boundaries(axis):  # tissue fraction = 0.5 before (baseline) and after (carried to the follow-up)
+        for field, colour in ((tissue_now, colour_before), (tissue_then, colour_after)):
+            if field.min() < 0.5 < field.max():
+                axis.contour(field, levels=[0.5], colors=colour, linewidths=1.0)
+
+    top, bottom = axes
+    show(top[0], baseline, "baseline", grey, label="intensity")
+    show(top[1], masked(atrophy), "atrophy a (> 1 loss)",
+         dict(cmap="RdBu_r", vmin=1 - ratio_range, vmax=1 + ratio_range), label="a (baseline/follow-up volume)")
+    show(top[2], masked(det_f), "det F (simulated)",
+         dict(cmap="RdBu_r", vmin=1 - ratio_range, vmax=1 + ratio_range), label="det F")
+    show(top[3], masked(error), "det F - a (simulation error)",
+         dict(cmap="PiYG", vmin=-error_range, vmax=error_range), label="det F - a", extend="both")
+
+    follow = show(bottom[0], cut(followup), "simulated follow-up", grey, label="intensity")
+    boundaries(follow)
+    half = max(5, int(round(10.0 / float(min(spacing[:2])))))  # the zoom spans about 20 mm (>= 11 pixels)
+    rows, columns = _zoom_window(magnitude, tissue_now, in_brain, half)
+    box = (columns.start - 0.5, columns.stop - 0.5), (rows.start - 0.5, rows.stop - 0.5)  # pixel edges
+    follow.add_patch(Rectangle((box[0][0], box[1][0]), columns.stop - columns.start, rows.stop - rows.start,
+                               fill=False, edgecolor="yellow", linewidth=1.2))
+    zoom = show(bottom[1], cut(followup), f"zoom (yellow box), |u| up to {magnitude[rows, columns].max():.2f} mm", grey)
+    boundaries(zoom)
+    zoom.set_xlim(*box[0])
+    zoom.set_ylim(*box[1])
+    zoom.legend(handles=[Line2D([], [], color=colour_before, label="baseline tissue boundary"),
+                         Line2D([], [], color=colour_after, label="follow-up tissue boundary (warped)")],
+                loc="upper center", bbox_to_anchor=(0.5, -0.01), fontsize=9, frameon=False)
+    show(bottom[2], cut(difference), "follow-up - baseline",
+         dict(cmap="PuOr", vmin=-difference_range, vmax=difference_range), label="intensity difference",
+         extend="both")
+    show(bottom[3], magnitude, "|u| displacement", dict(cmap="magma", vmin=0), label="|u| (mm)")
+
+    voxel = " x ".join(f"{s:g}" for s in spacing[:len(shape)])
+    where = (f"{plane} slice k = {k}" + (" of a 2D subject" if len(shape) == 2 else "")
+             + ("" if in_brain.any() else ", no brain voxel on it")
+             + f" ({world_axis} = {position:.1f} mm at the slice centre); voxel {voxel} mm")
+    u_max = float(vector_length(displacement_mm)[brain_all].max()) if brain_all.any() else 0.0  # mm
+    ranges = (f"in the brain: max |det F - a| = {error_max:.3g} (colour range +- {error_range:.3g}, its 99th "
+              f"percentile); max |u| = {u_max:.2f} mm")
+    fig.suptitle("\n".join(filter(None, [title, where, ranges])), fontsize="medium")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
@@ -73,8 +223,7 @@ def series_png(years: list[float], curves: dict[str, tuple[list[float], list[flo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, columns = np.nonzero(brain > 0.5)
-    crop = (slice(max(rows.min() - 2, 0), rows.max() + 3), slice(max(columns.min() - 2, 0), columns.max() + 3))
+    crop = _brain_crop(brain)
     fig = plt.figure(figsize=(max(11, 2.6 * len(panels)), 8), constrained_layout=True)
     grid = fig.add_gridspec(2, len(panels), height_ratios=[1.1, 1])
     split = (len(panels) + 1) // 2 if fluid else len(panels)

@@ -1,6 +1,6 @@
-"""Neo-Hookean growth mechanics on a voxel grid (DESIGN §2): pure tensor functions, no I/O.
+"""Neo-Hookean growth mechanics on a voxel grid (docs/conventions.md): pure tensor functions, no I/O.
 
-Conventions (DESIGN §1): displacement ``u`` is ``(B, d, *N)`` in voxel units, channel ``c`` along
+Conventions (docs/conventions.md): displacement ``u`` is ``(B, d, *N)`` in voxel units, channel ``c`` along
 voxel axis ``c``; ``spacing`` is the voxel size in mm per axis; the atrophy map ``a`` is the target
 det F of ``y -> y + u(y)`` (a > 1 tissue loss, a < 1 growth). Energies are in units of
 ``mu * mm^3`` (``mu`` is dimensionless relative stiffness, grey/white matter = 1).
@@ -200,7 +200,7 @@ def sample_at(field: Tensor, points: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Problem:
-    """One growth problem on a voxel grid: every field the energy needs (DESIGN §2).
+    """One growth problem on a voxel grid: every field the energy needs (docs/conventions.md).
 
     Fields are ``(B, 1, *N)``; ``centre`` is ``(B, d)`` in voxel coordinates; ``spacing`` in mm.
     """
@@ -326,7 +326,7 @@ def _slab_gradients(u: Tensor, spacing: tuple[float, ...],
 
 class DetFMaps(NamedTuple):
     """det F per voxel, ``(B, 1, *N)`` each: the mean over the voxel's quadrature points (the reported
-    map, DESIGN §2.3) and their minimum (folds, DESIGN §2.4)."""
+    map, docs/conventions.md) and their minimum (folds, docs/conventions.md)."""
 
     mean: Tensor
     minimum: Tensor
@@ -358,7 +358,7 @@ def _voxel_mean_and_minimum(point_values: Iterable[tuple[Tensor, tuple[slice, ..
 
 
 def folded(min_det_f: Tensor) -> Tensor:
-    """Boolean map of folded voxels from the minimum det F map (DESIGN §2.4: any point with det F <= 0)."""
+    """Boolean map of folded voxels from the minimum det F map (docs/conventions.md: any point with det F <= 0)."""
     return min_det_f <= 0
 
 

@@ -1,4 +1,4 @@
-"""Metrics of a simulation (DESIGN §6): det F against the atrophy map, folds, energy gap, displacement
+"""Metrics of a simulation (docs/conventions.md): det F against the atrophy map, folds, energy gap, displacement
 distance, Dice per tissue. Small pure functions of tensors."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def atrophy_mse(det_f: Tensor, atrophy: Tensor, mask: Tensor) -> float:
 
 def folded_voxels(min_det_f: Tensor, mask: Tensor) -> int:
     """Number of voxels in ``mask`` where the map folds: any quadrature point with det F <= 0
-    (``min_det_f``: the minimum det F map of :func:`~brainmech.mechanics.det_f_maps`, DESIGN §2.4)."""
+    (``min_det_f``: the minimum det F map of :func:`~brainmech.mechanics.det_f_maps`, docs/conventions.md)."""
     return int(folded(min_det_f)[mask].sum())
 
 

@@ -1,9 +1,9 @@
-"""Regional prescriptions over years (DESIGN §1, §4): scenarios, parcellations, and the map they make.
+"""Regional prescriptions over years (docs/conventions.md): scenarios, parcellations, and the map they make.
 
 A :class:`Scenario` gives regions a percent **volume** change per year (negative = loss). A region is
 a set of labels of a parcellation (names, ids or glob patterns such as ``ctx-lh-*``) or a tissue
 class of the subject's own labels (``gm``, ``wm``, ``dgm``, ``csf``); tissue in no listed region
-changes at the default rate, and CSF is ``free`` (its volume follows, DESIGN brain-only),
+changes at the default rate, and CSF is ``free`` (its volume follows, docs/conventions.md),
 ``compensate`` (a uniform change that keeps the intracranial volume) or given its own rate.
 :func:`prescribe` turns a scenario into a yearly atrophy map ``a`` (baseline / follow-up volume):
 boundaries smoothed, then each region's levels adjusted until the map's integral over the region
@@ -84,7 +84,7 @@ MNI_ATLASES = {
 class CsfMode(str, enum.Enum):
     """What CSF that no region lists does."""
 
-    FREE = "free"  # its volume follows the tissue (no bulk term in CSF; DESIGN brain-only)
+    FREE = "free"  # its volume follows the tissue (no bulk term in CSF; docs/conventions.md)
     COMPENSATE = "compensate"  # a uniform change that keeps the intracranial volume
 
 
@@ -413,11 +413,11 @@ class Prescription:
 
     @property
     def brain_only(self) -> bool:
-        """CSF volume is free: the solver drops CSF's bulk term (DESIGN brain-only)."""
+        """CSF volume is free: the solver drops CSF's bulk term (docs/conventions.md)."""
         return self.scenario.csf is CsfMode.FREE
 
     def prescribed_percent(self, zone: Zone, years: float) -> float:
-        """A zone's prescribed volume change after ``years``, percent: its rate compounded (DESIGN §1),
+        """A zone's prescribed volume change after ``years``, percent: its rate compounded (docs/conventions.md),
         or for compensating CSF the change that keeps the intracranial volume at that time."""
         if not zone.compensates:
             return ((1.0 + zone.percent_per_year / 100.0) ** years - 1.0) * 100.0

@@ -1,4 +1,4 @@
-"""Longitudinal series (DESIGN §3, §4): a scenario simulated over years on one path, measured from the result.
+"""Longitudinal series (docs/conventions.md): a scenario simulated over years on one path, measured from the result.
 
 Year 5 continues year 2: every time point composes yearly steps onto the field of the one before,
 so region volumes are monotone where the rates are. Each region's simulated change is measured on
@@ -30,16 +30,16 @@ import torch
 import yaml
 from torch import Tensor
 
-from .errors import InputError
 from .fields import invert, warp_image, warp_labels
 from .figures import series_png
 from .scenarios import CsfMode, Prescription
-from .simulator import Method, Simulation, Simulator, label_dtype
+from .choices import Method, check_years, year_folder
+from .simulator import Simulation, Simulator, label_dtype, misses
 from .subject import Subject, write_outputs
 
 INTRACRANIAL = "intracranial"  # the row of the whole brain mask: the skull is fixed, its volume is kept
 PRESCRIBED_KINDS = ("region", "other tissue", "csf")  # zones given a rate (compensating CSF takes what is left)
-MISS_RELATIVE, MISS_POINTS = 0.10, 0.2  # a zone misses its target by more than 10 % of it or 0.2 pp
+ZONE_MISS_RELATIVE = 0.10  # a zone misses its target by more than 10 % of it or 0.2 pp (partial volumes)
 
 
 @dataclass
@@ -95,8 +95,7 @@ class Series:
         """Rows of prescribed zones whose simulated change (partial volumes) lies further from the
         prescription than 10 % of it or 0.2 percentage points, whichever is larger."""
         return [row for row in self.rows() if row["kind"] in PRESCRIBED_KINDS
-                and abs(row["simulated_percent"] - row["prescribed_percent"]) > max(MISS_RELATIVE * abs(row["prescribed_percent"]),
-                                                                                   MISS_POINTS)]
+                and misses(row["simulated_percent"], row["prescribed_percent"], ZONE_MISS_RELATIVE)]
 
     def csv(self) -> str:
         rows = self.rows()
@@ -132,13 +131,23 @@ class Series:
                           outline_name=self.prescription.zones[0].name, fluid=fluid,
                           left_right=("L", "R") if right else ("R", "L"))
 
+    def warnings(self) -> list[str]:
+        """Every zone that misses its compounded rate, and every check a time point failed, one line each."""
+        misses = [f"{row['region']} at year {row['years']:g} changed {row['simulated_percent']:+.2f} % where "
+                  f"{row['prescribed_percent']:+.2f} % was prescribed (more than 10 % or 0.2 pp off); method='solver' "
+                  f"or 'network+refine' come closer" for row in self.misses()]
+        return misses + [f"year {point.years:g}: {warning}" for point in self.points
+                         for warning in point.simulation.report.warnings]
+
     def summary(self) -> dict:
-        """``series.json``: the prescription (scenario as drawn, parcellation and licence), the note, the table."""
+        """``series.json``: the prescription (scenario as drawn, parcellation and licence), the note, the
+        table and the warnings."""
         return {**self.prescription.summary(), "years": [p.years for p in self.points],
-                "method": self.points[0].simulation.report.method, "note": self.note, "rows": self.rows()}
+                "method": self.points[0].simulation.report.method, "note": self.note, "rows": self.rows(),
+                "warnings": self.warnings()}
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-        """Write ``year-<t>/`` (every output of DESIGN §5, plus the parcellation before and after),
+        """Write ``year-<t>/`` (every output of a simulation, docs/outputs.md, plus the parcellation before and after),
         ``series.csv``, ``series.png``, ``series.json`` and ``scenario.yaml`` atomically into ``out_dir``."""
         images, extra = {}, {}
         parcellation = self.prescription.parcellation
@@ -156,25 +165,6 @@ class Series:
         extra["scenario.yaml"] = yaml.safe_dump(self.prescription.scenario.to_dict(), sort_keys=False).encode()
         extra["series.png"] = self.figure()
         return write_outputs(images, extra, out_dir, overwrite=overwrite)
-
-
-def check_years(years: Sequence[float]) -> list[float]:
-    """Time points in years, sorted: finite, > 0, and each with its own output folder (``year-<t>``)."""
-    if not years:
-        raise InputError("give at least one time point, years=[1, 2, 5]")
-    bad = [t for t in years if not (math.isfinite(t) and t > 0)]
-    if bad:
-        raise InputError(f"years= must be > 0 (time points after the baseline), got {bad}")
-    folders = [year_folder(t) for t in years]
-    repeated = sorted({f for f in folders if folders.count(f) > 1})
-    if repeated:
-        raise InputError(f"years= names the same time point twice ({', '.join(repeated)}); give each once")
-    return sorted(float(t) for t in years)
-
-
-def year_folder(years: float) -> str:
-    """The output folder of a time point: ``year-1``, ``year-2.5``."""
-    return f"year-{years:g}"
 
 
 def jacobian_volumes(subject: Subject, prescription: Prescription, u: Tensor, det_f: Tensor) -> dict[str, float]:

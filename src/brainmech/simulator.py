@@ -1,4 +1,4 @@
-"""One front door: subject + atrophy map -> simulated follow-up, labels, field and report (DESIGN §3, §5).
+"""One front door: subject + atrophy map -> simulated follow-up, labels, field and report (docs/conventions.md, docs/outputs.md).
 
 Example::
 
@@ -10,11 +10,13 @@ Example::
 
 from __future__ import annotations
 
-import enum
+import csv
+import io
 import json
+import math
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -22,32 +24,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .choices import REFINE_EVALUATIONS, Method
 from .errors import InputError
-from .fields import compose, warp_image, warp_labels
+from .fields import compose, warp_image, warp_labels_and_volumes
 from .figures import figure_png
-from .mechanics import DetFMaps, build_problem, to_millimetres, vector_length
+from .mechanics import TISSUE_CLASSES, DetFMaps, Tissue, build_problem, solid_fraction, to_millimetres, vector_length
 from .metrics import atrophy_mse, folded_voxels
-from .network import load_model
+from .network import PRETRAINED, load_model
 from .solver import MAX_EVALUATIONS, Callback, SolverRecord, solve
 from .subject import Subject, write_outputs
 from .version import __version__
 
 
-class Method(str, enum.Enum):
-    """How the displacement is found."""
-
-    NETWORK = "network"  # the pretrained U-Net: milliseconds to seconds
-    SOLVER = "solver"  # direct minimisation of the energy: the ground truth
-    NETWORK_REFINE = "network+refine"  # the network's answer polished by a budget of solver evaluations
-
-
-REFINE_EVALUATIONS = 30  # network+refine's default budget of solver energy evaluations (README benchmark)
 ATROPHY_CONVENTION = "a = baseline/follow-up volume = target det F (a > 1: loss)"
+# the tissue's volume change (Jacobian integration of the voxel-mean det F) misses its target by more than 15 %
+# of it or 0.2 pp: the converged solver reads 8-10 % less loss at 2 mm (boundary voxels share corners with CSF)
+TISSUE_MISS_RELATIVE, MISS_POINTS = 0.15, 0.2
+ERROR_LIMIT = 0.3  # RMS(det F - a) / RMS(a - 1) in tissue; the solver reaches 0.06-0.14 on the README's maps
+EXTREME_ATROPHY = (0.5, 2.0)  # a per step beyond these halves or doubles a voxel's volume at once
+MODEL_CARD_KEYS = ("model", "data", "resolution_mm", "training_steps", "held_out_metrics", "atrophy_prior")
 
 
 @dataclass
 class Report:
-    """What a simulation did and how well, written as ``report.json`` (DESIGN §5).
+    """What a simulation did and how well, written as ``report.json`` (docs/outputs.md).
 
     Energies in mu*mm^3 (mu relative: grey/white matter = 1); det F and a dimensionless; MSEs of
     det F against a; lengths in mm; voxel coordinates from 0 in file order; times in seconds.
@@ -55,7 +55,7 @@ class Report:
 
     method: str
     model: dict | None  # the network's model card (None for the solver)
-    steps: int  # composed steps (DESIGN §3)
+    steps: int  # composed steps (docs/conventions.md)
     refine_evaluations: int | None  # network+refine's budget per step
     subject: str
     shape: list[int]
@@ -64,10 +64,10 @@ class Report:
     timings: dict[str, float]  # simulate_s (finding u), warp_s (image and labels)
     energy: dict[str, float]  # elastic, background, centre, total: of the final field on the baseline problem
     energy_note: str  # which problem ``energy`` belongs to
-    mse_atrophy_tissue: float  # mean (det F - a)^2 over tissue, det F the voxel mean (DESIGN §2.3)
+    mse_atrophy_tissue: float  # mean (det F - a)^2 over tissue, det F the voxel mean (docs/conventions.md)
     mse_atrophy_brain: float  # the same over the brain
     mse_atrophy_tissue_moved: float  # det F(y) vs a(y + u(y)) over the tissue carried to the follow-up
-    folded_voxels_brain: int  # brain voxels with det F <= 0 at any of their quadrature points (DESIGN §2.4)
+    folded_voxels_brain: int  # brain voxels with det F <= 0 at any of their quadrature points (docs/conventions.md)
     min_det_f_brain: float  # the smallest det F at any quadrature point of a brain voxel
     max_displacement_mm: float
     brain_centre_voxel: list[float]  # centre of mass of the brain mask, pinned by the centre penalty
@@ -75,9 +75,22 @@ class Report:
     versions: dict[str, str]
     atrophy_convention: str = ATROPHY_CONVENTION
     scenario: dict | None = None  # a scenario's series: the scenario as drawn, its zones, the year, the parcellation
+    inputs: dict[str, str] = field(default_factory=dict)  # the files read (paths as given) and the map's convention
+    tissue_volume_percent: dict[str, float] = field(default_factory=dict)  # prescribed / simulated (Jacobian integration)
+    error_tissue: float = 0.0  # RMS(det F - a) / RMS(a - 1) over tissue: the share of the prescribed change missed
+    volumes: list[dict] = field(default_factory=list)  # per tissue class and label: baseline, follow-up (mL), % change
+    warnings: list[str] = field(default_factory=list)  # where the result misses its target, and what to do
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+    def volumes_csv(self) -> str:
+        """``volumes.csv``: one row per tissue class and per label of the label map."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(self.volumes[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.volumes)
+        return buffer.getvalue()
 
 
 @dataclass
@@ -92,21 +105,26 @@ class Simulation:
     min_det_f: Tensor
     warped_image: Tensor
     warped_labels: Tensor
+    warped_probabilities: Tensor  # (1, K, *N) the tissue probabilities carried linearly: partial volumes
     report: Report
 
     def figure(self) -> bytes:
-        """The PNG overview (baseline, a, det F, |u|, follow-up, difference) through the brain centre."""
+        """The PNG overview (baseline, a, det F, det F - a, follow-up with the tissue boundary moved, its
+        difference, |u|) through the brain centre."""
         index = round(self.report.brain_centre_voxel[2]) if self.subject.ndim == 3 else None
         return figure_png(self.subject.image, self.atrophy, self.det_f,
                           to_millimetres(self.displacement, self.subject.spacing), self.warped_image,
-                          self.subject.brain, title=f"{self.subject.name}: {self.report.method}", slice_index=index)
+                          self.subject.brain, affine=self.subject.affine,
+                          tissue=solid_fraction(self.subject.probabilities),
+                          warped_tissue=solid_fraction(self.warped_probabilities),
+                          title=f"{self.subject.name}: {self.report.method}", slice_index=index)
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False, figure: bool = True) -> Path:
-        """Write every output of DESIGN §5 atomically into ``out_dir`` with the subject's geometry."""
+        """Write every output (docs/outputs.md) into ``out_dir`` with the subject's geometry and a manifest."""
         return write_outputs(*self.outputs(figure=figure), out_dir, overwrite=overwrite)
 
     def outputs(self, *, figure: bool = True) -> tuple[dict[str, nib.Nifti1Image], dict[str, bytes]]:
-        """The files of DESIGN §5 by name: NIfTI images (the subject's geometry) and the other files' bytes."""
+        """The output files (docs/outputs.md) by name: NIfTI images (the subject's geometry) and the other files' bytes."""
         subject = self.subject
         images = {
             "warped_image.nii.gz": subject.to_nifti(self.warped_image),
@@ -115,7 +133,9 @@ class Simulation:
             "atrophy.nii.gz": subject.to_nifti(self.atrophy),
             "displacement.nii.gz": subject.displacement_to_itk(self.displacement),
         }
-        extra = {"report.json": self.report.to_json().encode()}
+        for tissue in list(Tissue)[1:self.warped_probabilities.shape[1]]:
+            images[f"warped_pv_{TISSUE_CLASSES[tissue]}.nii.gz"] = subject.to_nifti(self.warped_probabilities[:, tissue:tissue + 1])
+        extra = {"report.json": self.report.to_json().encode(), "volumes.csv": self.report.volumes_csv().encode()}
         if figure:
             extra["figure.png"] = self.figure()
         return images, extra
@@ -134,9 +154,10 @@ class Simulator:
     """Simulate the follow-up of a subject under an atrophy map.
 
     Args:
-        method: ``"network"`` (the pretrained U-Net: milliseconds to seconds), ``"solver"`` (direct
-            minimisation of the energy: the ground truth) or ``"network+refine"`` (the network's answer
-            polished by at most ``refine_evaluations`` solver energy evaluations).
+        method: ``"network+refine"`` (the default: the network's answer polished by at most
+            ``refine_evaluations`` solver energy evaluations, seconds), ``"network"`` (the pretrained U-Net
+            alone: milliseconds to a second, but it misses multi-year and sharp maps: README) or
+            ``"solver"`` (direct minimisation of the energy: the ground truth, a minute at 2 mm).
         model: the network: a pretrained name (``"mni-2d"``, ``"mni-3d"``), a ``.pt`` file from
             ``brainmech train``, or None for the pretrained model of the subject's dimension.
         steps: split the map into ``steps`` equal steps ``a^(1/steps)``, each simulated on the
@@ -154,12 +175,16 @@ class Simulator:
     On Linux, call :func:`brainmech.retain_freed_memory` once before running the solver or
     ``network+refine`` from a script (the ``brainmech`` command does): much faster on CPU.
 
+    Every result is checked against its target (``report.warnings``: the tissue volume, det F against
+    ``a``, the background, extreme values, folds).
+
     Example::
 
-        simulation = Simulator.pretrained("mni-3d")(subject, atrophy)
+        simulation = Simulator()(subject, atrophy)
+        print(simulation.report.warnings)
     """
 
-    def __init__(self, method: Method | str = Method.NETWORK, *, model: str | Path | None = None, steps: int = 1,
+    def __init__(self, method: Method | str = Method.NETWORK_REFINE, *, model: str | Path | None = None, steps: int = 1,
                  brain_only: bool = False, rtol: float = 1e-4, refine_evaluations: int = REFINE_EVALUATIONS,
                  device: str | torch.device = "cpu", callback: Callback | None = None):
         try:
@@ -215,7 +240,7 @@ class Simulator:
     def displace(self, subject: Subject, atrophy: Tensor, *, start: Tensor | None = None,
                  steps: int | None = None) -> tuple[Tensor, list[SolverRecord | None]]:
         """The displacement (voxels, on the device) that simulates ``atrophy`` (baseline frame) in ``steps``
-        composed steps (default: the simulator's), each on the tissue the previous ones moved (DESIGN §3).
+        composed steps (default: the simulator's), each on the tissue the previous ones moved (docs/conventions.md).
 
         ``start`` continues an earlier field: the first step begins on the tissue it moved, and the
         result is the composed field from the baseline (a longitudinal series lies on one path).
@@ -234,21 +259,24 @@ class Simulator:
     def result(self, subject: Subject, atrophy: Tensor, u: Tensor, records: list[SolverRecord | None],
                simulate_s: float) -> Simulation:
         """The :class:`Simulation` of a field ``u`` (voxels) found for ``atrophy`` in ``len(records)`` steps:
-        warped image and labels, det F maps and the report."""
+        warped image, labels and partial volumes, det F maps and the report."""
         timings = {"simulate_s": simulate_s}
         probabilities, atrophy_here = subject.probabilities.to(self.device), atrophy.to(self.device)
         problem = build_problem(probabilities, atrophy_here, subject.spacing, brain_only=self.brain_only)
         energy_terms, det_f = problem.report_terms(u)  # one sliced pass: no 1 mm index arrays
         start = time.perf_counter()
         warped_image = warp_image(subject.image.to(self.device), u)
-        warped_labels = warp_labels(subject.labels.to(self.device), u)
+        warped_labels, label_voxels = warp_labels_and_volumes(subject.labels.to(self.device), u)
+        warped_probabilities = warp_image(probabilities, u).clamp(0, 1)  # interpolation round-off: 1 + 1e-7
         timings["warp_s"] = time.perf_counter() - start
         cpu = lambda t: t.detach().cpu()  # noqa: E731
-        u, det_f = cpu(u), DetFMaps(*map(cpu, det_f))
+        u, det_f, warped_probabilities = cpu(u), DetFMaps(*map(cpu, det_f)), cpu(warped_probabilities)
         report = self._report(subject, atrophy, u, det_f, energy_terms, problem.centre[0].tolist(), timings, records)
+        report.volumes = volume_rows(subject, atrophy, warped_probabilities, label_voxels, brain_only=self.brain_only)
+        report.warnings = self.check(report, subject, atrophy)
         return Simulation(subject=subject, atrophy=atrophy, displacement=u, det_f=det_f.mean,
                           min_det_f=det_f.minimum, warped_image=cpu(warped_image), warped_labels=cpu(warped_labels),
-                          report=report)
+                          warped_probabilities=warped_probabilities, report=report)
 
     def _report(self, subject: Subject, atrophy: Tensor, u: Tensor, det_f: DetFMaps, energy_terms: dict[str, Tensor],
                 centre: list[float], timings: dict[str, float], records: list[SolverRecord | None]) -> Report:
@@ -256,20 +284,23 @@ class Simulator:
         # the moved frame: a(y + u(y)) and the tissue mask carried to the follow-up, in one warp
         carried = warp_image(torch.cat([atrophy, subject.tissue.to(atrophy.dtype)], 1), u)
         followup_atrophy, followup_tissue = carried.split(1, 1)
-        brain = subject.brain
+        brain, tissue = subject.brain, subject.tissue
         steps = len(records)
         energy_note = ("the energy of the simulated field on the problem it was simulated for" if steps == 1 else
                        f"the composed field of {steps} steps evaluated on the baseline problem; no step "
                        "minimised this energy (each minimised its own, on the moved tissue)")
+        mse_tissue = atrophy_mse(det_f.mean, atrophy, tissue)
+        change_rms = math.sqrt(float(((atrophy[tissue].double() - 1) ** 2).mean()))
         return Report(
             method=self.method.value,
-            model=None if self.method is Method.SOLVER else self.network(subject.ndim)[1],
+            model=None if self.method is Method.SOLVER else model_summary(self.model or f"mni-{subject.ndim}d",
+                                                                          self.network(subject.ndim)[1]),
             steps=steps,
             refine_evaluations=self.refine_evaluations if self.method is Method.NETWORK_REFINE else None,
             subject=subject.name, shape=list(subject.shape), spacing_mm=list(subject.spacing),
             brain_only=self.brain_only, timings=timings,
             energy={name: float(term.sum()) for name, term in energy_terms.items()}, energy_note=energy_note,
-            mse_atrophy_tissue=atrophy_mse(det_f.mean, atrophy, subject.tissue),
+            mse_atrophy_tissue=mse_tissue,
             mse_atrophy_brain=atrophy_mse(det_f.mean, atrophy, brain),
             mse_atrophy_tissue_moved=atrophy_mse(det_f.mean, followup_atrophy, followup_tissue > 0.5),
             folded_voxels_brain=folded_voxels(det_f.minimum, brain),
@@ -278,7 +309,95 @@ class Simulator:
             brain_centre_voxel=centre,
             solver=[r.as_dict() for r in records] if self.method is not Method.NETWORK else None,
             versions={"brainmech": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            inputs=dict(subject.files),
+            # follow-up / baseline volume of the tissue: the mean of 1/a prescribed, of 1/det F simulated
+            tissue_volume_percent={"prescribed": float((1 / atrophy[tissue].double()).mean() - 1) * 100,
+                                   "simulated": float((1 / det_f.mean[tissue].double()).mean() - 1) * 100},
+            error_tissue=math.sqrt(mse_tissue) / max(change_rms, 1e-3),  # a change under 0.1 % counts as 0.1 %
         )
+
+    def check(self, report: Report, subject: Subject, atrophy: Tensor) -> list[str]:
+        """Where a result misses its target, each as one line with the figure and what to do (the API's
+        parameter names; the command line shows its flags)."""
+        advice = {Method.NETWORK: "method='network+refine' or method='solver' come closer",
+                  Method.NETWORK_REFINE: "raise refine_evaluations= (e.g. 100) or use method='solver'",
+                  Method.SOLVER: "no smooth deformation does better: smooth the map or split it with steps="}[self.method]
+        warnings = []
+        prescribed, simulated = report.tissue_volume_percent["prescribed"], report.tissue_volume_percent["simulated"]
+        if misses(simulated, prescribed, TISSUE_MISS_RELATIVE):
+            warnings.append(f"the tissue volume changed {simulated:+.2f} % where the map prescribes {prescribed:+.2f} % "
+                            f"(more than 15 % or 0.2 pp off; Jacobian integration); {advice}")
+        if report.error_tissue > ERROR_LIMIT:
+            warnings.append(f"det F departs from a by {report.error_tissue:.0%} of the prescribed change in tissue "
+                            f"(RMS; MSE {report.mse_atrophy_tissue:.2e}; the solver leaves 6-14 % on smooth maps); {advice}")
+        background = ~subject.brain & ((atrophy - 1).abs() > 1e-4)
+        if background.any():
+            warnings.append(f"the map changes the background in {int(background.sum())} voxels (a up to "
+                            f"{float(atrophy[background].max()):.3g}); the background is held still, so that change is "
+                            "not simulated: set a = 1 outside the brain")
+        per_step = atrophy[subject.brain] ** (1.0 / report.steps)
+        low, high = float(per_step.min()), float(per_step.max())
+        if low < EXTREME_ATROPHY[0] or high > EXTREME_ATROPHY[1]:
+            warnings.append(f"the map halves or doubles voxel volumes at once (a from {low ** report.steps:.3g} to "
+                            f"{high ** report.steps:.3g} in the brain, per step from {low:.3g} to {high:.3g}); "
+                            f"split it with steps= so that each step stays within {EXTREME_ATROPHY[0]}-{EXTREME_ATROPHY[1]}")
+        if report.folded_voxels_brain:
+            warnings.append(f"{report.folded_voxels_brain} brain voxels fold (det F <= 0, smallest "
+                            f"{report.min_det_f_brain:.3g}); use method='solver' or steps=")
+        return warnings
+
+
+def misses(simulated_percent: float, prescribed_percent: float, relative: float) -> bool:
+    """A volume change misses its target: off by more than ``relative`` of it and by more than 0.2 points."""
+    return abs(simulated_percent - prescribed_percent) > max(relative * abs(prescribed_percent), MISS_POINTS)
+
+
+def model_summary(source: str | Path, card: dict) -> dict:
+    """What a report keeps of the model card of ``source`` (a pretrained name or a model file): what the
+    network is and how well it did on held-out cases; the training history stays in the card it names."""
+    where = (f"brainmech/models/{source}.json (installed with brainmech)" if str(source) in PRETRAINED
+             else str(Path(source).with_suffix(".json")))
+    return {"name": str(source), "card": where, **{k: card[k] for k in MODEL_CARD_KEYS if k in card}}
+
+
+def volume_rows(subject: Subject, atrophy: Tensor, warped_probabilities: Tensor, label_voxels: dict[int, float],
+                *, brain_only: bool) -> list[dict]:
+    """Baseline and follow-up volumes (mL) per tissue class (from probabilities), for tissue and the whole
+    intracranial volume, and per label of the label map (its indicator), the follow-up measured on the
+    partial volumes the field carries (what the written ``warped_pv_*`` and the label's warped indicator
+    hold); prescribed: the map's volume ``sum p / a`` (empty where the map is not prescribed: CSF with
+    ``brain_only``)."""
+    voxel_ml = math.prod(subject.spacing) / 1000.0
+    p, a = subject.probabilities.double(), atrophy.double()
+    warped = warped_probabilities.double()
+    rows = []
+
+    def row(kind: str, name: str, baseline: Tensor, prescribed: Tensor | None, followup: float) -> dict:
+        baseline = float(baseline)
+        percent = lambda v: round((v / baseline - 1) * 100, 4) if baseline > 0 else ""  # noqa: E731
+        return {"kind": kind, "name": name, "baseline_ml": round(baseline * voxel_ml, 4),
+                "followup_ml": round(followup * voxel_ml, 4), "simulated_percent": percent(followup),
+                "prescribed_percent": "" if prescribed is None else percent(float(prescribed))}
+
+    classes = list(Tissue)[1:p.shape[1]]
+    for tissue in classes:
+        prescribed = None if brain_only and tissue is Tissue.CSF else (p[:, tissue] / a[:, 0]).sum()
+        rows.append(row("tissue class", TISSUE_CLASSES[tissue], p[:, tissue].sum(), prescribed, float(warped[:, tissue].sum())))
+    solid = [int(t) for t in classes if t is not Tissue.CSF]
+    rows.append(row("tissue class", "tissue", p[:, solid].sum(), (p[:, solid].sum(1) / a[:, 0]).sum(),
+                    float(warped[:, solid].sum())))
+    inside = [int(t) for t in classes]
+    rows.append(row("tissue class", "intracranial", p[:, inside].sum(),
+                    None if brain_only else (p[:, inside].sum(1) / a[:, 0]).sum(), float(warped[:, inside].sum())))
+    labels = subject.labels
+    for label, followup in sorted(label_voxels.items()):
+        indicator = labels == label
+        tissue = TISSUE_CLASSES[int(p[:, :, indicator[0, 0]].sum(-1).argmax())]
+        if tissue == "background":
+            continue
+        prescribed = None if brain_only and tissue == "csf" else (1 / a[indicator]).sum()
+        rows.append(row(f"label ({tissue})", str(label), indicator.sum(), prescribed, followup))
+    return rows
 
 
 def check_atrophy(atrophy: Tensor, subject: Subject) -> None:

@@ -1,4 +1,4 @@
-"""Direct minimisation of the growth energy (DESIGN §3): the ground truth and the fallback.
+"""Direct minimisation of the growth energy (docs/conventions.md): the ground truth and the fallback.
 
 L-BFGS with a strong-Wolfe line search on each level of a coarse-to-fine pyramid. Each level's
 problem is the same physical energy on a coarser grid (the energy is an integral in mm^3, so the
@@ -69,8 +69,8 @@ class _Stop(Exception):
 
 
 def coarsen(problem: Problem) -> Problem:
-    """The same problem on a grid with about half the voxels per axis (align-corners geometry, DESIGN
-    §3): materials averaged over the fine voxels (:func:`~brainmech.fields.restrict`), ``log a`` too."""
+    """The same problem on a grid with about half the voxels per axis (align-corners geometry,
+    :mod:`brainmech.fields`): materials averaged over the fine voxels (:func:`~brainmech.fields.restrict`), ``log a`` too."""
     fine = tuple(problem.atrophy.shape[2:])
     coarse = tuple((n + 1) // 2 for n in fine)
     ratio = voxel_ratio(fine, coarse)
