@@ -380,3 +380,25 @@ def test_device_cuda_without_a_gpu_is_one_line_exit_2(subject_files, tmp_path):
     result = simulate(subject_files, tmp_path / "out", "--device", "cuda")
     assert result.exit_code == 2 and "sees no CUDA GPU; use --device cpu" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["atrophy-map", "--years", "1000"], "--years': 1000 must be <= 100"),
+    (["atrophy-map", "--fwhm-mm", "1e300"], "must be <= 1000"),
+    (["demo", "--scenario", "alzheimers", "--years", "1e5"], "must be <= 100"),
+    (["demo", "--steps", "100000"], "--steps"),
+])
+def test_arguments_that_would_run_for_ever_or_overflow_are_refused(arguments, message, tmp_path):
+    out = tmp_path / ("map.nii.gz" if arguments[0] == "atrophy-map" else "out")
+    result = runner.invoke(app, [*arguments, "--out", str(out)])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(subject_files, tmp_path):
+    (tmp_path / "a-file").write_text("mine")
+    as_folder = simulate(subject_files, tmp_path / "a-file", "--overwrite")
+    assert as_folder.exit_code == 2 and "is a file; name an output folder" in as_folder.output
+    below_a_file = simulate(subject_files, tmp_path / "a-file" / "out")
+    assert below_a_file.exit_code == 2 and "not a folder you can write to" in below_a_file.output
+    assert (tmp_path / "a-file").read_text() == "mine"

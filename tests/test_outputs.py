@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import stat
 
 import nibabel as nib
@@ -18,8 +19,8 @@ def image(value: float) -> nib.Nifti1Image:
 
 
 @pytest.fixture
-def umask_022():
-    previous = os.umask(0o022)
+def umask_027():
+    previous = os.umask(0o027)
     yield
     os.umask(previous)
 
@@ -55,14 +56,39 @@ def test_a_folder_emptied_of_brainmech_files_is_removed_and_nothing_outside_is_t
     assert (tmp_path / "outside.txt").read_text() == "mine"
 
 
-def test_outputs_follow_the_users_umask(tmp_path, umask_022):
+def test_outputs_follow_the_users_umask(tmp_path, umask_027):
     out = write_outputs({"a.nii.gz": image(1.0)}, {"sub/report.json": b"{}"}, tmp_path / "out")
-    assert mode(out) == 0o755 and mode(out / "sub") == 0o755
-    assert {mode(p) for p in out.rglob("*") if p.is_file()} == {0o644}
+    assert mode(out) == 0o750 and mode(out / "sub") == 0o750
+    assert {mode(p) for p in out.rglob("*") if p.is_file()} == {0o640}
     single = write_image(image(1.0), tmp_path / "map.nii.gz")
-    assert mode(single) == 0o644
+    assert mode(single) == 0o640
     write_outputs({"a.nii.gz": image(3.0)}, {}, out, overwrite=True)
-    assert mode(out / "a.nii.gz") == 0o644
+    assert mode(out / "a.nii.gz") == 0o640
+
+
+def test_overwrite_keeps_what_the_user_changed_and_survives_odd_manifests(tmp_path):
+    out = tmp_path / "out"
+    write_outputs({}, {"table.csv": b"a,b\n", "year-2/report.json": b"{}", "year-3/report.json": b"{}"}, out)
+    (out / "table.csv").write_text("a,b\nmy edit\n")  # edited after the run: the user's now
+    shutil.rmtree(out / "year-2")  # removed by the user
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"].update({".": {}, "year-3": {}, "../../etc": {}})  # entries that are not files of the run
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    write_outputs({}, {"report.json": b"{}"}, out, overwrite=True)
+    assert (out / "table.csv").read_text() == "a,b\nmy edit\n"
+    assert not (out / "year-3").exists() and (out / "report.json").exists()
+    assert list(json.loads((out / MANIFEST).read_text())["files"]) == ["report.json"]
+
+
+def test_overwrite_refuses_a_linked_sub_folder_before_writing_anything(tmp_path):
+    out = write_outputs({}, {"year-1/report.json": b"{}"}, tmp_path / "out")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(out / "year-1")
+    (out / "year-1").symlink_to(elsewhere)
+    with pytest.raises(InputError, match="leads outside"):
+        write_outputs({}, {"year-1/report.json": b"{\"new\": 1}", "report.json": b"{}"}, out, overwrite=True)
+    assert not list(elsewhere.iterdir()) and not (out / "report.json").exists()
 
 
 def test_the_manifest_holds_each_files_size_and_checksum(tmp_path):

@@ -19,6 +19,7 @@ from .errors import InputError
 from .subject import Subject, as_tensor, check_same_grid, read_nifti, volume
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+MAX_CLIPPED = 1e-3  # random_atrophy clips at most this fraction of the tissue to -50 % ... +100 %
 
 
 def from_percent(percent: Tensor | float, years: float = 1.0) -> Tensor | float:
@@ -110,13 +111,14 @@ def random_atrophy(
 
     In tissue voxels (GM, WM, DGM dominant) the percent volume change is Gaussian noise smoothed
     with a Gaussian of ``fwhm_mm``, rescaled to mean ``tissue_percent`` and standard deviation
-    ``spread_percent`` (refused where that would put a voxel beyond -50 % or +100 %). With ``compensate_csf`` the CSF voxels change uniformly so the intracranial
+    ``spread_percent``; a few outliers beyond -50 % or +100 % (at most 0.1 % of the tissue) are clipped and
+    the mean restored, more are refused. With ``compensate_csf`` the CSF voxels change uniformly so the intracranial
     volume is kept (the skull does not move); otherwise CSF and background keep a = 1.
     """
     if not all(map(math.isfinite, (tissue_percent, spread_percent, fwhm_mm))):
         raise InputError("tissue_percent=, spread_percent= and fwhm_mm= must be finite numbers")
-    if spread_percent < 0 or fwhm_mm <= 0 or not -50 < tissue_percent < 100:
-        raise InputError(f"need -50 < tissue_percent= < 100, spread_percent= >= 0 and fwhm_mm= > 0; got "
+    if spread_percent < 0 or not 0 < fwhm_mm <= 1000 or not -50 < tissue_percent < 100:
+        raise InputError(f"need -50 < tissue_percent= < 100, spread_percent= >= 0 and 0 < fwhm_mm= <= 1000; got "
                          f"{tissue_percent:g}, {spread_percent:g} and {fwhm_mm:g}")
     rng = np.random.default_rng(seed)
     sigma = [fwhm_mm / FWHM_PER_SIGMA / h for h in subject.spacing]
@@ -125,9 +127,12 @@ def random_atrophy(
     field = (field - field[tissue].mean()) / (field[tissue].std() + 1e-12)
     percent = tissue_percent + spread_percent * field
     beyond = (percent[tissue] <= -50.0) | (percent[tissue] >= 100.0)
-    if beyond.any():  # clipping them would change the mean and spread the caller asked for
+    if beyond.mean() > MAX_CLIPPED:  # clipping them would change the mean and spread the caller asked for
         raise InputError(f"tissue_percent={tissue_percent:g} with spread_percent={spread_percent:g} puts "
-                         f"{beyond.mean():.2%} of the tissue beyond -50 % or +100 % a year; lower spread_percent=")
+                         f"{int(beyond.sum())} tissue voxels ({beyond.mean():.2%}) beyond -50 % or +100 % a year; "
+                         "lower spread_percent=")
+    percent = np.clip(percent, -50.0 + 1e-3, 100.0 - 1e-3)  # a few outliers of a sharp, wide map
+    percent = np.clip(percent + tissue_percent - percent[tissue].mean(), -50.0 + 1e-3, 100.0 - 1e-3)  # mean kept
     log_a = np.where(tissue, -np.log1p(percent / 100.0), 0.0)
     if compensate_csf:
         csf = (subject.brain & ~subject.tissue)[0, 0].numpy()

@@ -141,9 +141,10 @@ def _before_every_command(
     retain_freed_memory()  # on Linux: the solver and training run much faster (no page faults of re-used memory)
 
 
-def bounded(*, above: float | None = None, below: float | None = None, at_least: float | None = None):
+def bounded(*, above: float | None = None, below: float | None = None, at_least: float | None = None,
+            at_most: float | None = None):
     """A typer callback that refuses non-finite numbers (click lets ``nan`` through any range) and values
-    outside open bounds (``above``, ``below``) or a closed lower bound (``at_least``)."""
+    outside open bounds (``above``, ``below``) or closed ones (``at_least``, ``at_most``)."""
 
     def check(value):
         for number in value if isinstance(value, list) else [] if value is None else [value]:
@@ -155,6 +156,8 @@ def bounded(*, above: float | None = None, below: float | None = None, at_least:
                 raise typer.BadParameter(f"{number:g} must be < {below:g}")
             if at_least is not None and number < at_least:
                 raise typer.BadParameter(f"{number:g} must be >= {at_least:g}")
+            if at_most is not None and number > at_most:
+                raise typer.BadParameter(f"{number:g} must be <= {at_most:g}")
         return value
 
     return check
@@ -165,9 +168,9 @@ def input_file(help: str, **kwargs):
     return typer.Option(help=help, exists=True, dir_okay=False, **kwargs)
 
 
-RefineEvaluations = Annotated[int, typer.Option(min=2, help="network+refine: solver energy evaluations after the "
+RefineEvaluations = Annotated[int, typer.Option(min=2, max=10_000, help="network+refine: solver energy evaluations after the "
                                                             "network (more: closer to the solver's minimum).")]
-Steps = Annotated[int, typer.Option(min=1, help="Simulate in this many composed steps (large or multi-year changes).")]
+Steps = Annotated[int, typer.Option(min=1, max=1000, help="Simulate in this many composed steps (large or multi-year changes).")]
 DeviceOption = Annotated[Device, typer.Option(help="Where the physics runs.")]
 
 
@@ -204,13 +207,13 @@ def _summarise(simulation) -> None:
     volume = report.tissue_volume_percent
     console.print(f"  tissue volume {volume['simulated']:+.2f} % (prescribed {volume['prescribed']:+.2f} %); det F - a: "
                   f"{report.error_tissue:.0%} of the prescribed change (RMS in tissue); folded voxels: "
-                  f"{report.folded_voxels_brain}; max |u| {report.max_displacement_mm:.2f} mm", highlight=False)
+                  f"{report.folded_voxels_brain}; max |u| {report.max_displacement_mm:.2f} mm (whole grid)", highlight=False)
 
 
-def _warn(warnings: list[str], strict: bool, prefix: str = "") -> None:
+def _warn(warnings: list[str], strict: bool) -> None:
     """Print each warning as one ``warning:`` line; under ``--strict``, exit 1 (nothing is written yet)."""
     for warning in warnings:
-        console.print(f"[bold yellow]warning:[/] {escape(prefix + as_flags(warning))}", highlight=False)
+        console.print(f"[bold yellow]warning:[/] {escape(as_flags(warning))}", highlight=False)
     if strict and warnings:
         _error(f"--strict: the result misses its target ({len(warnings)} warning(s) above); nothing written", 1)
         raise typer.Exit(1)
@@ -230,9 +233,16 @@ def _check_series_options(scenario: str | None, years: list[float] | None) -> No
         check_years(years)
 
 
-def _refuse_existing(out: Path, overwrite: bool) -> None:
+def _refuse_existing(out: Path, overwrite: bool, *, folder: bool = True) -> None:
+    """Refuse, before any work, an output that exists (without --overwrite), that is a file where a folder
+    goes (or the reverse), or that cannot be created in its parent."""
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and out.is_dir() != folder:
+        raise InputError(f"{out} is a {'file' if folder else 'folder'}; name an output {'folder' if folder else 'file'}")
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {out}: {parent} is not a folder you can write to")
 
 
 # the network alone misses ordinary multi-year maps by more than 10 % of the tissue change (README, "Which
@@ -240,7 +250,7 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
 DEFAULT_METHOD = Method.NETWORK_REFINE
 Strict = Annotated[bool, typer.Option(help="Exit 1 and write nothing when the result misses its target (the "
                                            "warning lines: tissue volume, det F against a, background, folds).")]
-Years = Annotated[Optional[list[float]], typer.Option(callback=bounded(above=0), help="With --scenario: time points in years, e.g. --years 1 2 5 "
+Years = Annotated[Optional[list[float]], typer.Option(callback=bounded(above=0, at_most=100), help="With --scenario: time points in years, e.g. --years 1 2 5 "
                                                            "(one path: later years continue earlier ones).")]
 ScenarioOption = Annotated[Optional[str], typer.Option(help="A named scenario (brainmech scenarios) or a YAML file "
                                                             "of regional yearly rates; writes a series over --years.")]
@@ -310,7 +320,7 @@ def demo(
     """Simulate atrophy on the MNI152 brain shipped with nilearn (no download) and write every output.
 
     With --scenario: a series over --years on the MNI brain, its regions from the scenario's atlas
-    (pip install 'brainmech[atlas]').
+    (pip install 'brainmech\\[atlas]').
     """
     _check_series_options(scenario, years)
     from .atrophy import describe, random_atrophy
@@ -322,7 +332,9 @@ def demo(
     if chosen is not None and chosen.needs_parcellation and chosen.atlas is None:
         raise InputError(f"scenario {chosen.name} names parcellation labels but no atlas for the MNI brain; "
                          f"add 'atlas: desikan-killiany' (or another of brainmech's MNI atlases) to it")
-    _refuse_existing(out, overwrite or (out / "manifest.json").is_file() or (out / "report.json").is_file())
+    from .subject import written_by_brainmech
+
+    _refuse_existing(out, overwrite or bool(written_by_brainmech(out)) or (out / "report.json").is_file())
     simulator = Simulator(method, steps=steps, refine_evaluations=refine_evaluations, device=device.value)
     with console.status("loading the MNI152 template (from nilearn)"):
         subject = load_mni(resolution, axial_slice_mm=MNI_AXIAL_SLICE_MM if two_d else None)
@@ -367,8 +379,8 @@ def simulate(
     refine_evaluations: RefineEvaluations = REFINE_EVALUATIONS,
     device: DeviceOption = Device.CPU,
     strict: Strict = False,
-    overwrite: Annotated[bool, typer.Option(help="Write into an existing output folder (only brainmech's files in it "
-                                                 "are replaced).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Write into an existing output folder: files with brainmech's output "
+                                                 "names are replaced, a previous run's other files removed, yours kept.")] = False,
 ) -> None:
     """Simulate the follow-up of your subject under an atrophy map (or a scenario over years) and write
     every output to OUT."""
@@ -396,6 +408,7 @@ def simulate(
         simulator.network(subject.ndim)  # a bad model file fails here, before any work or output
     if chosen is not None:
         regions = load_parcellation(parcellation, subject, lut) if parcellation is not None else None
+        subject.files.update({name: str(path) for name, path in (("parcellation", parcellation), ("lut", lut)) if path})
         _run_series(simulator, subject, chosen, regions, years or [1.0], seed, out, overwrite, strict)
         return
     atrophy_map = load_atrophy(atrophy, subject, convention)
@@ -420,23 +433,29 @@ def atrophy_map(
     seed: Annotated[int, typer.Option(min=0, help="Random seed: the same seed gives the same map.")] = 0,
     tissue_percent: Annotated[float, typer.Option(callback=bounded(above=-50, below=100), help="Mean tissue volume change per year in percent (<0 = loss; -50 < p < 100).")] = -1.0,
     spread_percent: Annotated[float, typer.Option(callback=bounded(at_least=0), help="Spatial standard deviation of the change in percent.")] = 2.0,
-    fwhm_mm: Annotated[float, typer.Option(callback=bounded(above=0), help="Smoothness of the map (FWHM, mm; > 0).")] = 10.0,
-    years: Annotated[float, typer.Option(callback=bounded(above=0), help="Years the yearly change compounds over (> 0).")] = 1.0,
+    fwhm_mm: Annotated[float, typer.Option(callback=bounded(above=0, at_most=1000), help="Smoothness of the map "
+                                                                                        "(FWHM, mm; 0 < FWHM <= 1000).")] = 10.0,
+    years: Annotated[float, typer.Option(callback=bounded(above=0, at_most=100), help="Years the yearly change "
+                                                                                     "compounds over (0 < t <= 100).")] = 1.0,
     compensate_csf: Annotated[bool, typer.Option(help="CSF changes to keep the intracranial volume.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:
     """Write a smooth random atrophy map (ratio convention: a > 1 = loss) for a subject."""
+    import torch
+
     from .atrophy import describe, random_atrophy, tissue_volume_percent
     from .mni import load_mni
     from .subject import load_subject, write_image
 
     if (image is None) != (labels is None):
         raise InputError("pass both --image and --labels, or neither (for the MNI template)")
-    _refuse_existing(out, overwrite)
+    _refuse_existing(out, overwrite, folder=False)
     subject = load_mni(resolution) if image is None else load_subject(image, labels, label_table)
     yearly = random_atrophy(subject, seed=seed, tissue_percent=tissue_percent, spread_percent=spread_percent,
                             fwhm_mm=fwhm_mm, compensate_csf=compensate_csf)
     atrophy = yearly**years  # each voxel's yearly change compounded: a = (1 + p/100) ** -years
+    if not torch.isfinite(atrophy).all() or (atrophy <= 0).any():
+        raise InputError(f"--years {years:g} compounds the map beyond float range; give fewer years or a smaller change")
     write_image(subject.to_nifti(atrophy), out, overwrite=overwrite)
     uniform = ((1 + tissue_percent / 100) ** years - 1) * 100
     console.print(f"made a map of {describe(atrophy, subject)} over {years:g} year(s); {tissue_percent:+g} %/yr "

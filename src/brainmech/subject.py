@@ -210,25 +210,25 @@ MANIFEST = "manifest.json"  # in every output folder: the files brainmech wrote 
 
 
 def user_umask() -> int:
-    """The process's umask (the permission bits its files must not have)."""
+    """The process's umask (the permission bits its files must not have); read once per write."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def _publish_mode(path: Path, *, folder: bool) -> None:
+def _publish_mode(path: Path, umask: int) -> None:
     """Give a staged file or folder the permissions a plain ``open``/``mkdir`` would (``tempfile`` makes them
     private: 0600 and 0700)."""
-    path.chmod((0o777 if folder else 0o666) & ~user_umask())
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_image(image: nib.Nifti1Image, path: str | Path, *, overwrite: bool = False) -> Path:
     """Save one NIfTI atomically (temporary file in the same folder, then rename), with the user's umask."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; pass overwrite=True to replace it")
     if path.is_dir():
         raise InputError(f"{path} is a folder; name a .nii.gz file")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists; pass overwrite=True to replace it")
     if not path.name.endswith((".nii", ".nii.gz")):
         raise InputError(f"{path} must end in .nii or .nii.gz")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,33 +237,43 @@ def write_image(image: nib.Nifti1Image, path: str | Path, *, overwrite: bool = F
     os.close(handle)
     try:
         nib.save(image, staging)
-        _publish_mode(Path(staging), folder=False)
+        _publish_mode(Path(staging), user_umask())
         os.replace(staging, path)
     finally:
         Path(staging).unlink(missing_ok=True)
     return path
 
 
+def file_entry(path: Path) -> dict:
+    """A manifest entry: the file's size (bytes) and SHA-256."""
+    content = path.read_bytes()
+    return {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+
+
 def manifest(folder: Path, names: list[str]) -> bytes:
-    """``manifest.json`` of the files ``names`` in ``folder``: what brainmech wrote (bytes, SHA-256), so that a
-    later ``overwrite`` replaces exactly these and a reader can verify them."""
+    """``manifest.json`` of the files ``names`` in ``folder``: what brainmech wrote, so that a later
+    ``overwrite`` replaces exactly these and a reader can verify them."""
     from .version import __version__
 
-    files = {}
-    for name in sorted(names):
-        content = (folder / name).read_bytes()
-        files[name] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    files = {name: file_entry(folder / name) for name in sorted(names)}
     return json.dumps({"written_by": f"brainmech {__version__}", "files": files}, indent=2).encode()
 
 
-def written_by_brainmech(folder: Path) -> list[str]:
-    """The files a previous brainmech run wrote into ``folder`` (its manifest's list; none without one)."""
+def written_by_brainmech(folder: Path) -> dict[str, dict]:
+    """The files a previous brainmech run wrote into ``folder`` and that are still as it wrote them
+    (same size and SHA-256): its manifest's entries, inside the folder, plain files; none without one."""
     try:
-        files = json.loads((folder / MANIFEST).read_text())["files"]
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"] if str(manifest["written_by"]).startswith("brainmech") else {}
     except (OSError, ValueError, KeyError, TypeError):
-        return []
-    folder = folder.resolve()
-    return [name for name in files if isinstance(name, str) and (folder / name).resolve().is_relative_to(folder)]
+        return {}
+    root, unchanged = folder.resolve(), {}
+    for name, entry in files.items() if isinstance(files, dict) else []:
+        path = folder / str(name)
+        if (path.resolve().is_relative_to(root) and path.resolve() != root and path.is_file()
+                and not path.is_symlink() and file_entry(path) == entry):
+            unchanged[str(name)] = entry
+    return unchanged
 
 
 def write_outputs(images: dict[str, nib.Nifti1Image], extra: dict[str, bytes], out_dir: str | Path,
@@ -272,19 +282,22 @@ def write_outputs(images: dict[str, nib.Nifti1Image], extra: dict[str, bytes], o
 
     A new ``out_dir`` appears whole or not at all: the files are written into a temporary sibling folder
     that is renamed into place. An existing ``out_dir`` is refused unless ``overwrite``; then each file
-    is replaced atomically, the files the previous run listed in its manifest and this one does not
-    write are removed, and nothing else in the folder is touched (the manifest goes last, so a folder
-    without one was not finished). A name may hold sub-folders (``year-1/report.json``).
+    is replaced atomically, the files the previous run listed in its manifest (and that are unchanged
+    since) and this one does not write are removed, and nothing else in the folder is touched (the
+    manifest goes last, so a folder without one was not finished). A name may hold sub-folders
+    (``year-1/report.json``).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise InputError(f"output folder {out_dir} already exists; pass overwrite=True to replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} is a file; name an output folder")
+    names = [*images, *extra]
+    if out_dir.exists():
+        _check_targets(out_dir, names)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        names = [*images, *extra]
         for name in names:
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
         for name, image in images.items():
@@ -292,8 +305,9 @@ def write_outputs(images: dict[str, nib.Nifti1Image], extra: dict[str, bytes], o
         for name, content in extra.items():
             (staging / name).write_bytes(content)
         (staging / MANIFEST).write_bytes(manifest(staging, names))
+        umask = user_umask()
         for path in [staging, *staging.rglob("*")]:
-            _publish_mode(path, folder=path.is_dir())
+            _publish_mode(path, umask)
         if not out_dir.exists():
             staging.rename(out_dir)
             return out_dir
@@ -303,9 +317,21 @@ def write_outputs(images: dict[str, nib.Nifti1Image], extra: dict[str, bytes], o
     return out_dir
 
 
+def _check_targets(out_dir: Path, names: list[str]) -> None:
+    """Refuse, before anything is written, an existing folder where an output would land outside it
+    (a linked sub-folder) or on a folder."""
+    root = out_dir.resolve()
+    for name in [*names, MANIFEST]:
+        target = out_dir / name
+        if not target.parent.resolve().is_relative_to(root):
+            raise InputError(f"{target.parent} leads outside {out_dir} (a link); remove it or choose another folder")
+        if target.is_dir():
+            raise InputError(f"{target} is a folder where brainmech writes a file; move it or choose another folder")
+
+
 def _replace_outputs(staging: Path, names: list[str], out_dir: Path) -> None:
     """Move the staged files ``names`` (and the staged manifest, last) into ``out_dir``, removing what the
-    previous run's manifest lists and this run does not write; other files stay."""
+    previous run wrote, left unchanged, and this run does not write; other files stay."""
     previous = written_by_brainmech(out_dir)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     for name in names:
@@ -315,7 +341,7 @@ def _replace_outputs(staging: Path, names: list[str], out_dir: Path) -> None:
         stale = out_dir / name
         stale.unlink(missing_ok=True)
         for folder in stale.parents:  # the folders brainmech made for it, if nothing else is in them
-            if folder == out_dir or not folder.is_relative_to(out_dir) or any(folder.iterdir()):
+            if folder == out_dir or not folder.is_dir() or any(folder.iterdir()):
                 break
             folder.rmdir()
     os.replace(staging / MANIFEST, out_dir / MANIFEST)
@@ -327,6 +353,6 @@ def axial_slice(subject: Subject, k: int) -> Subject:
     affine[:3, 3] = affine[:3, :3] @ [0, 0, k] + affine[:3, 3]
     return Subject(image=subject.image[..., k], labels=subject.labels[..., k],
                    probabilities=subject.probabilities[..., k], affine=affine, header=subject.header,
-                   name=f"{subject.name}-k{k}", files=subject.files)
+                   name=f"{subject.name}-k{k}", files=dict(subject.files))
 
 
