@@ -237,7 +237,8 @@ def _refuse_existing(out: Path, overwrite: bool, *, folder: bool = True) -> None
     """Refuse, before any work, an output that exists (without --overwrite), that is a file where a folder
     goes (or the reverse), or that cannot be created in its parent."""
     if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; pass --overwrite to replace it")
+        raise InputError(f"{out} already exists; pass --overwrite to write into it" if folder else
+                         f"{out} already exists; pass --overwrite to replace it")
     if out.exists() and out.is_dir() != folder:
         raise InputError(f"{out} is a {'file' if folder else 'folder'}; name an output {'folder' if folder else 'file'}")
     parent = next(p for p in out.absolute().parents if p.exists())
@@ -327,13 +328,12 @@ def demo(
     from .mni import MNI_AXIAL_SLICE_MM, load_mni
     from .scenarios import Scenario, mni_atlas
     from .simulator import Simulator
+    from .subject import written_by_brainmech
 
     chosen = Scenario.load(scenario) if scenario is not None else None
     if chosen is not None and chosen.needs_parcellation and chosen.atlas is None:
         raise InputError(f"scenario {chosen.name} names parcellation labels but no atlas for the MNI brain; "
                          f"add 'atlas: desikan-killiany' (or another of brainmech's MNI atlases) to it")
-    from .subject import written_by_brainmech
-
     _refuse_existing(out, overwrite or bool(written_by_brainmech(out)) or (out / "report.json").is_file())
     simulator = Simulator(method, steps=steps, refine_evaluations=refine_evaluations, device=device.value)
     with console.status("loading the MNI152 template (from nilearn)"):
