@@ -21,6 +21,7 @@ class Method(str, enum.Enum):
     NETWORK_REFINE = "network+refine"  # the network's answer polished by a budget of solver evaluations
 
 
+MAX_YEARS = 100  # the longest series: a series simulates one composed step a year
 REFINE_EVALUATIONS = 30  # network+refine's default budget of solver energy evaluations (README benchmark)
 
 
@@ -63,12 +64,13 @@ class Loss(str, enum.Enum):
 
 
 def check_years(years: Sequence[float]) -> list[float]:
-    """Time points in years, sorted: finite, > 0, and each with its own output folder (``year-<t>``)."""
+    """Time points in years, sorted: finite, in (0, 100] (one step a year), and each with its own output
+    folder (``year-<t>``)."""
     if not years:
         raise InputError("give at least one time point, years=[1, 2, 5]")
-    bad = [t for t in years if not (math.isfinite(t) and t > 0)]
+    bad = [t for t in years if not (math.isfinite(t) and 0 < t <= MAX_YEARS)]
     if bad:
-        raise InputError(f"years= must be > 0 (time points after the baseline), got {bad}")
+        raise InputError(f"years= must be > 0 and <= {MAX_YEARS} (time points after the baseline), got {bad}")
     folders = [year_folder(t) for t in years]
     repeated = sorted({f for f in folders if folders.count(f) > 1})
     if repeated:

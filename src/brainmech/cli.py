@@ -34,7 +34,7 @@ from typer.core import TyperGroup
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
 from .allocator import retain_freed_memory
-from .choices import REFINE_EVALUATIONS, Convention, Dimension, Direction, Loss, Method, check_years
+from .choices import MAX_YEARS, REFINE_EVALUATIONS, Convention, Dimension, Direction, Loss, Method, check_years
 from .errors import InputError
 from .version import __version__
 
@@ -251,7 +251,7 @@ def _refuse_existing(out: Path, overwrite: bool, *, folder: bool = True) -> None
 DEFAULT_METHOD = Method.NETWORK_REFINE
 Strict = Annotated[bool, typer.Option(help="Exit 1 and write nothing when the result misses its target (the "
                                            "warning lines: tissue volume, det F against a, background, folds).")]
-Years = Annotated[Optional[list[float]], typer.Option(callback=bounded(above=0, at_most=100), help="With --scenario: time points in years, e.g. --years 1 2 5 "
+Years = Annotated[Optional[list[float]], typer.Option(callback=bounded(above=0, at_most=MAX_YEARS), help="With --scenario: time points in years, e.g. --years 1 2 5 "
                                                            "(one path: later years continue earlier ones).")]
 ScenarioOption = Annotated[Optional[str], typer.Option(help="A named scenario (brainmech scenarios) or a YAML file "
                                                             "of regional yearly rates; writes a series over --years.")]
