@@ -414,8 +414,7 @@ def simulate(
     atrophy_map = load_atrophy(atrophy, subject, convention)
     console.print(f"atrophy map ({convention.value}): {describe(atrophy_map, subject)}", highlight=False)
     warning = direction_warning(atrophy_map, subject, expect)
-    if warning:
-        console.print(f"[bold yellow]warning:[/] {as_flags(warning)}", highlight=False)
+    _warn([warning] if warning else [], strict=False)  # before the work: --strict judges the result
     simulation = _simulate(simulator, subject, atrophy_map)
     simulation.report.inputs.update(atrophy=str(atrophy), convention=convention.value)
     _summarise(simulation)
