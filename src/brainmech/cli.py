@@ -5,6 +5,7 @@ Commands:
 - ``demo``: simulate atrophy on the MNI152 brain that ships inside nilearn and write every output.
 - ``simulate``: simulate the follow-up of your subject under an atrophy map, or a scenario over years.
 - ``scenarios``: list the named scenarios (regions, yearly rates, sources).
+- ``cohort``: a scenario over years on many subjects (a Dask cluster), as a BIDS-derivatives dataset.
 - ``atrophy-map``: write a smooth random atrophy map for a subject.
 - ``train``: train the learned simulator on the energy (lightning).
 - ``evaluate``: Table 1 metrics of simulators over cases.
@@ -27,7 +28,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from typer.core import TyperGroup
 
 # typer vendors click (pyproject pins typer >= 0.29); these are the exceptions its parser raises
@@ -56,7 +58,7 @@ def _error(message: str, code: int) -> int:
     return code
 
 
-MULTI_VALUE_OPTIONS = {"simulate": ("--years",), "demo": ("--years",)}  # --years 1 2 5 (atrophy-map: one value)
+MULTI_VALUE_OPTIONS = {"simulate": ("--years",), "demo": ("--years",), "cohort": ("--years",)}  # --years 1 2 5 (atrophy-map: one value)
 
 
 def expand_multi_value_options(args: list[str]) -> list[str]:
@@ -420,6 +422,102 @@ def simulate(
     _summarise(simulation)
     _warn(simulation.report.warnings, strict)
     _save(simulation, out, overwrite)
+
+
+@app.command()
+def cohort(
+    out: Annotated[Path, typer.Option(help="Dataset folder (BIDS derivatives); re-running the same command resumes it.")],
+    scenario: Annotated[str, typer.Option(help="A named scenario (brainmech scenarios) or a YAML file; each subject's "
+                                               "rates are drawn from its sd_percent_per_year.")],
+    subjects: Annotated[Optional[Path], input_file("CSV with columns id,image,labels[,parcellation] (paths relative "
+                                                   "to the CSV).")] = None,
+    mni_pseudo: Annotated[Optional[int], typer.Option(min=1, help="Instead of --subjects: this many pseudo-subjects of "
+                                                                  "the MNI brain (training's random deformations).")] = None,
+    years: Years = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the cohort: each subject's draw derives from it and the "
+                                                  "subject's id.")] = 0,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Local Dask workers (processes; default: one per "
+                                                               "core).")] = None,
+    threads_per_worker: Annotated[int, typer.Option(min=1, help="Torch threads per subject (results are identical for "
+                                                                "the same value whatever --workers).")] = 1,
+    scheduler: Annotated[Optional[str], typer.Option(help="An existing Dask cluster: its scheduler's address "
+                                                          "(tcp://host:8786) or scheduler file (JSON).")] = None,
+    lut: Annotated[Optional[Path], input_file("Names of the parcellations' labels: FreeSurfer LUT or CSV/TSV "
+                                              "'id name' (default: FreeSurfer's aseg names).")] = None,
+    label_table: Annotated[Optional[Path], input_file("YAML 'label: tissue class' table for the label maps.")] = None,
+    resolution: Annotated[int, typer.Option(min=1, max=2, help="With --mni-pseudo: the MNI brain's resolution (mm).")] = 2,
+    method: Annotated[Method, typer.Option(help="How the displacement is found.")] = DEFAULT_METHOD,
+    model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d or a model.pt (default: by dimension).")] = None,
+    steps: Steps = 1,
+    refine_evaluations: RefineEvaluations = REFINE_EVALUATIONS,
+    device: Annotated[Device, typer.Option(help="Where each worker runs the physics (cuda: the worker's GPU).")] = Device.CPU,
+    overwrite: Annotated[bool, typer.Option(help="Write into a folder holding other files, or recompute a cohort made "
+                                                 "with other settings.")] = False,
+) -> None:
+    """Simulate a scenario over --years on many subjects, on a Dask cluster (local by default), and write a
+    BIDS-derivatives dataset (docs/cohorts.md). A failing subject goes to failures.tsv (exit 1); the others
+    go on, and re-running the same command simulates only what is missing."""
+    if (subjects is None) == (mni_pseudo is None):
+        raise InputError("give the subjects: --subjects subjects.csv or --mni-pseudo N, one of the two")
+    if scheduler is not None and workers is not None:
+        raise InputError("--workers starts a local cluster; --scheduler uses an existing one: give one of the two")
+    if years is not None:
+        check_years(years)
+    from .cohort import Cohort, mni_pseudo_subjects, read_subjects
+    from .scenarios import Scenario
+    from .simulator import Simulator
+
+    cohort_subjects = read_subjects(subjects) if subjects is not None else mni_pseudo_subjects(mni_pseudo)
+    plan = Cohort(cohort_subjects, Scenario.load(scenario), years=years or [1.0], out=out, seed=seed,
+                  method=method, model=model, steps=steps, refine_evaluations=refine_evaluations, device=device.value,
+                  threads_per_worker=threads_per_worker, label_table=label_table, lut=lut,
+                  resolution=resolution, overwrite=overwrite)
+    simulator = Simulator(method, model=model, device=device.value)  # a bad device fails here, before any work
+    if model is not None:  # and a bad model file
+        simulator.network(plan.dimension())
+    plan.prepare()
+    client = _dask_client(scheduler) if scheduler is not None else None
+    counts = {"simulated": 0, "complete": 0, "failed": 0}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("starting the workers", total=len(cohort_subjects))
+
+        def show(outcome) -> None:
+            counts[outcome.status] += 1
+            if outcome.status == "failed":
+                progress.console.print(f"[bold red]failed:[/] sub-{outcome.id}: {escape(outcome.error)}", highlight=False)
+            progress.update(task, advance=1, description=", ".join(f"{n} {k}" for k, n in counts.items() if n)
+                                                         or "simulating")
+
+        try:
+            result = plan.run(client, workers=workers, on_subject=show)
+        finally:
+            if client is not None:
+                client.close()
+    warned = sum(1 for o in result.outcomes if o.warnings)
+    console.print(f"{len(result.outcomes)} subjects: {counts['simulated']} simulated, {counts['complete']} already "
+                  f"complete, {counts['failed']} failed", highlight=False)
+    if warned:
+        _warn([f"{warned} subject(s) missed a target: the warnings column of participants.tsv counts them, "
+               f"sub-<id>/sub-<id>_series.json lists them"], strict=False)
+    print(f"wrote {out}/ (dataset_description.json, participants.tsv, cohort.tsv, sub-*/ses-*/anat/"
+          + (f"; {len(result.failed)} failed: {out}/failures.tsv)" if result.failed else ")"))
+    if result.failed:
+        raise typer.Exit(1)
+
+
+def _dask_client(scheduler: str):
+    """A client of an existing Dask cluster: ``scheduler`` is its address or its scheduler file."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise InputError("cohorts run on Dask, an optional extra: pip install 'brainmech[cohort]'") from None
+    try:
+        if Path(scheduler).is_file():
+            return Client(scheduler_file=scheduler, timeout="20s")
+        return Client(scheduler, timeout="20s")
+    except (OSError, TimeoutError, ValueError) as error:
+        raise InputError(f"cannot reach the Dask scheduler {scheduler}: {error}".splitlines()[0]) from None
 
 
 @app.command("atrophy-map")

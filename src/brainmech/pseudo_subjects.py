@@ -27,12 +27,11 @@ HELD_OUT_SEEDS = (VALIDATION_SEED, EVALUATION_SEED)
 AXIAL_SLICES_MM = (-20.0, 50.0)  # 2D cases are axial slices of the template in this world-z range
 
 
-def pseudo_subject(template: Subject, seed: int, *, deformation_mm: float = 4.0, smoothness_mm: float = 12.0,
-                   intensity_gamma: float = 0.2) -> Subject:
-    """A new subject made from ``template``: a random smooth diffeomorphism (velocity field smoothed
-    with a Gaussian of ``smoothness_mm`` FWHM, integrated by scaling and squaring, largest
-    displacement ~``deformation_mm``) applied to image and tissue probabilities, and a random
-    intensity gamma ``exp(N(0, intensity_gamma))``. Reproducible from ``seed``."""
+def random_deformation(template: Subject, seed: int, *, deformation_mm: float = 4.0, smoothness_mm: float = 12.0,
+                       intensity_gamma: float = 0.2) -> tuple[torch.Tensor, float]:
+    """Pseudo-subject ``seed``'s random smooth diffeomorphism ``u`` (voxels, ``(1, d, *N)``, pull-back) and
+    intensity exponent: a velocity field smoothed with a Gaussian of ``smoothness_mm`` FWHM, integrated
+    by scaling and squaring, largest displacement ~``deformation_mm``; gamma ``exp(N(0, intensity_gamma))``."""
     from monai.networks.blocks import DVF2DDF
 
     rng = np.random.default_rng(seed)
@@ -45,12 +44,29 @@ def pseudo_subject(template: Subject, seed: int, *, deformation_mm: float = 4.0,
     ratio = np.asarray(voxel_ratio(template.shape, coarse)).reshape(spacing.shape)
     velocity *= deformation_mm / (np.abs(velocity).max() + 1e-12) / (spacing * ratio)  # mm -> coarse voxels
     u = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="zeros")(torch.from_numpy(velocity[None]).float())
-    u = refine_field(u, template.shape)
+    return refine_field(u, template.shape), float(np.exp(rng.normal(0.0, intensity_gamma)))
+
+
+def deformed_subject(template: Subject, u: torch.Tensor, gamma: float, name: str) -> Subject:
+    """``template`` pulled back through ``u`` (image and tissue probabilities linearly, labels by nearest),
+    its intensities raised to ``gamma``."""
     probabilities = warp_image(template.probabilities, u)
     probabilities = probabilities / probabilities.sum(1, keepdim=True).clamp_min(1e-6)
-    image = warp_image(template.image, u).clamp_min(0) ** float(np.exp(rng.normal(0.0, intensity_gamma)))
+    image = warp_image(template.image, u).clamp_min(0) ** gamma
     return Subject(image=image, labels=warp_labels(template.labels, u), probabilities=probabilities,
-                   affine=template.affine, header=template.header, name=f"{template.name}-pseudo{seed}")
+                   affine=template.affine, header=template.header, name=name)
+
+
+def pseudo_subject(template: Subject, seed: int, **deformation) -> Subject:
+    """A new subject made from ``template`` by :func:`random_deformation` ``seed`` (its keyword arguments
+    pass through). Reproducible from ``seed``."""
+    u, gamma = random_deformation(template, seed, **deformation)
+    return deformed_subject(template, u, gamma, name=f"{template.name}-pseudo{seed}")
+
+
+def subject_seed(seed: int, index: int) -> int:
+    """The seed of pseudo-subject ``index`` of a set drawn with ``seed``."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 @dataclass(frozen=True)
@@ -99,7 +115,7 @@ class PseudoSubjects(Dataset):
         return self.count
 
     def subject(self, index: int) -> Subject:
-        seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0])
+        seed = subject_seed(self.seed, index)
         source = self.template
         if self.ndim == 2 and source.ndim == 3:
             low, high = (int(round(np.linalg.solve(source.affine, [0, 0, z, 1])[2])) for z in AXIAL_SLICES_MM)

@@ -1,0 +1,526 @@
+"""Cohorts (docs/cohorts.md): a scenario over years on many subjects, on a Dask cluster, as a BIDS-derivatives dataset.
+
+Each subject is one task: read (or, for a pseudo-subject, made from the MNI brain with the same random
+diffeomorphisms as training), its rates drawn from the scenario's between-subject spread with a seed
+derived from its id, simulated as one series over the years, and written atomically into
+``sub-<id>/`` with a manifest of checksums. A subject whose folder verifies against its manifest and
+was made with the same settings and inputs is skipped, so a killed run resumes where it stopped. A
+failing subject is recorded with its one-line error in ``failures.tsv``; the others go on.
+
+Example::
+
+    cohort = Cohort(read_subjects("subjects.csv"), Scenario.load("alzheimers"), years=[1, 2, 5], out="dataset")
+    result = cohort.run()               # a local Dask cluster, one single-threaded worker per core
+    result = cohort.run(Client(address))  # or an existing cluster (dask-jobqueue, dask-cuda, ...)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .choices import Method, check_years
+from .errors import InputError
+from .subject import MANIFEST, read_label_table, user_umask, written_by_brainmech
+from .version import __version__
+
+if TYPE_CHECKING:  # imported where used: the command line's help stays free of torch
+    from .scenarios import Scenario
+    from .series import Series
+
+BIDS_VERSION = "1.10.0"
+SUBJECT_COLUMNS = ("id", "image", "labels")  # subjects.csv: these, and optionally "parcellation"
+PSEUDO_PREFIX = "pseudo"  # ids of the MNI brain's pseudo-subjects: pseudo001, pseudo002, ...
+FAILURES = "failures.tsv"
+SERIES_SUFFIX = "series"  # sub-<id>/sub-<id>_series.json, .tsv and .png: the subject's series
+PROBSEG_LABELS = {"csf": "CSF", "gm": "GM", "wm": "WM", "dgm": "DGM"}  # BIDS probseg label- values per tissue class
+
+
+@dataclass(frozen=True)
+class CohortSubject:
+    """One subject of a cohort: files (a row of ``subjects.csv``) or a pseudo-subject of the MNI brain."""
+
+    id: str  # the BIDS label: letters and digits only
+    image: str | None = None
+    labels: str | None = None
+    parcellation: str | None = None
+    pseudo_index: int | None = None  # pseudo-subject number (from 0) of the MNI brain
+
+    @property
+    def source(self) -> str:
+        return self.image if self.pseudo_index is None else f"MNI152 pseudo-subject {self.pseudo_index}"
+
+
+def read_subjects(path: str | Path) -> list[CohortSubject]:
+    """The subjects of ``subjects.csv`` (``id,image,labels[,parcellation]``; paths relative to the CSV's
+    folder). The table is checked here; the files are read by each subject's task, so one bad file fails
+    only its subject."""
+    path = Path(path)
+    try:
+        rows = list(csv.DictReader(io.StringIO(path.read_text())))
+        header = list(rows[0]) if rows else next(csv.reader(io.StringIO(path.read_text())), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"cannot read subjects table {path}: {error}".splitlines()[0]) from None
+    missing = [c for c in SUBJECT_COLUMNS if c not in header]
+    unknown = [c for c in header if c not in (*SUBJECT_COLUMNS, "parcellation")]
+    if missing or unknown:
+        raise InputError(f"subjects table {path} has columns {header}; it needs id,image,labels and optionally "
+                         f"parcellation (one header line, comma-separated)")
+    if not rows:
+        raise InputError(f"subjects table {path} lists no subjects")
+    subjects, seen = [], set()
+    for number, row in enumerate(rows, start=2):
+        values = {key: (row.get(key) or "").strip() for key in header}
+        if not re.fullmatch(r"[A-Za-z0-9]+", values["id"]):
+            raise InputError(f"subjects table {path}, line {number}: id {values['id']!r} must be letters and digits "
+                             f"only (a BIDS label: sub-<id>)")
+        if values["id"] in seen:
+            raise InputError(f"subjects table {path}, line {number}: id {values['id']} is listed twice")
+        seen.add(values["id"])
+        if not values["image"] or not values["labels"]:
+            raise InputError(f"subjects table {path}, line {number}: subject {values['id']} needs an image and labels")
+        where = lambda name: str((path.parent / values[name]).absolute()) if values.get(name) else None  # noqa: E731
+        subjects.append(CohortSubject(values["id"], where("image"), where("labels"), where("parcellation")))
+    return subjects
+
+
+def mni_pseudo_subjects(count: int) -> list[CohortSubject]:
+    """``count`` pseudo-subjects of the embedded MNI brain: ``pseudo001``, ``pseudo002``, ..."""
+    if not isinstance(count, int) or count < 1:
+        raise InputError(f"mni_pseudo= must be a whole number >= 1, got {count!r}")
+    width = max(3, len(str(count)))
+    return [CohortSubject(f"{PSEUDO_PREFIX}{i + 1:0{width}d}", pseudo_index=i) for i in range(count)]
+
+
+def subject_seed(seed: int, subject_id: str) -> int:
+    """The seed of a subject's draws (its rates): from the cohort's seed and the subject's id only, so the
+    same subject gets the same draw whatever the worker or the order (a non-negative 63-bit integer)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{subject_id}".encode()).digest()[:8], "little") >> 1
+
+
+def session_label(years: float) -> str:
+    """The BIDS session of a time point: ``0`` (baseline), ``1``, ``2p5`` (letters and digits only)."""
+    return f"{years:g}".replace(".", "p")
+
+
+@dataclass(frozen=True)
+class SubjectOutcome:
+    """What one subject's task did: ``simulated``, ``complete`` (verified, skipped) or ``failed``."""
+
+    id: str
+    status: str
+    error: str = ""
+    seconds: float = 0.0  # wall time of the task
+    peak_memory_mb: float = 0.0  # the worker process's peak resident memory so far
+    warnings: int = 0  # the series' warnings (targets missed: sub-<id>_series.json)
+
+
+@dataclass
+class CohortResult:
+    """The outcome of every subject of a run, in the cohort's order, and the dataset folder."""
+
+    out: Path
+    outcomes: list[SubjectOutcome]
+
+    def of(self, status: str) -> list[str]:
+        return [o.id for o in self.outcomes if o.status == status]
+
+    @property
+    def failed(self) -> list[SubjectOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """A scenario simulated over ``years`` on ``subjects``, written as a BIDS-derivatives dataset in ``out``.
+
+    Args:
+        subjects: from :func:`read_subjects` or :func:`mni_pseudo_subjects`.
+        scenario: each subject's rates are drawn from its between-subject spread (``sd_percent_per_year``).
+        years: the time points (one path per subject: later years continue earlier ones).
+        out: the dataset folder (docs/cohorts.md gives its layout).
+        seed: the cohort's seed: pseudo-subjects' deformations and every subject's draw derive from it.
+        method, model, steps, refine_evaluations, device: as :class:`~brainmech.simulator.Simulator`'s.
+        threads_per_worker: torch threads of each subject's task. Results are bit-identical for the same
+            value whatever the number of workers (a different thread count changes the last bits).
+        label_table, lut: the subjects' label table (YAML) and their parcellations' lookup table.
+        resolution: the MNI brain's resolution for pseudo-subjects (mm).
+        overwrite: recompute every subject of a dataset made with other settings (otherwise refused).
+    """
+
+    subjects: tuple[CohortSubject, ...]
+    scenario: Scenario
+    years: tuple[float, ...]
+    out: Path
+    seed: int = 0
+    method: Method = Method.NETWORK_REFINE
+    model: str | None = None
+    steps: int = 1
+    refine_evaluations: int = 30
+    device: str = "cpu"
+    threads_per_worker: int = 1
+    label_table: str | None = None
+    lut: str | None = None
+    resolution: int = 2
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "subjects", tuple(self.subjects))
+        object.__setattr__(self, "years", tuple(check_years(self.years)))
+        object.__setattr__(self, "out", Path(self.out).absolute())  # workers may run elsewhere in the file system
+        object.__setattr__(self, "method", Method(self.method))
+        for name in ("label_table", "lut"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, str(Path(getattr(self, name)).absolute()))
+        if not self.subjects:
+            raise InputError("a cohort needs at least one subject")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise InputError(f"seed= must be a whole number >= 0, got {self.seed!r}")
+        if not isinstance(self.threads_per_worker, int) or self.threads_per_worker < 1:
+            raise InputError(f"threads_per_worker= must be a whole number >= 1, got {self.threads_per_worker!r}")
+        ids = [s.id for s in self.subjects]
+        if len(set(ids)) != len(ids):
+            raise InputError("subject ids must be unique")
+        pseudo = any(s.pseudo_index is not None for s in self.subjects)
+        if self.scenario.needs_parcellation:
+            if pseudo and self.scenario.atlas is None:
+                raise InputError(f"scenario {self.scenario.name} names parcellation labels but no atlas for the MNI "
+                                 f"brain; add 'atlas: desikan-killiany' (or another MNI atlas) to it")
+            lacking = [s.id for s in self.subjects if s.pseudo_index is None and s.parcellation is None]
+            if lacking:
+                raise InputError(f"scenario {self.scenario.name} names parcellation labels: give every subject a "
+                                 f"parcellation column in the subjects table (missing for {', '.join(lacking[:5])})")
+
+    def dimension(self) -> int:
+        """2 or 3: the simulated dimension of the first subject (from its image header; 3 if it cannot be read)."""
+        import nibabel as nib
+
+        first = self.subjects[0]
+        if first.pseudo_index is not None:
+            return 3
+        try:
+            return 2 if nib.load(first.image).shape[2:3] == (1,) else 3
+        except Exception:  # its task reports the problem
+            return 3
+
+    # --- the whole run, on the client ---------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        """Everything besides the inputs that decides the outputs (``dataset_description.json`` keeps it)."""
+        return {"brainmech": __version__, "scenario": self.scenario.to_dict(), "years": list(self.years),
+                "seed": self.seed, "method": self.method.value, "model": self.model, "steps": self.steps,
+                "refine_evaluations": self.refine_evaluations if self.method is Method.NETWORK_REFINE else None,
+                "threads_per_worker": self.threads_per_worker, "resolution_mm": self.resolution,
+                "label_table": _checksum_of(self.label_table), "lut": _checksum_of(self.lut)}
+
+    def prepare(self) -> None:
+        """Check the dataset folder before any work and write its ``dataset_description.json``: a new or
+        empty folder, or a cohort of the same settings (resumed); another cohort only with ``overwrite``."""
+        description = self.out / "dataset_description.json"
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError(f"{self.out} is a file; name a dataset folder")
+        if self.out.exists() and any(self.out.iterdir()):
+            try:
+                previous = json.loads(description.read_text()).get("GeneratedBy", [{}])[0].get("Settings")
+            except (OSError, ValueError, AttributeError, IndexError):
+                previous = None
+            if previous is None and not self.overwrite:
+                raise InputError(f"{self.out} holds files but no brainmech cohort; choose a new folder or pass "
+                                 f"overwrite=True to write into it")
+            settings = self.settings()
+            changed = sorted(k for k in settings if (previous or {}).get(k) != settings[k])
+            if previous is not None and changed and not self.overwrite:
+                raise InputError(f"{self.out} holds a cohort made with other settings ({', '.join(changed)}); choose "
+                                 f"a new folder, or pass overwrite=True to recompute its subjects")
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.out, os.W_OK | os.X_OK):
+            raise InputError(f"cannot write into {self.out}")
+        _write_atomically(description, json.dumps(self.dataset_description(), indent=2).encode())
+
+    def dataset_description(self) -> dict:
+        return {"Name": f"brainmech cohort: {self.scenario.name} over years {', '.join(f'{t:g}' for t in self.years)}",
+                "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
+                "GeneratedBy": [{"Name": "brainmech", "Version": __version__,
+                                 "Description": "simulated follow-ups (ses-<years>) of each baseline (ses-0): "
+                                                "Neo-Hookean atrophy, docs/cohorts.md",
+                                 "Settings": self.settings()}]}
+
+    def run(self, client=None, *, workers: int | None = None,
+            on_subject: Callable[[SubjectOutcome], None] | None = None) -> CohortResult:
+        """Simulate every subject not already complete, on ``client`` (a ``dask.distributed.Client``) or on a
+        local cluster of ``workers`` single-process workers (default: one per core), then write the
+        dataset's tables. ``on_subject`` sees each subject's outcome as it arrives (progress bars)."""
+        try:
+            from distributed import Client, LocalCluster, as_completed
+        except ImportError:
+            raise InputError("cohorts run on Dask, an optional extra: pip install 'brainmech[cohort]'") from None
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise InputError(f"workers= must be a whole number >= 1, got {workers!r}")
+        self.prepare()
+        cluster = None
+        if client is None:
+            cluster = LocalCluster(n_workers=workers or available_cores(), threads_per_worker=1, processes=True,
+                                   dashboard_address=":0", silence_logs=40)
+            client = Client(cluster)
+        try:
+            futures = client.map(simulate_subject, [self] * len(self.subjects), self.subjects, pure=False)
+            which = {future.key: subject.id for future, subject in zip(futures, self.subjects)}
+            outcomes = {}
+            for future in as_completed(futures):
+                try:
+                    outcome = future.result()
+                except Exception as error:  # the worker itself died (memory, a signal) or the cluster went away
+                    outcome = SubjectOutcome(which[future.key], "failed", f"worker lost: {type(error).__name__}: "
+                                                                         f"{error}".splitlines()[0])
+                outcomes[outcome.id] = outcome
+                if on_subject:
+                    on_subject(outcome)
+        finally:
+            if cluster is not None:
+                client.close()
+                cluster.close()
+        result = CohortResult(self.out, [outcomes[s.id] for s in self.subjects])
+        self.write_tables(result)
+        return result
+
+    def write_tables(self, result: CohortResult) -> None:
+        """``participants.tsv`` (id, scenario, seed, each drawn rate), ``cohort.tsv`` (subject x region x time)
+        from every complete subject's series, and ``failures.tsv`` when any failed (removed when none did)."""
+        done = [s for s, outcome in zip(self.subjects, result.outcomes) if outcome.status != "failed"]
+        participants, table = [], []
+        for subject in done:
+            series = json.loads((self.out / f"sub-{subject.id}" / _series_name(subject.id, "json")).read_text())
+            rates = {f"{r['name'].replace(' ', '_')}_percent_per_year": round(r["percent_per_year"], 6)
+                     for r in series["zones"] if r["kind"] not in ("csf free", "csf compensate")}
+            participants.append({"participant_id": f"sub-{subject.id}", "source": subject.source,
+                                 "scenario": series["scenario"]["name"], "seed": series["seed"], **rates,
+                                 "warnings": len(series["warnings"])})
+            table += [{"participant_id": f"sub-{subject.id}", "session": f"ses-{session_label(row['years'])}", **row}
+                      for row in series["rows"]]
+        if participants:
+            _write_atomically(self.out / "participants.tsv", _tsv(participants))
+            _write_atomically(self.out / "participants.json", json.dumps(PARTICIPANT_COLUMNS, indent=2).encode())
+            _write_atomically(self.out / "cohort.tsv", _tsv(table))
+        failures = [{"participant_id": f"sub-{o.id}", "source": self.subjects[i].source, "error": o.error}
+                    for i, o in enumerate(result.outcomes) if o.status == "failed"]
+        if failures:
+            _write_atomically(self.out / FAILURES, _tsv(failures))
+        else:
+            (self.out / FAILURES).unlink(missing_ok=True)
+
+    # --- one subject, on a worker -------------------------------------------------------------------------
+
+    def fingerprint(self, subject: CohortSubject) -> str:
+        """SHA-256 of the settings, the subject's entry and its input files' contents: a subject folder
+        holding this fingerprint (and verifying against its manifest) needs no work."""
+        inputs = {name: _checksum_of(getattr(subject, name)) for name in ("image", "labels", "parcellation")}
+        content = json.dumps({"settings": self.settings(), "subject": asdict(subject), "inputs": inputs},
+                             sort_keys=True)
+        return hashlib.sha256(content.encode()).hexdigest()
+
+    def is_complete(self, subject: CohortSubject) -> bool:
+        """The subject's folder holds every file its manifest lists, unchanged, made with this fingerprint."""
+        folder = self.out / f"sub-{subject.id}"
+        try:
+            listed = json.loads((folder / MANIFEST).read_text())["files"]
+            series = json.loads((folder / _series_name(subject.id, "json")).read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return (set(written_by_brainmech(folder)) == set(listed)
+                and series.get("cohort", {}).get("fingerprint") == self.fingerprint(subject))
+
+    def load(self, subject: CohortSubject):
+        """The subject (read, or made from the MNI brain) and its parcellation (None without a scenario that needs one)."""
+        from .fields import warp_labels
+        from .pseudo_subjects import deformed_subject, random_deformation
+        from .pseudo_subjects import subject_seed as pseudo_seed
+        from .scenarios import Parcellation, load_parcellation, mni_atlas
+        from .subject import load_subject
+
+        if subject.pseudo_index is None:
+            loaded = load_subject(subject.image, subject.labels, self.label_table)
+            parcellation = (load_parcellation(subject.parcellation, loaded, self.lut)
+                            if subject.parcellation is not None and self.scenario.needs_parcellation else None)
+            return replace(loaded, name=f"sub-{subject.id}"), parcellation
+        template = _mni(self.resolution)
+        u, gamma = random_deformation(template, pseudo_seed(self.seed, subject.pseudo_index))
+        made = deformed_subject(template, u, gamma, name=f"sub-{subject.id}")
+        made.files.update(image=f"{template.files['image']}, pseudo-subject {subject.pseudo_index} of seed {self.seed} "
+                                f"(brainmech.pseudo_subjects)")
+        if not self.scenario.needs_parcellation:
+            return made, None
+        atlas = mni_atlas(self.scenario.atlas, template)
+        return made, Parcellation(labels=warp_labels(atlas.labels, u), names=atlas.names,
+                                  source=f"{atlas.source}, carried by the pseudo-subject's deformation",
+                                  licence=atlas.licence)
+
+    def outputs(self, subject: CohortSubject, series: Series) -> tuple[dict, dict]:
+        """The subject's files in the BIDS-derivatives layout (docs/cohorts.md), by path inside ``sub-<id>/``."""
+        from .mechanics import TISSUE_CLASSES
+        from .simulator import label_dtype
+
+        base, stem = series.subject, f"sub-{subject.id}"
+        parcellation = series.prescription.parcellation
+        classes = TISSUE_CLASSES[1:base.probabilities.shape[1]]
+
+        def session(years: float) -> str:
+            return f"ses-{session_label(years)}/anat/{stem}_ses-{session_label(years)}"
+
+        def anatomy(prefix: str, image, labels, probabilities, regions) -> dict:
+            files = {f"{prefix}_T1w.nii.gz": base.to_nifti(image),
+                     f"{prefix}_desc-tissue_dseg.nii.gz": base.to_nifti(labels, dtype=label_dtype(labels))}
+            files.update({f"{prefix}_label-{PROBSEG_LABELS[name]}_probseg.nii.gz":
+                          base.to_nifti(probabilities[:, channel:channel + 1])
+                          for channel, name in enumerate(classes, start=1)})
+            if regions is not None:
+                files[f"{prefix}_desc-regions_dseg.nii.gz"] = base.to_nifti(regions, dtype=label_dtype(regions))
+            return files
+
+        images = anatomy(session(0), base.image, base.labels, base.probabilities,
+                         None if parcellation is None else parcellation.labels)
+        extra = {f"{stem}_desc-tissue_dseg.tsv": _tsv([{"index": k, "name": v}
+                                                       for k, v in sorted(read_label_table(self.label_table).items())])}
+        if parcellation is not None:
+            used = set(parcellation.labels.unique().tolist()) - {0}
+            extra[f"{stem}_desc-regions_dseg.tsv"] = _tsv([{"index": k, "name": v}
+                                                           for k, v in sorted(parcellation.names.items()) if k in used])
+        for point in series.points:
+            simulation, prefix = point.simulation, session(point.years)
+            images.update(anatomy(prefix, simulation.warped_image, simulation.warped_labels,
+                                  simulation.warped_probabilities, point.warped_parcellation))
+            images[f"{prefix}_atrophy.nii.gz"] = base.to_nifti(simulation.atrophy)
+            images[f"{prefix}_detF.nii.gz"] = base.to_nifti(simulation.det_f)
+            images[f"{prefix}_from-ses0_to-ses{session_label(point.years)}_mode-image_xfm.nii.gz"] = \
+                base.displacement_to_itk(simulation.displacement)
+            sidecar = {k: v for k, v in asdict(simulation.report).items() if k != "subject"}  # the name says it: BIDS
+            extra[f"{prefix}_T1w.json"] = json.dumps(sidecar, indent=2).encode()  # readers refuse a second value
+        summary = {**series.summary(), "cohort": {"id": subject.id, "source": subject.source,
+                                                  "fingerprint": self.fingerprint(subject)}}
+        extra[_series_name(subject.id, "json")] = json.dumps(summary, indent=2).encode()
+        extra[_series_name(subject.id, "tsv")] = _tsv(series.rows())
+        extra[_series_name(subject.id, "png")] = series.figure()
+        return images, extra
+
+
+PARTICIPANT_COLUMNS = {
+    "participant_id": {"Description": "the subject's BIDS label"},
+    "source": {"Description": "the baseline image the subject was read from, or the MNI152 pseudo-subject it is"},
+    "scenario": {"Description": "the scenario simulated (sub-<id>/sub-<id>_series.json holds it as drawn)"},
+    "seed": {"Description": "the seed of this subject's draw: brainmech simulate --scenario ... --seed <seed> "
+                            "reproduces it"},
+    "warnings": {"Description": "how many targets the subject's series missed (listed in sub-<id>_series.json)"},
+    "*_percent_per_year": {"Description": "each zone's yearly volume change as drawn for this subject",
+                           "Units": "percent per year (negative = loss)"},
+}
+
+
+def simulate_subject(cohort: Cohort, subject: CohortSubject) -> SubjectOutcome:
+    """One subject's task (on a worker): skip it if complete, else simulate its series and write its folder
+    atomically. Any failure becomes the outcome's one-line error; the task itself never raises."""
+    import torch
+
+    from .allocator import retain_freed_memory
+    from .scenarios import prescribe
+    from .series import simulate_series
+    from .subject import write_outputs
+
+    start = time.perf_counter()
+    try:
+        if cohort.is_complete(subject):
+            return SubjectOutcome(subject.id, "complete", peak_memory_mb=_peak_memory_mb())
+        retain_freed_memory()
+        torch.set_num_threads(cohort.threads_per_worker)
+        loaded, parcellation = cohort.load(subject)
+        prescription = prescribe(cohort.scenario, loaded, parcellation, seed=subject_seed(cohort.seed, subject.id))
+        series = simulate_series(_simulator(cohort), loaded, prescription, cohort.years)
+        images, extra = cohort.outputs(subject, series)
+        folder = cohort.out / f"sub-{subject.id}"
+        for stale in cohort.out.glob(f".sub-{subject.id}.*"):  # the staging folder of a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        write_outputs(images, extra, folder, overwrite=True)
+        return SubjectOutcome(subject.id, "simulated", seconds=time.perf_counter() - start,
+                              peak_memory_mb=_peak_memory_mb(), warnings=len(series.warnings()))
+    except InputError as error:
+        message = str(error)
+    except Exception as error:  # a failing simulation fails its subject only
+        message = f"{type(error).__name__}: {error}"
+    return SubjectOutcome(subject.id, "failed", message.splitlines()[0] if message else "failed",
+                          seconds=time.perf_counter() - start, peak_memory_mb=_peak_memory_mb())
+
+
+_SIMULATORS: dict = {}  # per worker process: one simulator (its network loaded once) per setting
+_TEMPLATES: dict = {}  # per worker process: the MNI brain per resolution
+
+
+def _simulator(cohort: Cohort):
+    from .simulator import Simulator
+
+    key = (cohort.method, cohort.model, cohort.steps, cohort.refine_evaluations, cohort.device)
+    if key not in _SIMULATORS:
+        _SIMULATORS[key] = Simulator(cohort.method, model=cohort.model, steps=cohort.steps,
+                                     refine_evaluations=cohort.refine_evaluations, device=cohort.device)
+    return _SIMULATORS[key]
+
+
+def _mni(resolution: int):
+    from .mni import load_mni
+
+    if resolution not in _TEMPLATES:
+        _TEMPLATES[resolution] = load_mni(resolution)
+    return _TEMPLATES[resolution]
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a job scheduler's allocation, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _series_name(subject_id: str, extension: str) -> str:
+    return f"sub-{subject_id}_{SERIES_SUFFIX}.{extension}"
+
+
+def _checksum_of(path: str | None) -> str | None:
+    """SHA-256 of a file's content (None for no file, ``"unreadable"`` for one that cannot be read: its task
+    fails on it)."""
+    if path is None:
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
+
+
+def _tsv(rows: Sequence[dict]) -> bytes:
+    """A BIDS TSV: a header of every key met, tab-separated, ``n/a`` for a missing value."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["\t".join(columns)] + ["\t".join("n/a" if row.get(c) is None else str(row[c]) for c in columns)
+                                    for row in rows]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    """Write ``content`` to ``path`` through a temporary file in the same folder, with the user's umask."""
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(content)
+        os.chmod(staging, 0o666 & ~user_umask())
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)

@@ -1,0 +1,234 @@
+"""Cohorts on a 2-process Dask cluster: one bad subject fails alone, runs resume, results do not depend on the
+workers, and the dataset reads back as BIDS."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from brainmech.cli import app
+from brainmech.cohort import Cohort, read_subjects, subject_seed
+from brainmech.errors import InputError
+from brainmech.scenarios import Scenario
+
+from conftest import phantom, rotated_affine
+
+distributed = pytest.importorskip("distributed")
+
+SCENARIO = """name: grey-loss
+regions:
+  grey:
+    tissue: gm
+    percent_per_year: -2
+    sd_percent_per_year: 0.5
+default_percent_per_year: -0.5
+csf: compensate
+"""
+SHAPES = {"a": (20, 22, 18), "b": (18, 20, 16), "c": (22, 20, 18)}
+YEARS = ("1", "2")
+TIMING_KEYS = ("timings", "solver")  # wall time lives in these report fields; every other byte must repeat
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                  silence_logs=40) as cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Three small phantom subjects on rotated grids, a subjects table and a scenario with a spread."""
+    folder = tmp_path_factory.mktemp("inputs")
+    for name, shape in SHAPES.items():
+        labels, image = phantom(shape)
+        nib.save(nib.Nifti1Image(image, rotated_affine()), folder / f"{name}_T1w.nii.gz")
+        nib.save(nib.Nifti1Image(labels, rotated_affine()), folder / f"{name}_dseg.nii.gz")
+    (folder / "subjects.csv").write_text("id,image,labels\n" + "".join(
+        f"{name},{name}_T1w.nii.gz,{name}_dseg.nii.gz\n" for name in SHAPES))
+    (folder / "scenario.yaml").write_text(SCENARIO)
+    return folder
+
+
+def cohort(inputs, out, **kwargs) -> Cohort:
+    return Cohort(read_subjects(inputs / "subjects.csv"), Scenario.load(inputs / "scenario.yaml"),
+                  years=[float(t) for t in YEARS], out=out, **kwargs)
+
+
+def digest(path: Path) -> str:
+    """SHA-256 of a file; of a report without its wall-time fields."""
+    if path.name.endswith("_T1w.json"):
+        report = {k: v for k, v in json.loads(path.read_text()).items() if k not in TIMING_KEYS}
+        return hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def checksums(dataset: Path) -> dict[str, str]:
+    """Every file of the dataset but the manifests (which hold the reports' checksums, timings included)."""
+    return {str(p.relative_to(dataset)): digest(p) for p in sorted(dataset.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, client, tmp_path_factory):
+    """An uninterrupted run on the 2-worker cluster."""
+    out = tmp_path_factory.mktemp("reference") / "dataset"
+    result = cohort(inputs, out).run(client)
+    assert result.of("simulated") == list(SHAPES), result.outcomes
+    return out
+
+
+def test_one_corrupt_subject_fails_alone_and_a_rerun_simulates_only_it(inputs, client, tmp_path):
+    good = (inputs / "b_T1w.nii.gz").read_bytes()
+    (inputs / "b_T1w.nii.gz").write_bytes(good[: len(good) // 2])  # a truncated download
+    try:
+        result = cohort(inputs, tmp_path / "dataset").run(client)
+    finally:
+        (inputs / "b_T1w.nii.gz").write_bytes(good)
+    assert result.of("simulated") == ["a", "c"] and [o.id for o in result.failed] == ["b"]
+    failures = (tmp_path / "dataset" / "failures.tsv").read_text().splitlines()
+    assert failures[0].split("\t") == ["participant_id", "source", "error"]
+    assert failures[1].startswith("sub-b\t") and "b_T1w.nii.gz" in failures[1] and len(failures) == 2
+    assert not (tmp_path / "dataset" / "sub-b").exists()
+    done = {p: p.stat().st_mtime_ns for p in (tmp_path / "dataset").glob("sub-[ac]/**/*") if p.is_file()}
+
+    again = cohort(inputs, tmp_path / "dataset").run(client)
+    assert again.of("simulated") == ["b"] and again.of("complete") == ["a", "c"] and not again.failed
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # the others were not written again
+    assert not (tmp_path / "dataset" / "failures.tsv").exists()
+    participants = (tmp_path / "dataset" / "participants.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in participants[1:]] == ["sub-a", "sub-b", "sub-c"]
+
+
+def test_the_command_exits_1_naming_the_failed_subject(inputs, tmp_path):
+    table = tmp_path / "subjects.csv"
+    table.write_text((inputs / "subjects.csv").read_text().replace("c_T1w.nii.gz", "missing.nii.gz")
+                     .replace("a_T1w", str(inputs / "a_T1w")).replace("a_dseg", str(inputs / "a_dseg"))
+                     .replace("b_T1w", str(inputs / "b_T1w")).replace("b_dseg", str(inputs / "b_dseg"))
+                     .replace("c_dseg", str(inputs / "c_dseg")))
+    result = CliRunner().invoke(app, ["cohort", "--subjects", str(table), "--scenario", str(inputs / "scenario.yaml"),
+                                      "--years", "1", "--out", str(tmp_path / "dataset"), "--workers", "2"])
+    assert result.exit_code == 1, result.output
+    assert "sub-c" in result.output and "missing.nii.gz" in result.output
+    assert "2 simulated, 0 already complete, 1 failed" in result.output
+    assert (tmp_path / "dataset" / "failures.tsv").read_text().count("\n") == 2
+
+
+def test_results_do_not_depend_on_the_number_of_workers(inputs, reference, tmp_path):
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                  silence_logs=40) as cluster, distributed.Client(cluster) as one_worker:
+        cohort(inputs, tmp_path / "dataset").run(one_worker)
+    assert checksums(tmp_path / "dataset") == checksums(reference)
+
+
+def test_a_killed_run_resumes_to_the_files_of_an_uninterrupted_one(inputs, reference, tmp_path):
+    command = [sys.executable, "-c", "from brainmech.cli import app; app()", "cohort", "--subjects",
+               str(inputs / "subjects.csv"), "--scenario", str(inputs / "scenario.yaml"), "--years", *YEARS,
+               "--out", str(tmp_path / "dataset"), "--workers", "1"]
+    run = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / "dataset").glob("sub-*/manifest.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)  # the command and its Dask workers, half way
+    run.wait()
+    finished = len(list((tmp_path / "dataset").glob("sub-*/manifest.json")))
+    assert 1 <= finished < len(SHAPES)
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(SHAPES) - finished} simulated, {finished} already complete" in resumed.stderr
+    assert checksums(tmp_path / "dataset") == checksums(reference)
+    assert not list((tmp_path / "dataset").glob(".*"))  # no staging folder of the killed run is left
+
+
+def test_the_dataset_reads_back_as_bids(reference):
+    bids = pytest.importorskip("bids")
+    layout = bids.BIDSLayout(reference, validate=False, is_derivative=True)
+    assert sorted(layout.get_subjects()) == sorted(SHAPES)
+    assert sorted(layout.get_sessions()) == ["0", *YEARS]
+    followups = layout.get(subject="a", session="2", suffix="T1w", extension=".nii.gz")
+    assert len(followups) == 1
+    assert layout.get_metadata(followups[0].path)["method"] == "network+refine"  # its report is its sidecar
+    dseg = layout.get(subject="b", session="1", suffix="dseg", desc="tissue", extension=".nii.gz")[0]
+    labels = np.asanyarray(nib.load(dseg.path).dataobj)
+    assert labels.dtype.kind in "iu" and set(np.unique(labels)) <= {0, 1, 2, 3}
+    assert np.allclose(nib.load(dseg.path).affine, rotated_affine())
+    probseg = layout.get(subject="c", session="2", suffix="probseg", label="GM", extension=".nii.gz")
+    assert len(probseg) == 1
+    description = json.loads((reference / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "brainmech"
+
+
+def test_each_subject_draws_its_rates_from_its_id(reference, inputs):
+    """The draw depends on the cohort's seed and the subject's id only (not on the worker or the order), and the
+    simulated change follows the drawn rate."""
+    scenario = Scenario.load(inputs / "scenario.yaml")
+    rows = [line.split("\t") for line in (reference / "participants.tsv").read_text().splitlines()]
+    header, rows = rows[0], rows[1:]
+    table = [line.split("\t") for line in (reference / "cohort.tsv").read_text().splitlines()]
+    for row in rows:
+        values = dict(zip(header, row))
+        name = values["participant_id"].removeprefix("sub-")
+        drawn = scenario.draw(subject_seed(0, name)).regions[0].percent_per_year
+        assert int(values["seed"]) == subject_seed(0, name)
+        assert float(values["grey_percent_per_year"]) == pytest.approx(drawn, abs=1e-6)
+        grey = {dict(zip(table[0], r))["years"]: dict(zip(table[0], r)) for r in table[1:]
+                if r[0] == values["participant_id"] and r[2] == "grey"}
+        assert float(grey["2.0"]["prescribed_percent"]) == pytest.approx(((1 + drawn / 100) ** 2 - 1) * 100, abs=1e-3)
+    assert len({row[header.index("grey_percent_per_year")] for row in rows}) == len(SHAPES)  # a spread was drawn
+    assert subject_seed(0, "a") != subject_seed(1, "a") and subject_seed(0, "a") != subject_seed(0, "b")
+
+
+@pytest.mark.parametrize("table, message", [
+    ("id,image\na,x.nii.gz\n", "needs id,image,labels"),
+    ("id,image,labels\nsub_1,x.nii.gz,y.nii.gz\n", "letters and digits"),
+    ("id,image,labels\na,x.nii.gz,y.nii.gz\na,x.nii.gz,y.nii.gz\n", "listed twice"),
+    ("id,image,labels\na,,y.nii.gz\n", "needs an image and labels"),
+    ("id,image,labels\n", "lists no subjects"),
+])
+def test_a_bad_subjects_table_is_one_error(tmp_path, table, message):
+    (tmp_path / "subjects.csv").write_text(table)
+    with pytest.raises(InputError, match=message):
+        read_subjects(tmp_path / "subjects.csv")
+
+
+def test_a_dataset_of_other_settings_is_refused_before_any_work(reference, inputs):
+    before = checksums(reference)
+    result = CliRunner().invoke(app, ["cohort", "--subjects", str(inputs / "subjects.csv"), "--scenario",
+                                      str(inputs / "scenario.yaml"), "--years", "1", "3", "--out", str(reference)])
+    assert result.exit_code == 2 and "other settings (years)" in result.output and "--overwrite" in result.output
+    assert checksums(reference) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mni-pseudo", "2"], "one of the two"),
+    ([], "one of the two"),
+    (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "one of the two"),
+])
+def test_conflicting_options_are_one_error(inputs, tmp_path, args, message):
+    subjects = [] if args == [] else ["--subjects", str(inputs / "subjects.csv")]
+    result = CliRunner().invoke(app, ["cohort", *subjects, *args, "--scenario", "healthy-ageing",
+                                      "--out", str(tmp_path / "dataset")])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "dataset").exists()
+
+
+def test_a_folder_of_other_files_is_refused(inputs, tmp_path):
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="no brainmech cohort"):
+        cohort(inputs, tmp_path / "dataset").prepare()
+    assert [p.name for p in (tmp_path / "dataset").iterdir()] == ["notes.txt"]
+
+
+def test_a_parcellation_scenario_needs_every_subject_parcellated(inputs):
+    with pytest.raises(InputError, match="parcellation column"):
+        Cohort(read_subjects(inputs / "subjects.csv"), Scenario.load("alzheimers"), years=[1.0], out="unused")
