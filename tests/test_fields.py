@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import gaussian_filter
 
-from brainmech.fields import coarsen_field, compose, invert, refine_field, resize, restrict, warp_image, warp_labels
+from brainmech import fields
+from brainmech.fields import coarsen_field, compose, invert, refine_field, resize, restrict, warp_image, warp_labels, \
+    warp_labels_and_volumes
 from brainmech.subject import Subject, load_subject
 from conftest import rotated_affine
 
@@ -35,6 +37,23 @@ def test_labels_stay_labels_and_a_zero_field_is_the_identity():
     assert torch.equal(warp_labels(labels, torch.zeros(1, 3, 12, 11, 10)), labels)
     warped = warp_labels(labels, smooth_field((12, 11, 10), 2.0, 0))
     assert set(warped.unique().tolist()) <= set(labels.unique().tolist())
+
+
+@pytest.mark.parametrize("shape", [(12, 11, 10), (30, 26)])
+@pytest.mark.parametrize("slab_voxels", [2**20, 64])  # one slab, or many with seams between them
+def test_labels_take_the_label_of_largest_linearly_warped_indicator(shape, slab_voxels, monkeypatch):
+    """The definition, label by label: each indicator warped linearly (border padding, as images), the largest
+    wins, and its sum is the label's partial volume; with many labels and a field reaching past the border."""
+    monkeypatch.setattr(fields, "LABEL_SLAB_VOXELS", slab_voxels)
+    labels = torch.randint(0, 40, (2, 1, *shape)) * 3
+    u = torch.cat([smooth_field(shape, 3.0, seed) for seed in (3, 4)])
+    values = labels.unique()
+    indicators = warp_image((labels == values.reshape(1, -1, *[1] * len(shape))).double(), u.double())
+    expected = values[indicators.argmax(1, keepdim=True)]
+    warped, volumes = warp_labels_and_volumes(labels, u.double())
+    assert torch.equal(warped, expected)
+    assert torch.allclose(torch.tensor([volumes[v] for v in values.tolist()], dtype=torch.float64),
+                          indicators.sum(dim=[0, *range(2, indicators.ndim)]), rtol=1e-9)
 
 
 def test_composition_equals_warping_twice():

@@ -11,6 +11,7 @@ field taken down and up again is not shifted.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -21,7 +22,7 @@ from torch import Tensor
 
 warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample", category=UserWarning)
 _LINEAR = Warp(mode="bilinear", padding_mode="border")  # "bilinear" is trilinear in 3D
-LABEL_CHUNK = 8  # labels resampled together: bounds memory to a few volumes for any label count
+LABEL_SLAB_VOXELS = 2**20  # label warps work on this many voxels at a time: memory bounded at any size
 
 
 def warp_image(image: Tensor, u: Tensor) -> Tensor:
@@ -37,21 +38,48 @@ def warp_labels(labels: Tensor, u: Tensor) -> Tensor:
 
 def warp_labels_and_volumes(labels: Tensor, u: Tensor) -> tuple[Tensor, dict[int, float]]:
     """:func:`warp_labels` and each label's partial volume in the result (voxels, summed over the batch):
-    the sum of its linearly warped indicator, which carries sub-voxel motion that hard labels cannot."""
+    the sum of its linearly warped indicator, which carries sub-voxel motion that hard labels cannot.
+
+    Each sampling point ``y + u(y)`` (clamped to the grid, as :func:`warp_image`'s border) lies among
+    2^d grid nodes with multilinear weights; a label's warped indicator there is the weight of the
+    nodes holding it. So the label of largest weight (the smallest label on an exact tie) is found
+    from those nodes alone, at a cost independent of the number of labels (a parcellation's hundred).
+    """
+    shape, batch = tuple(labels.shape[2:]), labels.shape[0]
+    flat = labels.reshape(batch, -1)
     values = torch.unique(labels)
-    best_weight = torch.full(labels.shape, -1.0, dtype=u.dtype, device=u.device)
-    best_label = torch.zeros_like(labels)
-    volumes = {}
-    for start in range(0, len(values), LABEL_CHUNK):
-        chunk = values[start:start + LABEL_CHUNK]
-        indicators = (labels == chunk.reshape(1, -1, *([1] * (labels.ndim - 2)))).to(u.dtype)
-        warped = warp_image(indicators, u)  # channels share one sampling grid
-        volumes.update(zip(chunk.tolist(), warped.double().sum(dim=[0, *range(2, warped.ndim)]).tolist()))
-        weight, index = warped.max(dim=1, keepdim=True)
-        better = weight > best_weight
-        best_weight = torch.where(better, weight, best_weight)
-        best_label = torch.where(better, chunk[index], best_label)
-    return best_label, volumes
+    strides = [math.prod(shape[axis + 1:]) for axis in range(len(shape))]
+    rows = max(1, LABEL_SLAB_VOXELS // max(strides[0], 1))
+    warped, volume = torch.empty_like(flat), torch.zeros(len(values), dtype=torch.float64, device=labels.device)
+    for first in range(0, shape[0], rows):
+        part = u[:, :, first:first + rows]
+        node_labels, node_weights = _nodes_around(flat, part, first, shape, strides)
+        scores = torch.stack([(node_weights * (node_labels == node_labels[:, k:k + 1])).sum(1)
+                              for k in range(node_labels.shape[1])], 1)  # each node's label's total weight
+        winners = torch.where(scores == scores.max(1, keepdim=True).values, node_labels, values[-1])
+        warped[:, first * strides[0]:first * strides[0] + winners.shape[2]] = winners.min(1).values
+        volume.index_add_(0, torch.searchsorted(values, node_labels.flatten()), node_weights.double().flatten())
+    return warped.reshape(labels.shape), dict(zip(values.tolist(), volume.tolist()))
+
+
+def _nodes_around(flat_labels: Tensor, u: Tensor, first_row: int, shape: tuple[int, ...],
+                  strides: list[int]) -> tuple[Tensor, Tensor]:
+    """The labels ``(B, 2^d, M)`` of the grid nodes around the sampling points ``y + u(y)`` of rows
+    ``first_row...`` (``u`` those rows, voxels) and their multilinear weights ``(B, 2^d, M)``."""
+    lows, fractions = [], []
+    for axis, n in enumerate(shape):
+        coordinate = torch.arange(u.shape[2 + axis], device=u.device, dtype=u.dtype) + (first_row if axis == 0 else 0)
+        point = (coordinate.reshape([-1 if a == axis else 1 for a in range(len(shape))]) + u[:, axis]).clamp(0, n - 1)
+        low = point.floor().clamp(max=max(n - 2, 0))
+        lows.append(low.long())
+        fractions.append(point - low)
+    node_labels, node_weights = [], []
+    for corner in itertools.product((0, 1), repeat=len(shape)):
+        index = sum((low + c).clamp(max=n - 1) * stride for low, c, n, stride in zip(lows, corner, shape, strides))
+        weight = math.prod(f if c else 1 - f for f, c in zip(fractions, corner))
+        node_labels.append(flat_labels.gather(1, index.reshape(index.shape[0], -1)))
+        node_weights.append(weight.reshape(weight.shape[0], -1))
+    return torch.stack(node_labels, 1), torch.stack(node_weights, 1)
 
 
 def compose(u_step: Tensor, u_previous: Tensor) -> Tensor:
