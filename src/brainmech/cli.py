@@ -472,6 +472,9 @@ def cohort(
                   method=method, model=model, steps=steps, refine_evaluations=refine_evaluations, device=device.value,
                   threads_per_worker=threads_per_worker, label_table=label_table, lut=lut,
                   resolution=resolution, overwrite=overwrite)
+    if not any(region.sd_percent_per_year for region in plan.scenario.regions):
+        console.print(f"note: scenario {plan.scenario.name} has no between-subject spread (sd_percent_per_year): every "
+                      f"subject gets the same rates (docs/cohorts.md)", highlight=False)
     simulator = Simulator(method, model=model, device=device.value)  # a bad device fails here, before any work
     if model is not None:  # and a bad model file
         simulator.network(plan.dimension())

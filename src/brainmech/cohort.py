@@ -268,6 +268,8 @@ class Cohort:
             raise InputError("cohorts run on Dask, an optional extra: pip install 'brainmech[cohort]'") from None
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise InputError(f"workers= must be a whole number >= 1, got {workers!r}")
+        if workers is not None and client is not None:
+            raise InputError("workers= starts a local cluster; client= is an existing one: give one of the two")
         self.prepare()
         cluster = None
         if client is None:
