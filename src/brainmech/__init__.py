@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .version import __version__
 
 _HOMES = {  # public name -> the module that defines it
+    "Cohort": "cohort", "mni_pseudo_subjects": "cohort", "read_subjects": "cohort",
     "Convention": "choices", "Direction": "choices", "Method": "choices",
     "InputError": "errors", "retain_freed_memory": "allocator",
     "from_percent": "atrophy", "load_atrophy": "atrophy", "random_atrophy": "atrophy", "to_percent": "atrophy",
@@ -22,10 +23,10 @@ _HOMES = {  # public name -> the module that defines it
     "Report": "simulator", "Simulation": "simulator", "Simulator": "simulator",
     "Subject": "subject", "load_subject": "subject",
 }
-__all__ = ["Convention", "Direction", "InputError", "Method", "Parcellation", "Prescription", "Report", "Scenario",
-           "Series", "Simulation", "Simulator", "Subject", "from_percent", "load_atrophy", "load_mni", "load_parcellation",
-           "load_subject", "mni_atlas", "prescribe", "random_atrophy", "retain_freed_memory", "simulate_series",
-           "to_percent", "__version__"]
+__all__ = ["Cohort", "Convention", "Direction", "InputError", "Method", "Parcellation", "Prescription", "Report",
+           "Scenario", "Series", "Simulation", "Simulator", "Subject", "from_percent", "load_atrophy", "load_mni",
+           "load_parcellation", "load_subject", "mni_atlas", "mni_pseudo_subjects", "prescribe", "random_atrophy",
+           "read_subjects", "retain_freed_memory", "simulate_series", "to_percent", "__version__"]
 
 
 def __getattr__(name: str):
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the names as ordinary imports
     from .allocator import retain_freed_memory
     from .atrophy import from_percent, load_atrophy, random_atrophy, to_percent
     from .choices import Convention, Direction, Method
+    from .cohort import Cohort, mni_pseudo_subjects, read_subjects
     from .errors import InputError
     from .mni import load_mni
     from .scenarios import Parcellation, Prescription, Scenario, load_parcellation, mni_atlas, prescribe

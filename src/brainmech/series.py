@@ -34,7 +34,7 @@ from .fields import warp_image, warp_labels
 from .figures import series_png
 from .scenarios import CsfMode, Prescription
 from .choices import Method, check_years, year_folder
-from .simulator import Simulation, Simulator, label_dtype, misses, volume_growth
+from .simulator import Simulation, Simulator, label_dtype, misses
 from .subject import Subject, write_outputs
 
 INTRACRANIAL = "intracranial"  # the row of the whole brain mask: the skull is fixed, its volume is kept
@@ -171,13 +171,12 @@ class Series:
         return write_outputs(images, extra, out_dir, overwrite=overwrite)
 
 
-def jacobian_volumes(subject: Subject, prescription: Prescription, u: Tensor, det_f: Tensor) -> dict[str, float]:
+def jacobian_volumes(subject: Subject, prescription: Prescription, growth: Tensor) -> dict[str, float]:
     """Zone (and intracranial) -> follow-up volume in mL by Jacobian integration: the sum over the
-    baseline region of ``1 / det F`` taken where each baseline point went (``det F`` lives on the
-    follow-up grid, so it is carried back through the inverse field). The map prescribes det F = a,
-    so this is the prescription's own measure: ``sum 1/a`` over the region."""
+    baseline region of ``1 / det F`` taken where each baseline point went (``growth``, the simulation's
+    ``volume_growth``). The map prescribes det F = a, so this is the prescription's own measure:
+    ``sum 1/a`` over the region."""
     voxel_ml = math.prod(subject.spacing) / 1000.0
-    growth = volume_growth(det_f, u)
     return {name: float(growth[mask].sum()) * voxel_ml for name, mask in measured_masks(subject, prescription).items()}
 
 
@@ -227,7 +226,7 @@ def simulate_series(simulator: Simulator, subject: Subject, prescription: Prescr
         warped = (warp_labels(prescription.parcellation.labels, simulation.displacement)
                   if prescription.parcellation is not None else None)
         points.append(TimePoint(t, simulation, warped, followup_volumes(subject, prescription, simulation.displacement),
-                                jacobian_volumes(subject, prescription, simulation.displacement, simulation.det_f)))
+                                jacobian_volumes(subject, prescription, simulation.volume_growth)))
         previous = t
     return Series(subject=subject, prescription=prescription, points=points, note=note)
 

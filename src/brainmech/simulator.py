@@ -105,6 +105,7 @@ class Simulation:
     warped_image: Tensor
     warped_labels: Tensor
     warped_probabilities: Tensor  # (1, K, *N) the tissue probabilities carried linearly: partial volumes
+    volume_growth: Tensor  # (1, 1, *N) follow-up / baseline volume of each baseline voxel (:func:`volume_growth`)
     report: Report
 
     def figure(self) -> bytes:
@@ -272,16 +273,19 @@ class Simulator:
         timings["warp_s"] = time.perf_counter() - start
         cpu = lambda t: t.detach().cpu()  # noqa: E731
         u, det_f, warped_probabilities = cpu(u), DetFMaps(*map(cpu, det_f)), cpu(warped_probabilities)
-        report = self._report(subject, atrophy, u, det_f, energy_terms, problem.centre[0].tolist(), timings, records)
+        growth = volume_growth(det_f.mean, u)
+        report = self._report(subject, atrophy, u, det_f, growth, energy_terms, problem.centre[0].tolist(), timings,
+                              records)
         report.volumes = volume_rows(subject, atrophy, warped_probabilities, label_voxels, brain_only=self.brain_only)
         report.warnings = self.check(report, subject, atrophy)
         return Simulation(subject=subject, atrophy=atrophy, displacement=u, det_f=det_f.mean,
                           min_det_f=det_f.minimum, warped_image=cpu(warped_image), warped_labels=cpu(warped_labels),
-                          warped_probabilities=warped_probabilities, report=report)
+                          warped_probabilities=warped_probabilities, volume_growth=growth, report=report)
 
-    def _report(self, subject: Subject, atrophy: Tensor, u: Tensor, det_f: DetFMaps, energy_terms: dict[str, Tensor],
-                centre: list[float], timings: dict[str, float], records: list[SolverRecord | None]) -> Report:
-        """The :class:`Report` of a final field ``u`` (voxels, CPU) and its det F maps."""
+    def _report(self, subject: Subject, atrophy: Tensor, u: Tensor, det_f: DetFMaps, growth: Tensor,
+                energy_terms: dict[str, Tensor], centre: list[float], timings: dict[str, float],
+                records: list[SolverRecord | None]) -> Report:
+        """The :class:`Report` of a final field ``u`` (voxels, CPU), its det F maps and volume growth."""
         # the moved frame: a(y + u(y)) and the tissue mask carried to the follow-up, in one warp
         carried = warp_image(torch.cat([atrophy, subject.tissue.to(atrophy.dtype)], 1), u)
         followup_atrophy, followup_tissue = carried.split(1, 1)
@@ -315,7 +319,7 @@ class Simulator:
             versions={"brainmech": __version__, "torch": torch.__version__, "python": platform.python_version()},
             inputs=dict(subject.files),
             tissue_volume_percent={"prescribed": tissue_volume_percent(atrophy, subject),
-                                   "simulated": jacobian_percent(det_f.mean, u, tissue)},
+                                   "simulated": float(growth[tissue].mean() - 1) * 100},  # Jacobian integration
             error_tissue=math.sqrt(mse_solved) / max(change_rms, 1e-3),  # a change under 0.1 % counts as 0.1 %
         )
 
@@ -356,11 +360,6 @@ def volume_growth(det_f: Tensor, u: Tensor) -> Tensor:
     lives on the follow-up grid, so it is carried back through the inverse field). Summed over a baseline
     region, it is the region's follow-up volume by Jacobian integration (voxels)."""
     return warp_image(1.0 / det_f.double(), invert(u.double()))
-
-
-def jacobian_percent(det_f: Tensor, u: Tensor, region: Tensor) -> float:
-    """A baseline region's volume change by Jacobian integration, percent (< 0: loss)."""
-    return float(volume_growth(det_f, u)[region].mean() - 1) * 100
 
 
 def misses(simulated_percent: float, prescribed_percent: float) -> bool:
