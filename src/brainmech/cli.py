@@ -463,7 +463,7 @@ def cohort(
         raise InputError("--workers starts a local cluster; --scheduler uses an existing one: give one of the two")
     if years is not None:
         check_years(years)
-    from .cohort import Cohort, mni_pseudo_subjects, read_subjects
+    from .cohort import Cohort, available_cores, mni_pseudo_subjects, read_subjects
     from .scenarios import Scenario
     from .simulator import Simulator
 
@@ -472,6 +472,10 @@ def cohort(
                   method=method, model=model, steps=steps, refine_evaluations=refine_evaluations, device=device.value,
                   threads_per_worker=threads_per_worker, label_table=label_table, lut=lut,
                   resolution=resolution, overwrite=overwrite)
+    cores = available_cores()
+    if scheduler is None and (workers or cores) * threads_per_worker > cores:
+        console.print(f"note: {workers or cores} workers x {threads_per_worker} threads on {cores} cores: they will take "
+                      f"turns (oversubscribed); fewer workers or threads run as fast with less memory", highlight=False)
     if not any(region.sd_percent_per_year for region in plan.scenario.regions):
         console.print(f"note: scenario {plan.scenario.name} has no between-subject spread (sd_percent_per_year): every "
                       f"subject gets the same rates (docs/cohorts.md)", highlight=False)
