@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from brainmech.cli import app
-from brainmech.cohort import Cohort, read_subjects, subject_seed
+from brainmech.cohort import LOCK, Cohort, _locked, draw_seed, mni_pseudo_subjects, read_subjects, session_label
 from brainmech.errors import InputError
 from brainmech.scenarios import Scenario
 
@@ -59,9 +59,9 @@ def inputs(tmp_path_factory):
     return folder
 
 
-def cohort(inputs, out, **kwargs) -> Cohort:
+def cohort(inputs, out, years=YEARS, **kwargs) -> Cohort:
     return Cohort(read_subjects(inputs / "subjects.csv"), Scenario.load(inputs / "scenario.yaml"),
-                  years=[float(t) for t in YEARS], out=out, **kwargs)
+                  years=[float(t) for t in years], out=out, **kwargs)
 
 
 def digest(path: Path) -> str:
@@ -148,7 +148,7 @@ def test_a_killed_run_resumes_to_the_files_of_an_uninterrupted_one(inputs, refer
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(SHAPES) - finished} simulated, {finished} already complete" in resumed.stderr
     assert checksums(tmp_path / "dataset") == checksums(reference)
-    assert not list((tmp_path / "dataset").glob(".*"))  # no staging folder of the killed run is left
+    assert not list((tmp_path / "dataset").glob(".*"))  # no staging folder or lock of the killed run is left
 
 
 def test_the_dataset_reads_back_as_bids(reference):
@@ -179,14 +179,14 @@ def test_each_subject_draws_its_rates_from_its_id(reference, inputs):
     for row in rows:
         values = dict(zip(header, row))
         name = values["participant_id"].removeprefix("sub-")
-        drawn = scenario.draw(subject_seed(0, name)).regions[0].percent_per_year
-        assert int(values["seed"]) == subject_seed(0, name)
+        drawn = scenario.draw(draw_seed(0, name)).regions[0].percent_per_year
+        assert int(values["seed"]) == draw_seed(0, name)
         assert float(values["grey_percent_per_year"]) == pytest.approx(drawn, abs=1e-6)
         grey = {dict(zip(table[0], r))["years"]: dict(zip(table[0], r)) for r in table[1:]
                 if r[0] == values["participant_id"] and r[2] == "grey"}
         assert float(grey["2.0"]["prescribed_percent"]) == pytest.approx(((1 + drawn / 100) ** 2 - 1) * 100, abs=1e-3)
     assert len({row[header.index("grey_percent_per_year")] for row in rows}) == len(SHAPES)  # a spread was drawn
-    assert subject_seed(0, "a") != subject_seed(1, "a") and subject_seed(0, "a") != subject_seed(0, "b")
+    assert draw_seed(0, "a") != draw_seed(1, "a") and draw_seed(0, "a") != draw_seed(0, "b")
 
 
 @pytest.mark.parametrize("table, message", [
@@ -211,13 +211,15 @@ def test_a_dataset_of_other_settings_is_refused_before_any_work(reference, input
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mni-pseudo", "2"], "one of the two"),
-    ([], "one of the two"),
+    (["--mni-pseudo", "2"], "not both and not neither"),
+    ([], "not both and not neither"),
+    (["--resolution", "1"], "--resolution is the MNI brain's"),
+    (["--scheduler", "missing.json"], "no such scheduler file"),
     (["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "one of the two"),
 ])
 def test_conflicting_options_are_one_error(inputs, tmp_path, args, message):
     subjects = [] if args == [] else ["--subjects", str(inputs / "subjects.csv")]
-    result = CliRunner().invoke(app, ["cohort", *subjects, *args, "--scenario", "healthy-ageing",
+    result = CliRunner().invoke(app, ["cohort", *subjects, *args, "--scenario", str(inputs / "scenario.yaml"),
                                       "--out", str(tmp_path / "dataset")])
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "dataset").exists()
@@ -227,10 +229,40 @@ def test_a_folder_of_other_files_is_refused(inputs, tmp_path):
     (tmp_path / "dataset").mkdir()
     (tmp_path / "dataset" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="no brainmech cohort"):
-        cohort(inputs, tmp_path / "dataset").prepare()
+        cohort(inputs, tmp_path / "dataset").check_folder()
     assert [p.name for p in (tmp_path / "dataset").iterdir()] == ["notes.txt"]
 
 
 def test_a_parcellation_scenario_needs_every_subject_parcellated(inputs):
     with pytest.raises(InputError, match="parcellation column"):
         Cohort(read_subjects(inputs / "subjects.csv"), Scenario.load("alzheimers"), years=[1.0], out="unused")
+
+
+def test_a_recomputed_subject_is_replaced_whole(inputs, client, tmp_path):
+    """With other settings and overwrite, each subject's folder is swapped for the new one: no file of the
+    old settings (a session no longer simulated) is left, and no staging folder."""
+    cohort(inputs, tmp_path / "dataset", years=["1"]).run(client)
+    again = cohort(inputs, tmp_path / "dataset", years=["2"], overwrite=True).run(client)
+    assert again.of("simulated") == list(SHAPES)
+    assert sorted(p.name for p in (tmp_path / "dataset" / "sub-a").glob("ses-*")) == ["ses-0", "ses-2"]
+    assert not list((tmp_path / "dataset").glob(".*"))
+
+
+def test_a_second_run_into_a_dataset_is_refused_while_one_writes(inputs, reference, client):
+    before = checksums(reference)
+    with _locked(reference):
+        with pytest.raises(InputError, match="another brainmech cohort is writing"):
+            cohort(inputs, reference).run(client)
+    assert checksums(reference) == before and not (reference / LOCK).exists()
+
+
+def test_session_labels_are_bids_labels():
+    assert [session_label(t) for t in (1.0, 2.5, 10.0, 1e-5)] == ["1", "2p5", "10", "0p00001"]
+
+
+def test_pseudo_subjects_refuse_options_of_files_and_keep_their_ids():
+    with pytest.raises(InputError, match="label_table= and lut="):
+        Cohort(mni_pseudo_subjects(2), Scenario.from_dict({"name": "x"}), years=[1.0], out="unused",
+               label_table=__file__)
+    assert [s.id for s in mni_pseudo_subjects(3)] == [s.id for s in mni_pseudo_subjects(1200)[:3]] == \
+        ["pseudo0001", "pseudo0002", "pseudo0003"]

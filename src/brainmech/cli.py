@@ -18,6 +18,7 @@ Enums and bounds are typer options, so typer lists and enforces them.
 from __future__ import annotations
 
 import enum
+import importlib.util
 import math
 import os
 import re
@@ -445,7 +446,8 @@ def cohort(
     lut: Annotated[Optional[Path], input_file("Names of the parcellations' labels: FreeSurfer LUT or CSV/TSV "
                                               "'id name' (default: FreeSurfer's aseg names).")] = None,
     label_table: Annotated[Optional[Path], input_file("YAML 'label: tissue class' table for the label maps.")] = None,
-    resolution: Annotated[int, typer.Option(min=1, max=2, help="With --mni-pseudo: the MNI brain's resolution (mm).")] = 2,
+    resolution: Annotated[Optional[int], typer.Option(min=1, max=2, help="With --mni-pseudo: the MNI brain's resolution "
+                                                                       "(mm; default 2).")] = None,
     method: Annotated[Method, typer.Option(help="How the displacement is found.")] = DEFAULT_METHOD,
     model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d or a model.pt (default: by dimension).")] = None,
     steps: Steps = 1,
@@ -458,11 +460,15 @@ def cohort(
     BIDS-derivatives dataset (docs/cohorts.md). A failing subject goes to failures.tsv (exit 1); the others
     go on, and re-running the same command simulates only what is missing."""
     if (subjects is None) == (mni_pseudo is None):
-        raise InputError("give the subjects: --subjects subjects.csv or --mni-pseudo N, one of the two")
+        raise InputError("give the subjects with --subjects subjects.csv or with --mni-pseudo N, not both and not neither")
     if scheduler is not None and workers is not None:
         raise InputError("--workers starts a local cluster; --scheduler uses an existing one: give one of the two")
+    if subjects is not None and resolution is not None:
+        raise InputError("--resolution is the MNI brain's, for --mni-pseudo; your subjects keep their own grids")
     if years is not None:
         check_years(years)
+    if importlib.util.find_spec("distributed") is None:
+        raise InputError("cohorts run on Dask, an optional extra: pip install 'brainmech[cohort]'")
     from .cohort import Cohort, available_cores, mni_pseudo_subjects, read_subjects
     from .scenarios import Scenario
     from .simulator import Simulator
@@ -471,7 +477,13 @@ def cohort(
     plan = Cohort(cohort_subjects, Scenario.load(scenario), years=years or [1.0], out=out, seed=seed,
                   method=method, model=model, steps=steps, refine_evaluations=refine_evaluations, device=device.value,
                   threads_per_worker=threads_per_worker, label_table=label_table, lut=lut,
-                  resolution=resolution, overwrite=overwrite)
+                  resolution=resolution or 2, overwrite=overwrite)
+    plan.check_folder()
+    if scheduler is None:  # the local workers are this machine: their device and model can be checked here
+        simulator = Simulator(method, model=model, device=device.value)
+        if model is not None:
+            simulator.network(plan.dimension())
+    client = _dask_client(scheduler) if scheduler is not None else None
     cores = available_cores()
     if scheduler is None and (workers or cores) * threads_per_worker > cores:
         console.print(f"note: {workers or cores} workers x {threads_per_worker} threads on {cores} cores: they will take "
@@ -479,11 +491,6 @@ def cohort(
     if not any(region.sd_percent_per_year for region in plan.scenario.regions):
         console.print(f"note: scenario {plan.scenario.name} has no between-subject spread (sd_percent_per_year): every "
                       f"subject gets the same rates (docs/cohorts.md)", highlight=False)
-    simulator = Simulator(method, model=model, device=device.value)  # a bad device fails here, before any work
-    if model is not None:  # and a bad model file
-        simulator.network(plan.dimension())
-    plan.prepare()
-    client = _dask_client(scheduler) if scheduler is not None else None
     counts = {"simulated": 0, "complete": 0, "failed": 0}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
@@ -501,12 +508,14 @@ def cohort(
         finally:
             if client is not None:
                 client.close()
-    warned = sum(1 for o in result.outcomes if o.warnings)
+    if result.strays:
+        console.print(f"note: {len(result.strays)} sub-* folder(s) in {out} are not subjects of this cohort (kept, not in "
+                      f"participants.tsv): {', '.join(result.strays[:5])}", highlight=False)
+    if result.warned:
+        _warn([f"{len(result.warned)} subject(s) missed a target: the warnings column of participants.tsv counts them, "
+               f"sub-<id>/sub-<id>_series.json lists them"], strict=False)
     console.print(f"{len(result.outcomes)} subjects: {counts['simulated']} simulated, {counts['complete']} already "
                   f"complete, {counts['failed']} failed", highlight=False)
-    if warned:
-        _warn([f"{warned} subject(s) missed a target: the warnings column of participants.tsv counts them, "
-               f"sub-<id>/sub-<id>_series.json lists them"], strict=False)
     print(f"wrote {out}/ (dataset_description.json, participants.tsv, cohort.tsv, sub-*/ses-*/anat/"
           + (f"; {len(result.failed)} failed: {out}/failures.tsv)" if result.failed else ")"))
     if result.failed:
@@ -514,13 +523,15 @@ def cohort(
 
 
 def _dask_client(scheduler: str):
-    """A client of an existing Dask cluster: ``scheduler`` is its address or its scheduler file."""
+    """A client of an existing Dask cluster: ``scheduler`` is its address (``tcp://host:port``) or its
+    scheduler file (JSON)."""
+    from distributed import Client
+
+    if "://" not in scheduler and not Path(scheduler).is_file():
+        raise InputError(f"--scheduler {scheduler}: no such scheduler file; give tcp://host:port or the scheduler "
+                         f"file (JSON) the cluster wrote")
     try:
-        from distributed import Client
-    except ImportError:
-        raise InputError("cohorts run on Dask, an optional extra: pip install 'brainmech[cohort]'") from None
-    try:
-        if Path(scheduler).is_file():
+        if "://" not in scheduler:
             return Client(scheduler_file=scheduler, timeout="20s")
         return Client(scheduler, timeout="20s")
     except (OSError, TimeoutError, ValueError) as error:

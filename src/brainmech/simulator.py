@@ -273,7 +273,7 @@ class Simulator:
         timings["warp_s"] = time.perf_counter() - start
         cpu = lambda t: t.detach().cpu()  # noqa: E731
         u, det_f, warped_probabilities = cpu(u), DetFMaps(*map(cpu, det_f)), cpu(warped_probabilities)
-        growth = volume_growth(det_f.mean, u)
+        growth = volume_growth(det_f.mean, u).float()  # summed in float64 where it is used
         report = self._report(subject, atrophy, u, det_f, growth, energy_terms, problem.centre[0].tolist(), timings,
                               records)
         report.volumes = volume_rows(subject, atrophy, warped_probabilities, label_voxels, brain_only=self.brain_only)
@@ -319,7 +319,7 @@ class Simulator:
             versions={"brainmech": __version__, "torch": torch.__version__, "python": platform.python_version()},
             inputs=dict(subject.files),
             tissue_volume_percent={"prescribed": tissue_volume_percent(atrophy, subject),
-                                   "simulated": float(growth[tissue].mean() - 1) * 100},  # Jacobian integration
+                                   "simulated": float(growth[tissue].double().mean() - 1) * 100},  # Jacobian integration
             error_tissue=math.sqrt(mse_solved) / max(change_rms, 1e-3),  # a change under 0.1 % counts as 0.1 %
         )
 
