@@ -266,3 +266,10 @@ def test_pseudo_subjects_refuse_options_of_files_and_keep_their_ids():
                label_table=__file__)
     assert [s.id for s in mni_pseudo_subjects(3)] == [s.id for s in mni_pseudo_subjects(1200)[:3]] == \
         ["pseudo0001", "pseudo0002", "pseudo0003"]
+
+
+def test_a_model_the_workers_cannot_load_is_one_error_before_any_output(inputs, client, tmp_path):
+    (tmp_path / "model.pt").write_text("not a model")
+    with pytest.raises(InputError, match="on the workers: .*model.pt"):
+        cohort(inputs, tmp_path / "dataset", model=str(tmp_path / "model.pt"), method="network").run(client)
+    assert not (tmp_path / "dataset").exists()

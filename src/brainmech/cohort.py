@@ -322,10 +322,9 @@ class Cohort:
         if workers is not None and client is not None:
             raise InputError("workers= starts a local cluster; client= is an existing one: give one of the two")
         self.check_folder()
+        created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         with _locked(self.out):
-            _write_atomically(self.out / "dataset_description.json",
-                              json.dumps(self.dataset_description(), indent=2).encode())
             cluster = None
             if client is None:
                 with dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": value
@@ -335,6 +334,14 @@ class Cohort:
                 client = Client(cluster)
             try:
                 shared = client.scatter(self, broadcast=True)  # sent once to each worker, not with every task
+                problem = client.submit(check_on_worker, shared, pure=False).result()
+                if problem:  # a device or model the workers cannot use would fail every subject alike
+                    if created:
+                        self.out.joinpath(LOCK).unlink(missing_ok=True)
+                        self.out.rmdir()
+                    raise InputError(f"on the workers: {problem}")
+                _write_atomically(self.out / "dataset_description.json",
+                                  json.dumps(self.dataset_description(), indent=2).encode())
                 futures = client.map(simulate_subject, [shared] * len(self.subjects), self.subjects, pure=False)
                 which = {future.key: subject.id for future, subject in zip(futures, self.subjects)}
                 outcomes = {}
@@ -528,6 +535,18 @@ def simulate_subject(cohort: Cohort, subject: CohortSubject) -> SubjectOutcome:
         message += f" (sub-{subject.id}/ still holds an earlier run's outputs)"
     return SubjectOutcome(subject.id, "failed", message, seconds=time.perf_counter() - start,
                           peak_memory_mb=_peak_memory_mb())
+
+
+def check_on_worker(cohort: Cohort) -> str | None:
+    """On a worker: the error that its device or model would give every subject, or None (the network is then
+    loaded, once per worker)."""
+    try:
+        simulator = _simulator(cohort)
+        if cohort.method is not Method.SOLVER:
+            simulator.network(cohort.dimension())
+    except InputError as error:
+        return str(error)
+    return None
 
 
 def _replace_folder(folder: Path, images: dict, extra: dict) -> None:
