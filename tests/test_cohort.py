@@ -195,6 +195,7 @@ def test_each_subject_draws_its_rates_from_its_id(reference, inputs):
     ("id,image,labels\na,x.nii.gz,y.nii.gz\na,x.nii.gz,y.nii.gz\n", "listed twice"),
     ("id,image,labels\na,,y.nii.gz\n", "needs an image and labels"),
     ("id,image,labels\n", "lists no subjects"),
+    ("id,image,labels\na,x.nii.gz,y.nii.gz,z.nii.gz\n", "more fields than the header"),
 ])
 def test_a_bad_subjects_table_is_one_error(tmp_path, table, message):
     (tmp_path / "subjects.csv").write_text(table)

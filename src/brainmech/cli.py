@@ -59,7 +59,8 @@ def _error(message: str, code: int) -> int:
     return code
 
 
-MULTI_VALUE_OPTIONS = {"simulate": ("--years",), "demo": ("--years",), "cohort": ("--years",)}  # --years 1 2 5 (atrophy-map: one value)
+# --years 1 2 5 (atrophy-map takes one value)
+MULTI_VALUE_OPTIONS = {"simulate": ("--years",), "demo": ("--years",), "cohort": ("--years",)}
 
 
 def expand_multi_value_options(args: list[str]) -> list[str]:
@@ -471,18 +472,13 @@ def cohort(
         raise InputError("cohorts run on Dask, an optional extra: pip install 'brainmech[cohort]'")
     from .cohort import Cohort, available_cores, mni_pseudo_subjects, read_subjects
     from .scenarios import Scenario
-    from .simulator import Simulator
 
     cohort_subjects = read_subjects(subjects) if subjects is not None else mni_pseudo_subjects(mni_pseudo)
     plan = Cohort(cohort_subjects, Scenario.load(scenario), years=years or [1.0], out=out, seed=seed,
                   method=method, model=model, steps=steps, refine_evaluations=refine_evaluations, device=device.value,
                   threads_per_worker=threads_per_worker, label_table=label_table, lut=lut,
                   resolution=resolution or 2, overwrite=overwrite)
-    plan.check_folder()
-    if scheduler is None:  # the local workers are this machine: their device and model can be checked here
-        simulator = Simulator(method, model=model, device=device.value)
-        if model is not None:
-            simulator.network(plan.dimension())
+    plan.check_folder()  # the workers' device and model are checked on a worker, before any output (Cohort.run)
     client = _dask_client(scheduler) if scheduler is not None else None
     cores = available_cores()
     if scheduler is None and (workers or cores) * threads_per_worker > cores:

@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # imported where used: the command line's help stays free of 
 
 BIDS_VERSION = "1.10.0"
 SUBJECT_COLUMNS = ("id", "image", "labels")  # subjects.csv: these, and optionally "parcellation"
-PSEUDO_PREFIX = "pseudo"  # ids of the MNI brain's pseudo-subjects: pseudo001, pseudo002, ...
+PSEUDO_PREFIX = "pseudo"  # ids of the MNI brain's pseudo-subjects: pseudo0001, pseudo0002, ...
 FAILURES = "failures.tsv"
 LOCK = ".brainmech-cohort.lock"  # held by the run writing into a dataset: a second run is refused
 PARTICIPANT_COLUMNS = ("participant_id", "source", "scenario", "seed")  # then each drawn rate, then warnings
@@ -87,8 +87,8 @@ def read_subjects(path: str | Path) -> list[CohortSubject]:
     only its subject."""
     path = Path(path)
     try:
-        rows = list(csv.DictReader(io.StringIO(path.read_text())))
-        header = list(rows[0]) if rows else next(csv.reader(io.StringIO(path.read_text())), [])
+        reader = csv.DictReader(io.StringIO(path.read_text()))
+        header, rows = list(reader.fieldnames or []), list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise InputError(f"cannot read subjects table {path}: {error}".splitlines()[0]) from None
     missing = [c for c in SUBJECT_COLUMNS if c not in header]
@@ -100,6 +100,8 @@ def read_subjects(path: str | Path) -> list[CohortSubject]:
         raise InputError(f"subjects table {path} lists no subjects")
     subjects, seen = [], set()
     for number, row in enumerate(rows, start=2):
+        if None in row:  # csv's key for the fields past the header's
+            raise InputError(f"subjects table {path}, line {number} has more fields than the header {header}")
         values = {key: (row.get(key) or "").strip() for key in header}
         if not re.fullmatch(r"[A-Za-z0-9]+", values["id"]):
             raise InputError(f"subjects table {path}, line {number}: id {values['id']!r} must be letters and digits "
@@ -375,9 +377,10 @@ class Cohort:
         participants, table, rate_columns = [], [], {}
         for subject in done:
             series = json.loads((self.out / f"sub-{subject.id}" / _series_name(subject.id, "json")).read_text())
-            rates = {f"{zone['name'].replace(' ', '_')}_percent_per_year": round(zone["percent_per_year"], 6)
-                     for zone in series["zones"] if zone["kind"] not in ("csf free", "csf compensate")}
-            rate_columns.update({column: zone for column, zone in zip(rates, series["zones"])})
+            drawn = {f"{zone['name'].replace(' ', '_')}_percent_per_year": zone for zone in series["zones"]
+                     if zone["kind"] not in ("csf free", "csf compensate")}  # zones given a rate
+            rates = {column: round(zone["percent_per_year"], 6) for column, zone in drawn.items()}
+            rate_columns.update(drawn)
             participants.append({"participant_id": f"sub-{subject.id}", "source": subject.source,
                                  "scenario": series["scenario"]["name"], "seed": series["seed"], **rates,
                                  "warnings": len(series["warnings"])})
@@ -489,7 +492,8 @@ class Cohort:
         summary = {**series.summary(), "cohort": {"id": subject.id, "source": subject.source,
                                                   "fingerprint": fingerprint}}
         extra[_series_name(subject.id, "json")] = json.dumps(summary, indent=2).encode()
-        extra[_series_name(subject.id, "tsv")] = _tsv(series.rows(), list(series.rows()[0]))
+        rows = series.rows()
+        extra[_series_name(subject.id, "tsv")] = _tsv(rows, list(rows[0]))
         extra[_series_name(subject.id, "png")] = series.figure()
         return images, extra
 

@@ -177,7 +177,8 @@ def jacobian_volumes(subject: Subject, prescription: Prescription, growth: Tenso
     ``volume_growth``). The map prescribes det F = a, so this is the prescription's own measure:
     ``sum 1/a`` over the region."""
     voxel_ml = math.prod(subject.spacing) / 1000.0
-    return {name: float(growth[mask].double().sum()) * voxel_ml for name, mask in measured_masks(subject, prescription).items()}
+    masks = measured_masks(subject, prescription)
+    return {name: float(growth[mask].double().sum()) * voxel_ml for name, mask in masks.items()}
 
 
 def followup_volumes(subject: Subject, prescription: Prescription, u: Tensor) -> dict[str, float]:
