@@ -18,7 +18,6 @@ Enums and bounds are typer options, so typer lists and enforces them.
 from __future__ import annotations
 
 import enum
-import importlib.util
 import math
 import os
 import re
@@ -468,10 +467,10 @@ def cohort(
         raise InputError("--resolution is the MNI brain's, for --mni-pseudo; your subjects keep their own grids")
     if years is not None:
         check_years(years)
-    if importlib.util.find_spec("distributed") is None:
-        raise InputError("cohorts run on Dask, an optional extra: pip install 'brainmech[cohort]'")
-    from .cohort import Cohort, available_cores, mni_pseudo_subjects, read_subjects
+    from .cohort import Cohort, available_cores, connect, mni_pseudo_subjects, read_subjects, require_dask
     from .scenarios import Scenario
+
+    require_dask()
 
     cohort_subjects = read_subjects(subjects) if subjects is not None else mni_pseudo_subjects(mni_pseudo)
     plan = Cohort(cohort_subjects, Scenario.load(scenario), years=years or [1.0], out=out, seed=seed,
@@ -479,7 +478,7 @@ def cohort(
                   threads_per_worker=threads_per_worker, label_table=label_table, lut=lut,
                   resolution=resolution or 2, overwrite=overwrite)
     plan.check_folder()  # the workers' device and model are checked on a worker, before any output (Cohort.run)
-    client = _dask_client(scheduler) if scheduler is not None else None
+    client = connect(scheduler) if scheduler is not None else None
     cores = available_cores()
     if scheduler is None and (workers or cores) * threads_per_worker > cores:
         console.print(f"note: {workers or cores} workers x {threads_per_worker} threads on {cores} cores: they will take "
@@ -516,22 +515,6 @@ def cohort(
           + (f"; {len(result.failed)} failed: {out}/failures.tsv)" if result.failed else ")"))
     if result.failed:
         raise typer.Exit(1)
-
-
-def _dask_client(scheduler: str):
-    """A client of an existing Dask cluster: ``scheduler`` is its address (``tcp://host:port``) or its
-    scheduler file (JSON)."""
-    from distributed import Client
-
-    if "://" not in scheduler and not Path(scheduler).is_file():
-        raise InputError(f"--scheduler {scheduler}: no such scheduler file; give tcp://host:port or the scheduler "
-                         f"file (JSON) the cluster wrote")
-    try:
-        if "://" not in scheduler:
-            return Client(scheduler_file=scheduler, timeout="20s")
-        return Client(scheduler, timeout="20s")
-    except (OSError, TimeoutError, ValueError) as error:
-        raise InputError(f"cannot reach the Dask scheduler {scheduler}: {error}".splitlines()[0]) from None
 
 
 @app.command("atrophy-map")

@@ -27,7 +27,6 @@ import os
 import re
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -38,7 +37,7 @@ import numpy as np
 
 from .choices import Method, check_years
 from .errors import InputError
-from .subject import MANIFEST, read_label_table, user_umask, written_by_brainmech
+from .subject import MANIFEST, read_label_table, write_file, written_by_brainmech
 from .version import __version__
 
 if TYPE_CHECKING:  # imported where used: the command line's help stays free of torch
@@ -314,11 +313,8 @@ class Cohort:
 
         Python scripts that start a local cluster need ``if __name__ == "__main__":`` (its workers are spawned
         processes that import the script)."""
-        try:
-            import dask
-            from distributed import Client, LocalCluster, as_completed
-        except ImportError:
-            raise InputError("cohorts run on Dask, an optional extra: pip install 'brainmech[cohort]'") from None
+        distributed = require_dask()
+        import dask
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise InputError(f"workers= must be a whole number >= 1, got {workers!r}")
         if workers is not None and client is not None:
@@ -331,9 +327,9 @@ class Cohort:
             if client is None:
                 with dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": value
                                       for name, value in WORKER_ENVIRONMENT.items()}):
-                    cluster = LocalCluster(n_workers=workers or available_cores(), threads_per_worker=1,
+                    cluster = distributed.LocalCluster(n_workers=workers or available_cores(), threads_per_worker=1,
                                            processes=True, dashboard_address=":0", silence_logs=40)
-                client = Client(cluster)
+                client = distributed.Client(cluster)
             try:
                 shared = client.scatter(self, broadcast=True)  # sent once to each worker, not with every task
                 problem = client.submit(check_on_worker, shared, pure=False).result()
@@ -342,12 +338,12 @@ class Cohort:
                         self.out.joinpath(LOCK).unlink(missing_ok=True)
                         self.out.rmdir()
                     raise InputError(f"on the workers: {problem}")
-                _write_atomically(self.out / "dataset_description.json",
+                write_file(self.out / "dataset_description.json",
                                   json.dumps(self.dataset_description(), indent=2).encode())
                 futures = client.map(simulate_subject, [shared] * len(self.subjects), self.subjects, pure=False)
                 which = {future.key: subject.id for future, subject in zip(futures, self.subjects)}
                 outcomes = {}
-                for future in as_completed(futures):
+                for future in distributed.as_completed(futures):
                     try:
                         outcome = future.result()
                     except Exception as error:  # the worker itself died (memory, a signal) or the cluster went away
@@ -390,13 +386,13 @@ class Cohort:
         columns.update({column: {"Description": f"the yearly volume change of {zone['name']} as drawn for this "
                                                 f"subject", "Units": "percent per year (negative = loss)"}
                         for column, zone in rate_columns.items()})
-        _write_atomically(self.out / "participants.tsv", _tsv(participants, [*PARTICIPANT_COLUMNS, "warnings"]))
-        _write_atomically(self.out / "participants.json", json.dumps(columns, indent=2).encode())
-        _write_atomically(self.out / "cohort.tsv", _tsv(table, TABLE_COLUMNS))
+        write_file(self.out / "participants.tsv", _tsv(participants, [*PARTICIPANT_COLUMNS, "warnings"]))
+        write_file(self.out / "participants.json", json.dumps(columns, indent=2).encode())
+        write_file(self.out / "cohort.tsv", _tsv(table, TABLE_COLUMNS))
         failures = [{"participant_id": f"sub-{o.id}", "source": self.subjects[i].source, "error": o.error}
                     for i, o in enumerate(result.outcomes) if o.status == "failed"]
         if failures:
-            _write_atomically(self.out / FAILURES, _tsv(failures, ["participant_id", "source", "error"]))
+            write_file(self.out / FAILURES, _tsv(failures, ["participant_id", "source", "error"]))
         else:
             (self.out / FAILURES).unlink(missing_ok=True)
         return [row["participant_id"].removeprefix("sub-") for row in participants if row["warnings"]]
@@ -591,6 +587,30 @@ def _mni(resolution: int):
     return _TEMPLATES[resolution]
 
 
+def connect(scheduler: str) -> Client:
+    """A client of an existing Dask cluster: ``scheduler`` is its address (``tcp://host:port``) or its
+    scheduler file (JSON)."""
+    distributed = require_dask()
+    if "://" not in scheduler and not Path(scheduler).is_file():
+        raise InputError(f"scheduler= {scheduler}: no such scheduler file; give tcp://host:port or the scheduler "
+                         f"file (JSON) the cluster wrote")
+    try:
+        if "://" not in scheduler:
+            return distributed.Client(scheduler_file=scheduler, timeout="20s")
+        return distributed.Client(scheduler, timeout="20s")
+    except (OSError, TimeoutError, ValueError) as error:
+        raise InputError(f"cannot reach the Dask scheduler {scheduler}: {error}".splitlines()[0]) from None
+
+
+def require_dask():
+    """``dask.distributed``, an optional extra (one ``InputError`` without it)."""
+    try:
+        import distributed
+    except ImportError:
+        raise InputError("cohorts run on Dask, an optional extra: pip install 'brainmech[cohort]'") from None
+    return distributed
+
+
 def available_cores() -> int:
     """The cores this process may run on (a job scheduler's allocation, not the machine's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -638,15 +658,3 @@ def _locked(folder: Path) -> Iterator[None]:
         finally:
             path.unlink(missing_ok=True)
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    """Write ``content`` to ``path`` through a temporary file in the same folder, with the user's umask."""
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(content)
-        os.chmod(staging, 0o666 & ~user_umask())
-        os.replace(staging, path)
-    finally:
-        Path(staging).unlink(missing_ok=True)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,11 +233,22 @@ def write_image(image: nib.Nifti1Image, path: str | Path, *, overwrite: bool = F
     if not path.name.endswith((".nii", ".nii.gz")):
         raise InputError(f"{path} must end in .nii or .nii.gz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"  # nibabel picks the format by the name
+    return _write_staged(path, lambda staging: nib.save(image, staging), suffix)
+
+
+def write_file(path: str | Path, content: bytes) -> Path:
+    """Save ``content`` to ``path`` atomically, with the user's umask (a folder's tables, rewritten in place)."""
+    return _write_staged(Path(path), lambda staging: staging.write_bytes(content))
+
+
+def _write_staged(path: Path, write: Callable[[Path], None], suffix: str = "") -> Path:
+    """Write ``path`` atomically: ``write`` fills a temporary file beside it (same folder: the rename is
+    atomic), which takes the user's umask and then replaces ``path``."""
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
-        nib.save(image, staging)
+        write(Path(staging))
         _publish_mode(Path(staging), user_umask())
         os.replace(staging, path)
     finally:
