@@ -32,18 +32,25 @@ def warp_image(image: Tensor, u: Tensor) -> Tensor:
 
 def warp_labels(labels: Tensor, u: Tensor) -> Tensor:
     """Resample an integer label map ``(B, 1, *N)``: each label's indicator is warped linearly and
-    every voxel takes the label of largest weight, so labels stay labels and boundaries stay smooth."""
-    return warp_labels_and_volumes(labels, u)[0]
+    every voxel takes the label of largest weight, so labels stay labels and boundaries stay smooth.
+    Values and dtype are kept."""
+    return _warp_labels(labels, u, volumes=False)[0]
 
 
 def warp_labels_and_volumes(labels: Tensor, u: Tensor) -> tuple[Tensor, dict[int, float]]:
     """:func:`warp_labels` and each label's partial volume in the result (voxels, summed over the batch):
-    the sum of its linearly warped indicator, which carries sub-voxel motion that hard labels cannot.
+    the sum of its linearly warped indicator, which carries sub-voxel motion that hard labels cannot."""
+    return _warp_labels(labels, u, volumes=True)
+
+
+def _warp_labels(labels: Tensor, u: Tensor, volumes: bool) -> tuple[Tensor, dict[int, float]]:
+    """The warped labels and (with ``volumes``) each label's partial volume.
 
     Each sampling point ``y + u(y)`` (clamped to the grid, as :func:`warp_image`'s border) lies among
     2^d grid nodes with multilinear weights; a label's warped indicator there is the weight of the
     nodes holding it. So the label of largest weight (the smallest label on an exact tie) is found
-    from those nodes alone, at a cost independent of the number of labels (a parcellation's hundred).
+    from those nodes alone, at a cost independent of the number of labels (a parcellation's hundred),
+    and only where the nodes disagree (a boundary).
     """
     shape, batch = tuple(labels.shape[2:]), labels.shape[0]
     flat = labels.reshape(batch, -1)
@@ -54,12 +61,18 @@ def warp_labels_and_volumes(labels: Tensor, u: Tensor) -> tuple[Tensor, dict[int
     for first in range(0, shape[0], rows):
         part = u[:, :, first:first + rows]
         node_labels, node_weights = _nodes_around(flat, part, first, shape, strides)
-        scores = torch.stack([(node_weights * (node_labels == node_labels[:, k:k + 1])).sum(1)
-                              for k in range(node_labels.shape[1])], 1)  # each node's label's total weight
-        winners = torch.where(scores == scores.max(1, keepdim=True).values, node_labels, values[-1])
-        warped[:, first * strides[0]:first * strides[0] + winners.shape[2]] = winners.min(1).values
-        volume.index_add_(0, torch.searchsorted(values, node_labels.flatten()), node_weights.double().flatten())
-    return warped.reshape(labels.shape), dict(zip(values.tolist(), volume.tolist()))
+        winners = node_labels[:, 0].clone()
+        boundary = (node_labels != node_labels[:, :1]).any(1)  # (B, M): the nodes hold more than one label
+        if boundary.any():
+            mixed_labels, mixed_weights = node_labels.transpose(0, 1)[:, boundary], node_weights.transpose(0, 1)[:, boundary]
+            scores = torch.stack([(mixed_weights * (mixed_labels == mixed_labels[k:k + 1])).sum(0)
+                                  for k in range(mixed_labels.shape[0])])  # each node's label's total weight
+            best = torch.where(scores == scores.max(0, keepdim=True).values, mixed_labels, values[-1])
+            winners[boundary] = best.min(0).values
+        warped[:, first * strides[0]:first * strides[0] + winners.shape[1]] = winners
+        if volumes:
+            volume.index_add_(0, torch.searchsorted(values, node_labels.flatten()), node_weights.double().flatten())
+    return warped.reshape(labels.shape), dict(zip(values.tolist(), volume.tolist())) if volumes else {}
 
 
 def _nodes_around(flat_labels: Tensor, u: Tensor, first_row: int, shape: tuple[int, ...],
@@ -108,13 +121,15 @@ def resize(volume: Tensor, shape: tuple[int, ...]) -> Tensor:
     return nnf.interpolate(volume, size=tuple(shape), mode=mode, align_corners=True)
 
 
-def _full_weighting(volume: Tensor, axis: int) -> Tensor:
+def _full_weighting(volume: Tensor, axis: int, stride: int = 1) -> Tensor:
     """Weights 1/4, 1/2, 1/4 along ``axis`` (multigrid full weighting), the two border nodes kept:
-    a convex combination (ranges kept), exact on linear fields."""
+    a convex combination (ranges kept), exact on linear fields. ``stride=2`` keeps every other node
+    only (an exact halving of an align-corners grid: ``n = 2m - 1`` nodes to ``m``), at half the cost."""
     x = volume.movedim(axis, -1)
-    if x.shape[-1] < 3:
+    n = x.shape[-1]
+    if n < 3:
         return volume
-    inner = 0.25 * x[..., :-2] + 0.5 * x[..., 1:-1] + 0.25 * x[..., 2:]
+    inner = 0.25 * x[..., stride - 1:n - 2:stride] + 0.5 * x[..., stride:n - 1:stride] + 0.25 * x[..., stride + 1::stride]
     return torch.cat([x[..., :1], inner, x[..., -1:]], -1).movedim(-1, axis)
 
 
@@ -123,7 +138,11 @@ def restrict(volume: Tensor, shape: tuple[int, ...]) -> Tensor:
     full weighting, once per halving of the grid (so the average spans the coarse voxel), then sampled
     at the coarse nodes. Keeps ranges (probabilities stay in [0, 1]) and reproduces linear fields
     exactly, so nothing is shifted against :func:`resize`."""
-    for axis, ratio in enumerate(voxel_ratio(tuple(volume.shape[2:]), shape), start=2):
+    for axis, (n, m) in enumerate(zip(volume.shape[2:], shape), start=2):
+        if n - 1 == 2 * (m - 1) and m > 2:  # an exact halving: smooth at the coarse nodes only (the same values)
+            volume = _full_weighting(volume, axis, stride=2)
+            continue
+        ratio = (n - 1) / max(m - 1, 1)
         for _ in range(max(1, round(math.log2(ratio))) if ratio > 1 else 0):
             volume = _full_weighting(volume, axis)
     return resize(volume, shape)

@@ -6,6 +6,7 @@ They are the training data of the shipped networks and the cases of the syntheti
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,18 +71,38 @@ def subject_seed(seed: int, index: int) -> int:
 
 
 @dataclass(frozen=True)
+class AtrophyParameters:
+    """One random atrophy map's parameters (:func:`~brainmech.atrophy.random_atrophy`): what a random
+    augmentation draws and its deterministic twin replays."""
+
+    tissue_percent: float  # the tissue's volume change, percent (< 0: loss)
+    spread_percent: float  # standard deviation of the voxels' percent change in tissue
+    fwhm_mm: float  # smoothness of the map (Gaussian FWHM, mm)
+    seed: int  # the map's noise
+
+    def atrophy(self, subject: Subject) -> torch.Tensor:
+        """The map ``(1, 1, *N)`` on ``subject`` (a = baseline / follow-up volume, docs/conventions.md)."""
+        return random_atrophy(subject, seed=self.seed, tissue_percent=self.tissue_percent,
+                              spread_percent=self.spread_percent, fwhm_mm=self.fwhm_mm)
+
+
+@dataclass(frozen=True)
 class AtrophyPrior:
-    """Ranges random atrophy maps are drawn from (percent volume change per case, < 0 = loss)."""
+    """Ranges random atrophy maps are drawn from (percent volume change per case, < 0 = loss): the
+    training distribution of the shipped networks, and the default of the augmentation transforms."""
 
     tissue_percent: tuple[float, float] = (-5.0, 1.5)
     spread_percent: tuple[float, float] = (0.5, 3.0)
     fwhm_mm: tuple[float, float] = (6.0, 16.0)
 
+    def sample(self, uniform: Callable[[float, float], float], seed: int) -> AtrophyParameters:
+        """Parameters drawn by ``uniform(low, high)`` (any random source: numpy, torch, MONAI's ``R``)."""
+        return AtrophyParameters(uniform(*self.tissue_percent), uniform(*self.spread_percent),
+                                 uniform(*self.fwhm_mm), int(seed))
+
     def draw(self, subject: Subject, seed: int) -> torch.Tensor:
         """A random atrophy map ``(1, 1, *N)`` for ``subject``, reproducible from ``seed``."""
-        rng = np.random.default_rng([seed, 1])
-        return random_atrophy(subject, seed=seed, tissue_percent=rng.uniform(*self.tissue_percent),
-                              spread_percent=rng.uniform(*self.spread_percent), fwhm_mm=rng.uniform(*self.fwhm_mm))
+        return self.sample(np.random.default_rng([seed, 1]).uniform, seed).atrophy(subject)
 
 
 def case(subject: Subject, atrophy: torch.Tensor) -> dict:
