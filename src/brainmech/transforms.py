@@ -42,12 +42,22 @@ from .pseudo_subjects import AtrophyParameters, AtrophyPrior
 from .simulator import Simulator
 from .subject import DEFAULT_LABEL_TABLE, Subject, one_hot_tissue, read_label_table
 
+
+class _MissingTorchIO:
+    """Stands in for TorchIO's base classes when TorchIO is not installed."""
+
+    def __init__(self, *args, **kwargs):
+        raise InputError("the TorchIO transforms need TorchIO: pip install 'brainmech[torchio]'")
+
+
 try:
     import torchio as tio
     from torchio.transforms import SpatialTransform as _TorchIOSpatial
     from torchio.transforms.augmentation import RandomTransform as _TorchIORandom
 except ImportError:  # TorchIO is an optional extra: brainmech[torchio]
     tio = None
+    _TorchIOSpatial = _TorchIORandom = _MissingTorchIO
+
 
 LabelTable = Mapping[int, str] | str | Path | None  # label -> tissue class (YAML file or dict); None: 0-4 (docs/conventions.md)
 
@@ -344,16 +354,6 @@ def _spacing_of(volume: Tensor, spacing: Sequence[float] | None) -> tuple[float,
 
 # --- TorchIO ------------------------------------------------------------------------------------------
 
-
-class _MissingTorchIO:
-    """Stands in for TorchIO's base classes when TorchIO is not installed."""
-
-    def __init__(self, *args, **kwargs):
-        raise InputError("the TorchIO transforms need TorchIO: pip install 'brainmech[torchio]'")
-
-
-if tio is None:
-    _TorchIOSpatial = _TorchIORandom = _MissingTorchIO
 
 
 class Atrophy(_TorchIOSpatial):
