@@ -54,7 +54,7 @@ def _warp_labels(labels: Tensor, u: Tensor, volumes: bool) -> tuple[Tensor, dict
     """
     shape, batch = tuple(labels.shape[2:]), labels.shape[0]
     flat = labels.reshape(batch, -1)
-    values = torch.unique(labels)
+    values = torch.unique(labels) if volumes else labels.max().reshape(1)  # values[-1]: the largest label
     strides = [math.prod(shape[axis + 1:]) for axis in range(len(shape))]
     rows = max(1, LABEL_SLAB_VOXELS // max(strides[0], 1))
     warped, volume = torch.empty_like(flat), torch.zeros(len(values), dtype=torch.float64, device=labels.device)

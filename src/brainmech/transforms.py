@@ -155,7 +155,7 @@ class SimulateAtrophy(Transform):
         if labels.is_floating_point() and not torch.equal(rounded, labels):
             raise InputError("the label map has non-integer values; pass integer tissue labels")
         labels = rounded.long().cpu()
-        outside = sorted(set(torch.unique(labels).tolist()) - set(self.label_table))
+        outside = sorted(set(label_values(labels)) - set(self.label_table))
         if outside:
             raise InputError(f"the label map has labels {outside[:10]} that are not in the label table "
                              f"{sorted(self.label_table)}; pass a label_table= that names them")
@@ -197,6 +197,14 @@ class SimulateAtrophy(Transform):
             if not volume.is_floating_point():
                 warped = warped.round()
         return warped.to(volume.dtype).reshape(shape).to(volume.device)
+
+
+def label_values(labels: Tensor) -> list[int]:
+    """The distinct values of an integer label map, by counting where their range allows (linear time)."""
+    low, high = int(labels.min()), int(labels.max())
+    if high - low > 2**20:
+        return torch.unique(labels).tolist()
+    return (torch.bincount((labels - low).flatten()).nonzero().flatten() + low).tolist()
 
 
 @functools.lru_cache(maxsize=4)
@@ -278,11 +286,10 @@ class Atrophyd(MapTransform):
         """``d`` with every key warped by the simulation of ``parameters``."""
         if self.label_key not in d:
             raise InputError(f"no {self.label_key!r} in the data (keys {list(d)}); label_key= names the label map")
-        labels = torch.as_tensor(d[self.label_key])
         simulate = _simulation(*self.settings)
-        u, _ = simulate(labels, _spacing_of(d[self.label_key], self.spacing), parameters)
+        u, _ = simulate(_plain(d[self.label_key]), _spacing_of(d[self.label_key], self.spacing), parameters)
         for key in self.key_iterator(d):
-            warped = simulate.warp(torch.as_tensor(d[key]), u, labels=self.modes[key] == "nearest")
+            warped = simulate.warp(_plain(d[key]), u, labels=self.modes[key] == "nearest")
             d[key] = convert_to_dst_type(warped, d[key])[0]
         return d
 
@@ -328,6 +335,11 @@ class RandAtrophyd(RandomizableTransform, MapTransform, TraceableTransform):
             if isinstance(d[key], MetaTensor):
                 self.push_transform(d[key], extra_info=asdict(self.parameters) if self._do_transform else {})
         return d
+
+
+def _plain(volume) -> Tensor:
+    """A volume as a plain tensor (a MetaTensor's metadata would be carried through every operation)."""
+    return volume.as_tensor() if isinstance(volume, MetaTensor) else torch.as_tensor(volume)
 
 
 def _modes(keys: Sequence[Hashable], label_key: str, mode: str | Sequence[str] | None) -> dict[Hashable, str]:
