@@ -11,6 +11,7 @@ from monai.data import MetaTensor
 from brainmech import load_mni
 from brainmech.errors import InputError
 from brainmech.pseudo_subjects import AtrophyParameters
+from brainmech.scenarios import mni_atlas
 from brainmech.subject import axial_slice
 from brainmech.transforms import Atrophy, Atrophyd, RandAtrophyd, RandomAtrophy, SimulateAtrophy
 
@@ -154,6 +155,27 @@ def test_monai_in_a_two_worker_dataloader(mni_slice):
     assert len({float(image.sum()) for image in images}) == 4  # four different draws
 
 
+def test_a_scenario_shrinks_its_regions_by_their_compounded_rates(mni_2mm, tmp_path):
+    """alzheimers over 2 years: hippocampi -4.66 % a year compounded (-9.1 %), on the Desikan-Killiany
+    atlas given as the subject's parcellation, in yearly steps; the history replays it."""
+    atlas = mni_atlas("desikan-killiany", mni_2mm)
+    lut = tmp_path / "lut.tsv"
+    lut.write_text("".join(f"{i}\t{name}\n" for i, name in atlas.names.items()))
+    hippocampi = atlas.ids("*-Hippocampus")
+    subject = torchio_subject(mni_2mm)
+    subject.add_image(tio.LabelMap(tensor=atlas.labels[0].to(torch.int16), affine=mni_2mm.affine), "parc")
+    subject.add_image(tio.ScalarImage(tensor=torch.isin(atlas.labels[0], torch.tensor(sorted(hippocampi))).float(),
+                                      affine=mni_2mm.affine), "hippocampi")
+    out = RandomAtrophy(scenario="alzheimers", years=2.0, parcellation="parc", lut=lut, labels="seg")(subject)
+    arguments = out.applied_transforms[0][1]
+    assert (arguments["scenario"], arguments["years"], arguments["tissue_percent"]) == ("alzheimers", 2.0, None)
+    change = float(out.hippocampi.data.sum() / subject.hippocampi.data.sum() - 1) * 100
+    assert change == pytest.approx(((1 - 0.0466) ** 2 - 1) * 100, rel=0.25)
+    assert out.parc.data.dtype == torch.int16
+    replayed = out.get_composed_history()(subject)
+    assert torch.equal(replayed.hippocampi.data, out.hippocampi.data)
+
+
 def test_bad_input_is_one_clear_error(mni_slice):
     subject = torchio_subject(mni_slice)
     with pytest.raises(InputError, match="no LabelMap 'labels'"):
@@ -168,6 +190,14 @@ def test_bad_input_is_one_clear_error(mni_slice):
         Atrophyd(["image", "label"], label_key="label", mode=["bilinear"])
     with pytest.raises(InputError, match="unknown method"):
         RandomAtrophy(method="magic")
+    with pytest.raises(InputError, match="names regions of a parcellation; pass parcellation="):
+        RandomAtrophy(scenario="alzheimers")
+    with pytest.raises(InputError, match="not both"):
+        RandAtrophyd(["image"], label_key="label", scenario="alzheimers", parcellation_key="parc", tissue_percent=-2)
+    with pytest.raises(InputError, match="unknown scenario|not found"):
+        Atrophy(scenario="no-such-scenario")
+    with pytest.raises(InputError, match="years= goes with scenario="):
+        RandomAtrophy(years=(1, 3))
     plain = {"image": mni_slice.image[0], "label": mni_slice.labels[0]}
     with pytest.raises(InputError, match="pass spacing="):
         Atrophyd(["image", "label"], label_key="label")(plain)

@@ -20,8 +20,9 @@ The network is loaded once per process (so once per ``DataLoader`` worker) and k
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -39,6 +40,7 @@ from .errors import InputError
 from .fields import warp_image, warp_labels
 from .mechanics import brain_mask
 from .pseudo_subjects import AtrophyParameters, AtrophyPrior
+from .scenarios import FREESURFER_ASEG, Parcellation, Scenario, prescribe, read_lookup_table
 from .simulator import Simulator
 from .subject import DEFAULT_LABEL_TABLE, Subject, one_hot_tissue, read_label_table
 
@@ -87,6 +89,46 @@ def _simulated_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(shape[:2]) if len(shape) == 3 and shape[2] == 1 else tuple(shape)
 
 
+@functools.lru_cache(maxsize=8)
+def load_scenario(name_or_path: str) -> Scenario:
+    """A named scenario or YAML file, read once per process."""
+    return Scenario.load(name_or_path)
+
+
+@dataclass(frozen=True)
+class ScenarioParameters:
+    """One subject's draw of a scenario (README, "Scenarios"): its rates drawn from their between-subject
+    spread with ``seed``, compounded over ``years``, simulated in yearly steps as a series is."""
+
+    scenario: str  # a named scenario (``brainmech scenarios``) or a YAML file
+    years: float
+    seed: int
+
+    def atrophy(self, subject: Subject, parcellation: Parcellation | None = None) -> Tensor:
+        """The map ``(1, 1, *N)`` after ``years`` (a = baseline / follow-up volume, docs/conventions.md)."""
+        return prescribe(load_scenario(self.scenario), subject, parcellation, seed=self.seed).atrophy(self.years)
+
+    @property
+    def steps(self) -> int:
+        """Composed steps: one per year begun (the network is trained on a year's change or so)."""
+        return max(1, math.ceil(self.years - 1e-9))
+
+
+@dataclass(frozen=True)
+class ScenarioPrior:
+    """What a random scenario transform draws: the years (uniform in a range) and the rates' seed."""
+
+    scenario: str
+    years: tuple[float, float]
+
+    def sample(self, uniform, seed: int) -> ScenarioParameters:
+        """Parameters drawn by ``uniform(low, high)`` (any random source), as :meth:`AtrophyPrior.sample`."""
+        return ScenarioParameters(self.scenario, uniform(*self.years), int(seed))
+
+
+Parameters = AtrophyParameters | ScenarioParameters
+
+
 class SimulateAtrophy(Transform):
     """The maths of every atrophy transform: label map + atrophy parameters (or map) -> displacement.
 
@@ -97,6 +139,8 @@ class SimulateAtrophy(Transform):
         steps: composed steps (large changes).
         label_table: label -> tissue class (``background``, ``csf``, ``gm``, ``wm``, ``dgm``), a dict or
             a YAML file; None: 0 background, 1 CSF, 2 GM, 3 WM, 4 deep GM.
+        lut: names of a scenario's parcellation (FreeSurfer LUT, CSV or TSV of ``id name``); None:
+            FreeSurfer's aseg names.
         device: where the network runs (``"cpu"``, ``"cuda"``); volumes come back on their own device.
 
     Volumes are channel-first, ``(C, *N)``; a 3D volume whose last axis has length 1 is simulated in
@@ -113,23 +157,25 @@ class SimulateAtrophy(Transform):
 
     def __init__(self, method: Method | str = Method.NETWORK, model: str | Path | None = None, steps: int = 1,
                  label_table: LabelTable = None, device: str | torch.device = "cpu",
-                 refine_evaluations: int = REFINE_EVALUATIONS):
+                 refine_evaluations: int = REFINE_EVALUATIONS, lut: str | Path | None = None):
         self.simulator = Simulator(method, model=model, steps=steps, device=device,
                                    refine_evaluations=refine_evaluations)
         self.label_table = dict(_label_table(label_table))
+        self.region_names = read_lookup_table(lut) if lut is not None else FREESURFER_ASEG
 
-    def __call__(self, labels: Tensor, spacing: Sequence[float],
-                 atrophy: AtrophyParameters | Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, labels: Tensor, spacing: Sequence[float], atrophy: Parameters | Tensor,
+                 parcellation: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The displacement ``(d, *n)`` (voxels, on the transform's device) and the atrophy map ``(1, *n)``
-        of one sample's label map ``(1, *N)``."""
-        u, maps = self.displacements(labels[None], spacing, [atrophy])
+        of one sample's label map ``(1, *N)`` (and a scenario's parcellation ``(1, *N)``)."""
+        u, maps = self.displacements(labels[None], spacing, [atrophy],
+                                     None if parcellation is None else parcellation[None])
         return u[0], maps[0]
 
-    def displacements(self, labels: Tensor, spacing: Sequence[float],
-                      atrophy: Sequence[AtrophyParameters | Tensor]) -> tuple[Tensor, Tensor]:
+    def displacements(self, labels: Tensor, spacing: Sequence[float], atrophy: Sequence[Parameters | Tensor],
+                      parcellations: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Batched: label maps ``(B, 1, *N)`` of one grid and an atrophy per sample (parameters or a
-        ratio map ``(1, *N)``) -> displacements ``(B, d, *n)`` found together (the network runs once on
-        the batch) and the maps ``(B, 1, *n)``."""
+        ratio map ``(1, *N)``; a scenario's regions from ``parcellations (B, 1, *N)``) -> displacements
+        ``(B, d, *n)`` found together (the network runs once on the batch) and the maps ``(B, 1, *n)``."""
         if labels.ndim < 4 or labels.shape[1] != 1:
             raise InputError(f"a label map must be one channel, (1, *N); got shape {tuple(labels.shape[1:])}")
         if len(atrophy) != labels.shape[0]:
@@ -139,14 +185,17 @@ class SimulateAtrophy(Transform):
         if len(spacing) != len(shape) or min(spacing) <= 0:
             raise InputError(f"spacing= must give a positive voxel size (mm) per axis of a {len(shape)}D volume; got {spacing}")
         subjects = [self.subject(sample.reshape(1, 1, *shape), spacing) for sample in labels]
-        maps = torch.cat([self.atrophy_map(subject, a) for subject, a in zip(subjects, atrophy)])
+        regions = [None if parcellations is None else self.parcellation(p.reshape(1, 1, *shape)) for p in
+                   (parcellations if parcellations is not None else labels)]
+        maps = torch.cat([self.atrophy_map(*case) for case in zip(subjects, atrophy, regions)])
+        steps = max(getattr(a, "steps", 1) for a in atrophy) * self.simulator.steps
         if self.simulator.method is Method.NETWORK:  # one network call on the batch
             batch = Subject(image=torch.zeros(()).expand(len(subjects), 1, *shape), labels=torch.cat([s.labels for s in subjects]),
                             probabilities=torch.cat([s.probabilities for s in subjects]),
                             affine=subjects[0].affine, header=subjects[0].header)  # the image is never read
-            u, _ = self.simulator.displace(batch, maps)
+            u, _ = self.simulator.displace(batch, maps, steps=steps)
         else:  # the solver minimises each case's energy on its own
-            u = torch.cat([self.simulator.displace(subject, a[None])[0] for subject, a in zip(subjects, maps)])
+            u = torch.cat([self.simulator.displace(subject, a[None], steps=steps)[0] for subject, a in zip(subjects, maps)])
         return u, maps
 
     def subject(self, labels: Tensor, spacing: tuple[float, ...]) -> Subject:
@@ -166,9 +215,18 @@ class SimulateAtrophy(Transform):
         return Subject(image=torch.zeros(()).expand(labels.shape), labels=labels, probabilities=probabilities,
                        affine=affine, header=nib.Nifti1Header())
 
+    def parcellation(self, labels: Tensor) -> Parcellation:
+        """A scenario's regions: integer labels ``(1, 1, *n)`` named by the transform's look-up table."""
+        if labels.is_floating_point() and not torch.equal(labels.round(), labels):
+            raise InputError("the parcellation has non-integer values; pass integer region labels")
+        return Parcellation(labels=labels.round().long().cpu(), names=dict(self.region_names), source="parcellation")
+
     @staticmethod
-    def atrophy_map(subject: Subject, atrophy: AtrophyParameters | Tensor) -> Tensor:
-        """The ratio map ``(1, 1, *n)`` of parameters, or a given map ``(1, *N)`` checked and reshaped."""
+    def atrophy_map(subject: Subject, atrophy: Parameters | Tensor, parcellation: Parcellation | None = None) -> Tensor:
+        """The ratio map ``(1, 1, *n)`` of parameters (a scenario's regions from ``parcellation``), or a
+        given map ``(1, *N)`` checked and reshaped."""
+        if isinstance(atrophy, ScenarioParameters):
+            return atrophy.atrophy(subject, parcellation)
         if isinstance(atrophy, AtrophyParameters):
             return atrophy.atrophy(subject)
         atrophy = torch.as_tensor(atrophy, dtype=torch.float32).cpu()
@@ -208,10 +266,9 @@ def label_values(labels: Tensor) -> list[int]:
 
 
 @functools.lru_cache(maxsize=4)
-def shared_simulation(method: str, model: str | None, steps: int, label_table: tuple[tuple[int, str], ...],
-                      device: str, refine_evaluations: int) -> SimulateAtrophy:
-    """One :class:`SimulateAtrophy` per setting and process: the network is loaded once per worker."""
-    return SimulateAtrophy(method, model, steps, dict(label_table), device, refine_evaluations)
+def _shared_simulation(method: str, model: str | None, steps: int, label_table: tuple[tuple[int, str], ...], device: str,
+                       refine_evaluations: int, lut: str | None) -> SimulateAtrophy:
+    return SimulateAtrophy(method, model, steps, dict(label_table), device, refine_evaluations, lut)
 
 
 @functools.cache
@@ -221,13 +278,15 @@ def _retain_freed_memory_in_worker() -> None:
     retain_freed_memory()
 
 
-def _simulation(method, model, steps, label_table, device, refine_evaluations) -> SimulateAtrophy:
-    """The process's :func:`shared_simulation` of these settings."""
+def shared_simulation(method: Method | str = Method.NETWORK, model: str | Path | None = None, steps: int = 1,
+                      label_table: LabelTable = None, device: str | torch.device = "cpu",
+                      refine_evaluations: int = REFINE_EVALUATIONS, lut: str | Path | None = None) -> SimulateAtrophy:
+    """One :class:`SimulateAtrophy` per setting and process, so the network is loaded once per worker."""
     if torch.utils.data.get_worker_info() is not None:
         _retain_freed_memory_in_worker()
-    return shared_simulation(str(Method(method).value) if isinstance(method, Method) else str(method),
-                             None if model is None else str(model), steps, _label_table(label_table), str(device),
-                             refine_evaluations)
+    return _shared_simulation(method.value if isinstance(method, Method) else str(method),
+                              None if model is None else str(model), steps, _label_table(label_table), str(device),
+                              refine_evaluations, None if lut is None else str(lut))
 
 
 def _range(value: float | Sequence[float], name: str, low: float, high: float) -> tuple[float, float]:
@@ -238,25 +297,63 @@ def _range(value: float | Sequence[float], name: str, low: float, high: float) -
     return float(pair[0]), float(pair[1])
 
 
-def atrophy_prior(tissue_percent, spread_percent, fwhm_mm) -> AtrophyPrior:
-    """The ranges a random atrophy transform draws from, checked (percent change: < 0 loss)."""
-    return AtrophyPrior(_range(tissue_percent, "tissue_percent", -49.0, 99.0),
-                        _range(spread_percent, "spread_percent", 0.0, 50.0), _range(fwhm_mm, "fwhm_mm", 0.1, 1000.0))
+def atrophy_prior(tissue_percent=None, spread_percent=None, fwhm_mm=None, scenario: str | Path | None = None,
+                  years=None) -> AtrophyPrior | ScenarioPrior:
+    """What a random transform draws, checked: random maps of tissue change (percent, < 0 loss; None: the
+    training ranges of :class:`AtrophyPrior`), or a scenario over ``years`` (a range; None: one year)."""
+    if scenario is None:
+        if years is not None:
+            raise InputError("years= goes with scenario=; a random map's change is tissue_percent=")
+        default = AtrophyPrior()
+        return AtrophyPrior(
+            _range(default.tissue_percent if tissue_percent is None else tissue_percent, "tissue_percent", -49.0, 99.0),
+            _range(default.spread_percent if spread_percent is None else spread_percent, "spread_percent", 0.0, 50.0),
+            _range(default.fwhm_mm if fwhm_mm is None else fwhm_mm, "fwhm_mm", 0.1, 1000.0))
+    if not all(value is None for value in (tissue_percent, spread_percent, fwhm_mm)):
+        raise InputError("give tissue_percent=, spread_percent= and fwhm_mm= (a random map) or scenario=, not both")
+    load_scenario(str(scenario))
+    return ScenarioPrior(str(scenario), _range(1.0 if years is None else years, "years", 1e-3, 100.0))
+
+
+def atrophy_parameters(tissue_percent=None, spread_percent=None, fwhm_mm=None, seed: int = 0,
+                       scenario: str | Path | None = None, years=None) -> Parameters:
+    """The deterministic transforms' atrophy, checked: a random map's parameters (None: tissue -1 %,
+    spread 2 %, 10 mm FWHM) or a scenario's draw after ``years`` (None: one year), both from ``seed``."""
+    if scenario is None:
+        tissue_percent, spread_percent, fwhm_mm = (-1.0 if tissue_percent is None else tissue_percent,
+                                                   2.0 if spread_percent is None else spread_percent,
+                                                   10.0 if fwhm_mm is None else fwhm_mm)
+    prior = atrophy_prior(tissue_percent, spread_percent, fwhm_mm, scenario, years)
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed= must be a whole number >= 0, got {seed!r}")
+    return prior.sample(lambda low, high: low, seed)  # its ranges are single values: the draw is them
+
+
+def _check_parcellation(atrophy: AtrophyPrior | ScenarioPrior | Parameters, parcellation: str | None,
+                        argument: str) -> None:
+    """A scenario whose regions name parcellation labels needs the parcellation's key."""
+    if isinstance(atrophy, (ScenarioPrior, ScenarioParameters)) and parcellation is None \
+            and load_scenario(atrophy.scenario).needs_parcellation:
+        raise InputError(f"scenario {atrophy.scenario} names regions of a parcellation; pass {argument}= (the label "
+                         "map holding them, with lut= for its names unless they are FreeSurfer's aseg names)")
 
 
 # --- MONAI --------------------------------------------------------------------------------------------
 
 
 class Atrophyd(MapTransform):
-    """MONAI dictionary transform: simulate given atrophy parameters on ``data[label_key]``'s tissue
-    and warp every key's volume with the same field.
+    """MONAI dictionary transform: simulate given atrophy on ``data[label_key]``'s tissue and warp every
+    key's volume with the same field.
 
     Args:
         keys: the volumes to warp (channel-first ``(C, *N)``; MetaTensors keep their metadata).
         label_key: the label map that gives the tissue classes (through ``label_table``).
-        tissue_percent, spread_percent, fwhm_mm, seed: the atrophy map (:class:`~brainmech.pseudo_subjects.AtrophyParameters`).
+        tissue_percent, spread_percent, fwhm_mm, seed: a random map (:class:`~brainmech.pseudo_subjects.AtrophyParameters`;
+            None: -1 %, 2 %, 10 mm).
+        scenario, years, parcellation_key, lut: or a scenario (a name or YAML file) after ``years``, its
+            rates drawn with ``seed``; its regions from ``data[parcellation_key]`` named by ``lut``.
         mode: per key, ``"bilinear"`` (intensities) or ``"nearest"`` (label maps: values and dtype kept);
-            None: ``"nearest"`` for ``label_key``, ``"bilinear"`` for the others.
+            None: ``"nearest"`` for ``label_key`` and ``parcellation_key``, ``"bilinear"`` for the others.
         spacing: voxel size (mm) when the label map is a plain tensor (a MetaTensor's affine gives it).
         method, model, steps, label_table, device, refine_evaluations: :class:`SimulateAtrophy`.
 
@@ -265,29 +362,34 @@ class Atrophyd(MapTransform):
         Atrophyd(["image", "label"], label_key="label", tissue_percent=-3.0, spread_percent=1.0, fwhm_mm=10.0, seed=1)
     """
 
-    def __init__(self, keys, label_key: str, tissue_percent: float = -1.0, spread_percent: float = 2.0,
-                 fwhm_mm: float = 10.0, seed: int = 0, mode: str | Sequence[str] | None = None,
-                 spacing: Sequence[float] | None = None, method: Method | str = Method.NETWORK,
-                 model: str | Path | None = None, steps: int = 1, label_table: LabelTable = None,
-                 device: str | torch.device = "cpu", refine_evaluations: int = REFINE_EVALUATIONS,
-                 allow_missing_keys: bool = False):
+    def __init__(self, keys, label_key: str, tissue_percent: float | None = None, spread_percent: float | None = None,
+                 fwhm_mm: float | None = None, seed: int = 0, scenario: str | Path | None = None,
+                 years: float | None = None, parcellation_key: str | None = None, lut: str | Path | None = None,
+                 mode: str | Sequence[str] | None = None, spacing: Sequence[float] | None = None,
+                 method: Method | str = Method.NETWORK, model: str | Path | None = None, steps: int = 1,
+                 label_table: LabelTable = None, device: str | torch.device = "cpu",
+                 refine_evaluations: int = REFINE_EVALUATIONS, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        prior = atrophy_prior(tissue_percent, spread_percent, fwhm_mm)
-        self.parameters = AtrophyParameters(prior.tissue_percent[0], prior.spread_percent[0], prior.fwhm_mm[0], int(seed))
-        self.label_key, self.spacing = label_key, spacing
-        self.modes = _modes(self.keys, label_key, mode)
-        self.settings = (method, model, steps, label_table, device, refine_evaluations)
-        _simulation(*self.settings)  # bad settings fail here, not in a worker
+        self.parameters = atrophy_parameters(tissue_percent, spread_percent, fwhm_mm, seed, scenario, years)
+        _check_parcellation(self.parameters, parcellation_key, "parcellation_key")
+        self.label_key, self.parcellation_key, self.spacing = label_key, parcellation_key, spacing
+        self.modes = _modes(self.keys, {label_key, parcellation_key}, mode)
+        self.settings = {"method": method, "model": model, "steps": steps, "label_table": label_table,
+                         "device": device, "refine_evaluations": refine_evaluations, "lut": lut}
+        shared_simulation(**self.settings)  # bad settings fail here, not in a worker
 
     def __call__(self, data: Mapping[Hashable, Tensor]) -> dict[Hashable, Tensor]:
         return self.apply(dict(data), self.parameters)
 
-    def apply(self, d: dict, parameters: AtrophyParameters) -> dict:
+    def apply(self, d: dict, parameters: Parameters) -> dict:
         """``d`` with every key warped by the simulation of ``parameters``."""
-        if self.label_key not in d:
-            raise InputError(f"no {self.label_key!r} in the data (keys {list(d)}); label_key= names the label map")
-        simulate = _simulation(*self.settings)
-        u, _ = simulate(_plain(d[self.label_key]), _spacing_of(d[self.label_key], self.spacing), parameters)
+        for key in filter(None, (self.label_key, self.parcellation_key)):
+            if key not in d:
+                raise InputError(f"no {key!r} in the data (keys {list(d)}); label_key= and parcellation_key= name "
+                                 "the label maps")
+        simulate = shared_simulation(**self.settings)
+        parcellation = _plain(d[self.parcellation_key]) if self.parcellation_key else None
+        u, _ = simulate(_plain(d[self.label_key]), _spacing_of(d[self.label_key], self.spacing), parameters, parcellation)
         for key in self.key_iterator(d):
             warped = simulate.warp(_plain(d[key]), u, labels=self.modes[key] == "nearest")
             d[key] = convert_to_dst_type(warped, d[key])[0]
@@ -298,9 +400,10 @@ class RandAtrophyd(RandomizableTransform, MapTransform, TraceableTransform):
     """MONAI dictionary transform: with probability ``prob``, draw atrophy parameters from ``self.R``
     (``set_random_state`` seeds it; MONAI's DataLoader seeds each worker) and apply :class:`Atrophyd`.
 
-    Ranges are ``(min, max)`` or one number; the defaults are the shipped networks' training
-    distribution: tissue -5 % to +1.5 % (< 0: loss), spread 0.5-3 %, smoothness 6-16 mm FWHM. The
-    drawn parameters are in ``self.parameters`` and in each MetaTensor's ``applied_operations``
+    Ranges are ``(min, max)`` or one number. A random map by default, drawn from the shipped networks'
+    training distribution: tissue -5 % to +1.5 % (< 0: loss), spread 0.5-3 %, smoothness 6-16 mm FWHM;
+    or ``scenario=`` over ``years=`` (a range), each subject's rates drawn from the scenario's spread.
+    The drawn parameters are in ``self.parameters`` and in each MetaTensor's ``applied_operations``
     (``extra_info``), so ``Atrophyd(keys, label_key, **extra_info)`` replays a sample exactly.
 
     Example::
@@ -309,18 +412,22 @@ class RandAtrophyd(RandomizableTransform, MapTransform, TraceableTransform):
                               RandAtrophyd(["image", "label"], label_key="label", prob=0.5)])
     """
 
-    def __init__(self, keys, label_key: str, prob: float = 1.0, tissue_percent=(-5.0, 1.5), spread_percent=(0.5, 3.0),
-                 fwhm_mm=(6.0, 16.0), mode: str | Sequence[str] | None = None, spacing: Sequence[float] | None = None,
-                 method: Method | str = Method.NETWORK, model: str | Path | None = None, steps: int = 1,
-                 label_table: LabelTable = None, device: str | torch.device = "cpu",
-                 refine_evaluations: int = REFINE_EVALUATIONS, allow_missing_keys: bool = False):
+    def __init__(self, keys, label_key: str, prob: float = 1.0, tissue_percent=None, spread_percent=None, fwhm_mm=None,
+                 scenario: str | Path | None = None, years=None, parcellation_key: str | None = None,
+                 lut: str | Path | None = None, mode: str | Sequence[str] | None = None,
+                 spacing: Sequence[float] | None = None, method: Method | str = Method.NETWORK,
+                 model: str | Path | None = None, steps: int = 1, label_table: LabelTable = None,
+                 device: str | torch.device = "cpu", refine_evaluations: int = REFINE_EVALUATIONS,
+                 allow_missing_keys: bool = False):
         RandomizableTransform.__init__(self, prob)
         MapTransform.__init__(self, keys, allow_missing_keys)
-        self.prior = atrophy_prior(tissue_percent, spread_percent, fwhm_mm)
-        self.deterministic = Atrophyd(keys, label_key, mode=mode, spacing=spacing, method=method, model=model,
-                                      steps=steps, label_table=label_table, device=device,
-                                      refine_evaluations=refine_evaluations, allow_missing_keys=allow_missing_keys)
-        self.parameters: AtrophyParameters | None = None
+        self.prior = atrophy_prior(tissue_percent, spread_percent, fwhm_mm, scenario, years)
+        _check_parcellation(self.prior, parcellation_key, "parcellation_key")
+        self.deterministic = Atrophyd(keys, label_key, parcellation_key=parcellation_key, lut=lut, mode=mode,
+                                      spacing=spacing, method=method, model=model, steps=steps, label_table=label_table,
+                                      device=device, refine_evaluations=refine_evaluations,
+                                      allow_missing_keys=allow_missing_keys)
+        self.parameters: Parameters | None = None
 
     def randomize(self, data=None) -> None:
         super().randomize(None)
@@ -342,10 +449,10 @@ def _plain(volume) -> Tensor:
     return volume.as_tensor() if isinstance(volume, MetaTensor) else torch.as_tensor(volume)
 
 
-def _modes(keys: Sequence[Hashable], label_key: str, mode: str | Sequence[str] | None) -> dict[Hashable, str]:
+def _modes(keys: Sequence[Hashable], label_keys: set, mode: str | Sequence[str] | None) -> dict[Hashable, str]:
     """Each key's warp mode: ``"bilinear"`` or ``"nearest"`` (label maps)."""
     if mode is None:
-        modes = ["nearest" if key == label_key else "bilinear" for key in keys]
+        modes = ["nearest" if key in label_keys else "bilinear" for key in keys]
     else:
         modes = [mode] * len(keys) if isinstance(mode, str) else list(mode)
     if len(modes) != len(keys) or set(modes) - {"bilinear", "nearest"}:
@@ -367,14 +474,16 @@ def _spacing_of(volume: Tensor, spacing: Sequence[float] | None) -> tuple[float,
 # --- TorchIO ------------------------------------------------------------------------------------------
 
 
-
 class Atrophy(_TorchIOSpatial):
-    """TorchIO transform: simulate given atrophy parameters on the subject's ``labels`` image and warp
-    every image with the same field (``ScalarImage`` linearly, ``LabelMap`` keeping its values and
-    dtype); affine and shape kept. The deterministic twin of :class:`RandomAtrophy`.
+    """TorchIO transform: simulate given atrophy on the subject's ``labels`` image and warp every image
+    with the same field (``ScalarImage`` linearly, ``LabelMap`` keeping its values and dtype); affine and
+    shape kept. The deterministic twin of :class:`RandomAtrophy`.
 
     Args:
-        tissue_percent, spread_percent, fwhm_mm, seed: the atrophy map (:class:`~brainmech.pseudo_subjects.AtrophyParameters`).
+        tissue_percent, spread_percent, fwhm_mm, seed: a random map (:class:`~brainmech.pseudo_subjects.AtrophyParameters`;
+            None: -1 %, 2 %, 10 mm).
+        scenario, years, parcellation, lut: or a scenario (a name or YAML file) after ``years``, its rates
+            drawn with ``seed``; its regions from the ``LabelMap`` named ``parcellation``, named by ``lut``.
         labels: name of the ``LabelMap`` whose values give the tissue classes (through ``label_table``).
         method, model, steps, label_table, device, refine_evaluations: :class:`SimulateAtrophy`.
         **kwargs: TorchIO's (``include``, ``exclude``, ``copy``, ...).
@@ -386,32 +495,40 @@ class Atrophy(_TorchIOSpatial):
         followup = Atrophy(tissue_percent=-4.0, spread_percent=1.0, fwhm_mm=10.0, seed=3, labels="seg")(subject)
     """
 
-    def __init__(self, tissue_percent: float = -1.0, spread_percent: float = 2.0, fwhm_mm: float = 10.0, seed: int = 0,
-                 labels: str = "label", method: str = Method.NETWORK.value, model: str | None = None, steps: int = 1,
+    def __init__(self, tissue_percent: float | None = None, spread_percent: float | None = None,
+                 fwhm_mm: float | None = None, seed: int = 0, scenario: str | None = None, years: float | None = None,
+                 parcellation: str | None = None, lut: str | None = None, labels: str = "label",
+                 method: str = Method.NETWORK.value, model: str | None = None, steps: int = 1,
                  label_table: LabelTable = None, device: str = "cpu", refine_evaluations: int = REFINE_EVALUATIONS,
                  **kwargs):
         super().__init__(**kwargs)
-        atrophy_prior(tissue_percent, spread_percent, fwhm_mm)
+        self.parameters = atrophy_parameters(tissue_percent, spread_percent, fwhm_mm, seed, scenario, years)
+        _check_parcellation(self.parameters, parcellation, "parcellation")
         self.tissue_percent, self.spread_percent, self.fwhm_mm, self.seed = tissue_percent, spread_percent, fwhm_mm, seed
+        self.scenario, self.years, self.parcellation, self.lut = scenario, years, parcellation, lut
         self.labels, self.method, self.model, self.steps = labels, method, model, steps
         self.label_table, self.device, self.refine_evaluations = label_table, device, refine_evaluations
-        self.args_names = ["tissue_percent", "spread_percent", "fwhm_mm", "seed", "labels", "method", "model", "steps",
-                           "label_table", "device", "refine_evaluations"]
+        self.args_names = ["tissue_percent", "spread_percent", "fwhm_mm", "seed", "scenario", "years", "parcellation",
+                           "lut", "labels", "method", "model", "steps", "label_table", "device", "refine_evaluations"]
         self.simulation()  # bad settings fail here, not in a worker
 
     def simulation(self) -> SimulateAtrophy:
-        return _simulation(self.method, self.model, self.steps, self.label_table, self.device, self.refine_evaluations)
+        return shared_simulation(self.method, self.model, self.steps, self.label_table, self.device,
+                                 self.refine_evaluations, self.lut)
+
+    def label_map(self, subject, name: str, argument: str):
+        image = subject.get(name)
+        if not isinstance(image, tio.LabelMap):
+            raise InputError(f"the subject has no LabelMap {name!r} (images: {list(subject.get_images_dict(intensity_only=False))}); "
+                             f"{argument}= names it")
+        return image
 
     def apply_transform(self, subject):
-        label_map = subject.get(self.labels)
-        if not isinstance(label_map, tio.LabelMap):
-            raise InputError(f"the subject has no LabelMap {self.labels!r} (images: {list(subject.get_images_dict(intensity_only=False))}); "
-                             "labels= names the tissue label map")
+        label_map = self.label_map(subject, self.labels, "labels")
+        parcellation = self.label_map(subject, self.parcellation, "parcellation").data if self.parcellation else None
         subject.check_consistent_space()
-        parameters = AtrophyParameters(float(self.tissue_percent), float(self.spread_percent), float(self.fwhm_mm),
-                                       int(self.seed))
         simulate = self.simulation()
-        u, _ = simulate(label_map.data, label_map.spacing, parameters)
+        u, _ = simulate(label_map.data, label_map.spacing, self.parameters, parcellation)
         for image in self.get_images(subject):
             image.set_data(simulate.warp(image.data, u, labels=not isinstance(image, tio.ScalarImage)))
         return subject
@@ -422,8 +539,9 @@ class RandomAtrophy(_TorchIORandom, _TorchIOSpatial):
     :class:`Atrophy` with them; the drawn parameters go into the subject's history, so
     ``subject.get_composed_history()`` replays the output exactly.
 
-    Ranges are ``(min, max)`` or one number; the defaults are the shipped networks' training
-    distribution: tissue -5 % to +1.5 % (< 0: loss), spread 0.5-3 %, smoothness 6-16 mm FWHM.
+    Ranges are ``(min, max)`` or one number. A random map by default, drawn from the shipped networks'
+    training distribution: tissue -5 % to +1.5 % (< 0: loss), spread 0.5-3 %, smoothness 6-16 mm FWHM;
+    or ``scenario=`` over ``years=`` (a range), each subject's rates drawn from the scenario's spread.
 
     Example::
 
@@ -433,15 +551,18 @@ class RandomAtrophy(_TorchIORandom, _TorchIOSpatial):
         followup = augment(subject)
     """
 
-    def __init__(self, tissue_percent=(-5.0, 1.5), spread_percent=(0.5, 3.0), fwhm_mm=(6.0, 16.0), labels: str = "label",
+    def __init__(self, tissue_percent=None, spread_percent=None, fwhm_mm=None, scenario: str | None = None, years=None,
+                 parcellation: str | None = None, lut: str | None = None, labels: str = "label",
                  method: str = Method.NETWORK.value, model: str | None = None, steps: int = 1,
                  label_table: LabelTable = None, device: str = "cpu", refine_evaluations: int = REFINE_EVALUATIONS,
                  **kwargs):
         super().__init__(**kwargs)
-        self.prior = atrophy_prior(tissue_percent, spread_percent, fwhm_mm)
-        self.settings = {"labels": labels, "method": method, "model": model, "steps": steps, "label_table": label_table,
-                         "device": device, "refine_evaluations": refine_evaluations}
-        _simulation(method, model, steps, label_table, device, refine_evaluations)
+        self.prior = atrophy_prior(tissue_percent, spread_percent, fwhm_mm, scenario, years)
+        _check_parcellation(self.prior, parcellation, "parcellation")
+        self.settings = {"parcellation": parcellation, "lut": lut, "labels": labels, "method": method, "model": model,
+                         "steps": steps, "label_table": label_table, "device": device,
+                         "refine_evaluations": refine_evaluations}
+        shared_simulation(method, model, steps, label_table, device, refine_evaluations, lut)
 
     def apply_transform(self, subject):
         parameters = self.prior.sample(self.sample_uniform, self._get_random_seed())
