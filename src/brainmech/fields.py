@@ -43,6 +43,21 @@ def warp_labels_and_volumes(labels: Tensor, u: Tensor) -> tuple[Tensor, dict[int
     return _warp_labels(labels, u, volumes=True)
 
 
+def warp_volume(volume: Tensor, u: Tensor, *, labels: bool = False) -> Tensor:
+    """Volumes ``(B, C, *N)`` pulled back through ``u (B, d, *n)`` (voxels; ``*N`` may carry extra axes of
+    length 1, as a 2D slice's third): intensities linearly (integer types rounded back), label maps
+    channel by channel with :func:`warp_labels`. Shape, dtype and device kept; the work runs on ``u``'s device."""
+    shape = volume.shape
+    x = volume.reshape(*shape[:2], *u.shape[2:]).to(u.device)
+    if labels:
+        warped = torch.cat([warp_labels(x[:, c:c + 1], u) for c in range(shape[1])], 1)
+    else:
+        warped = warp_image(x if x.is_floating_point() else x.float(), u)
+        if not volume.is_floating_point():
+            warped = warped.round()
+    return warped.to(volume.dtype).reshape(shape).to(volume.device)
+
+
 def _warp_labels(labels: Tensor, u: Tensor, volumes: bool) -> tuple[Tensor, dict[int, float]]:
     """The warped labels and (with ``volumes``) each label's partial volume.
 

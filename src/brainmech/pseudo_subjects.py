@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from .choices import Dimension
 from .atrophy import random_atrophy
-from .fields import refine_field, voxel_ratio, warp_image, warp_labels
+from .fields import refine_field, voxel_ratio, warp_volume
 from .mni import load_mni
 from .subject import Subject, axial_slice
 
@@ -51,10 +51,10 @@ def random_deformation(template: Subject, seed: int, *, deformation_mm: float = 
 def deformed_subject(template: Subject, u: torch.Tensor, gamma: float, name: str) -> Subject:
     """``template`` pulled back through ``u`` (image and tissue probabilities linearly, labels by nearest),
     its intensities raised to ``gamma``."""
-    probabilities = warp_image(template.probabilities, u)
+    probabilities = warp_volume(template.probabilities, u)
     probabilities = probabilities / probabilities.sum(1, keepdim=True).clamp_min(1e-6)
-    image = warp_image(template.image, u).clamp_min(0) ** gamma
-    return Subject(image=image, labels=warp_labels(template.labels, u), probabilities=probabilities,
+    image = warp_volume(template.image, u).clamp_min(0) ** gamma
+    return Subject(image=image, labels=warp_volume(template.labels, u, labels=True), probabilities=probabilities,
                    affine=template.affine, header=template.header, name=name)
 
 

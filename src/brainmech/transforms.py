@@ -37,12 +37,16 @@ from torch import Tensor
 from .allocator import retain_freed_memory
 from .choices import REFINE_EVALUATIONS, Method
 from .errors import InputError
-from .fields import warp_image, warp_labels
+from .fields import warp_volume
 from .mechanics import brain_mask
 from .pseudo_subjects import AtrophyParameters, AtrophyPrior
 from .scenarios import FREESURFER_ASEG, Parcellation, Scenario, prescribe, read_lookup_table
 from .simulator import Simulator
 from .subject import DEFAULT_LABEL_TABLE, Subject, one_hot_tissue, read_label_table
+
+
+__all__ = ["AtrophyParameters", "ScenarioParameters", "SimulateAtrophy", "Atrophyd", "RandAtrophyd", "Atrophy",
+           "RandomAtrophy"]
 
 
 class _MissingTorchIO:
@@ -245,16 +249,9 @@ class SimulateAtrophy(Transform):
     def warp_batch(volume: Tensor, u: Tensor, *, labels: bool = False) -> Tensor:
         """Volumes ``(B, C, *N)`` pulled back through ``u (B, d, *n)`` (voxels): intensities linearly
         (integer types rounded back), label maps channel by channel, each voxel taking the label of
-        largest linear weight (values and dtype kept). Shape, dtype and device kept."""
-        shape = volume.shape
-        x = volume.reshape(*shape[:2], *u.shape[2:]).to(u.device)
-        if labels:
-            warped = torch.cat([warp_labels(x[:, c:c + 1], u) for c in range(shape[1])], 1)
-        else:
-            warped = warp_image(x if x.is_floating_point() else x.float(), u)
-            if not volume.is_floating_point():
-                warped = warped.round()
-        return warped.to(volume.dtype).reshape(shape).to(volume.device)
+        largest linear weight (values and dtype kept). Shape, dtype and device kept
+        (:func:`~brainmech.fields.warp_volume`)."""
+        return warp_volume(volume, u, labels=labels)
 
 
 def label_values(labels: Tensor) -> list[int]:
