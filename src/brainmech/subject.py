@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,20 +162,22 @@ def as_tensor(array: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))[None, None]
 
 
-def read_label_table(path: str | Path | None) -> dict[int, str]:
-    """Label -> tissue class table from YAML (``{label: background|csf|gm|wm|dgm}``)."""
-    if path is None:
+def read_label_table(source: str | Path | Mapping | None) -> dict[int, str]:
+    """Label -> tissue class table from YAML (``{label: background|csf|gm|wm|dgm}``) or a dictionary of the
+    same; None: the default labels (0 background, 1 CSF, 2 GM, 3 WM, 4 deep GM)."""
+    if source is None:
         return dict(DEFAULT_LABEL_TABLE)
+    what = "label_table=" if isinstance(source, Mapping) else f"label table {source}"
     try:
-        table = yaml.safe_load(Path(path).read_text())
+        table = source if isinstance(source, Mapping) else yaml.safe_load(Path(source).read_text())
         table = {int(label): str(tissue).lower() for label, tissue in table.items()}
     except FileNotFoundError:
-        raise InputError(f"label table file not found: {path}") from None
+        raise InputError(f"label table file not found: {source}") from None
     except Exception as error:
-        raise InputError(f"cannot read label table {path}: expected 'label: tissue class' lines ({error})".splitlines()[0]) from None
+        raise InputError(f"cannot read {what}: expected 'label: tissue class' entries ({error})".splitlines()[0]) from None
     unknown = sorted({t for t in table.values() if t not in TISSUE_CLASSES})
     if unknown:
-        raise InputError(f"label table {path} names unknown tissue classes {unknown}; use {list(TISSUE_CLASSES)}")
+        raise InputError(f"{what} names unknown tissue classes {unknown}; use {list(TISSUE_CLASSES)}")
     return table
 
 

@@ -42,7 +42,7 @@ from .mechanics import brain_mask
 from .pseudo_subjects import AtrophyParameters, AtrophyPrior
 from .scenarios import FREESURFER_ASEG, Parcellation, Scenario, prescribe, read_lookup_table
 from .simulator import Simulator
-from .subject import DEFAULT_LABEL_TABLE, Subject, one_hot_tissue, read_label_table
+from .subject import Subject, one_hot_tissue, read_label_table
 
 
 __all__ = ["AtrophyParameters", "ScenarioParameters", "SimulateAtrophy", "Atrophyd", "RandAtrophyd", "Atrophy",
@@ -70,22 +70,7 @@ LabelTable = Mapping[int, str] | str | Path | None  # label -> tissue class (YAM
 
 def _label_table(table: LabelTable) -> tuple[tuple[int, str], ...]:
     """A label table as sorted ``(label, tissue class)`` pairs (hashable: the simulation cache's key)."""
-    if table is None or isinstance(table, (str, Path)):
-        return tuple(sorted(read_label_table(table).items()))
-    return tuple(sorted(read_label_table_dict(table).items()))
-
-
-def read_label_table_dict(table: Mapping) -> dict[int, str]:
-    """A label table given as a dictionary, checked like a YAML one."""
-    classes = set(DEFAULT_LABEL_TABLE.values())
-    try:
-        checked = {int(label): str(tissue).lower() for label, tissue in table.items()}
-    except (TypeError, ValueError, AttributeError):
-        raise InputError("label_table= must map integer labels to tissue classes, e.g. {0: 'background', 1: 'csf'}") from None
-    unknown = sorted(set(checked.values()) - classes)
-    if unknown:
-        raise InputError(f"label_table= names unknown tissue classes {unknown}; use {sorted(classes)}")
-    return checked
+    return tuple(sorted(read_label_table(table).items()))
 
 
 def _simulated_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -137,7 +122,7 @@ class SimulateAtrophy(Transform):
     """The maths of every atrophy transform: label map + atrophy parameters (or map) -> displacement.
 
     Args:
-        method: ``"network"`` (default: the pretrained U-Net, a second at 1 mm on a CPU),
+        method: ``"network"`` (default: the pretrained U-Net, about a second for a 2 mm brain on a CPU),
             ``"network+refine"`` or ``"solver"`` (:class:`~brainmech.simulator.Simulator`).
         model: a pretrained name or ``.pt`` file; None: ``mni-2d`` / ``mni-3d`` by the volume's dimension.
         steps: composed steps (large changes).
