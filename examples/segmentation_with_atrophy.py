@@ -80,7 +80,8 @@ class Segmentation(L.LightningModule):
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--cases", type=int, default=32, help="training pseudo-subjects (each seen with new atrophy)")
     parser.add_argument("--validation-cases", type=int, default=8)
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer = L.Trainer(max_steps=args.max_steps, accelerator="auto", default_root_dir=args.out,
                         logger=L.pytorch.loggers.CSVLogger(args.out, name="logs"), check_val_every_n_epoch=None,
                         val_check_interval=min(100, args.max_steps), num_sanity_val_steps=0,
-                        enable_model_summary=False, log_every_n_steps=5)
+                        enable_model_summary=False, log_every_n_steps=1)
     model = Segmentation()
     trainer.fit(model, **loaders)
     dice = {k.removeprefix("val/"): float(v) for k, v in trainer.validate(model, loaders["val_dataloaders"],

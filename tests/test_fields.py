@@ -52,8 +52,30 @@ def test_labels_take_the_label_of_largest_linearly_warped_indicator(shape, slab_
     expected = values[indicators.argmax(1, keepdim=True)]
     warped, volumes = warp_labels_and_volumes(labels, u.double())
     assert torch.equal(warped, expected)
+    assert torch.equal(warp_labels(labels, u.double()), expected)  # without volumes: ties broken the same way
     assert torch.allclose(torch.tensor([volumes[v] for v in values.tolist()], dtype=torch.float64),
                           indicators.sum(dim=[0, *range(2, indicators.ndim)]), rtol=1e-9)
+
+
+@pytest.mark.parametrize("shape, coarse", [((21, 17, 9), (11, 9, 5)), ((20, 17), (11, 9)), ((33, 12), (9, 4))])
+def test_restriction_by_an_exact_halving_is_full_weighting_sampled_at_the_coarse_nodes(shape, coarse):
+    """The stride-2 shortcut (odd sizes halved exactly) gives the values of smoothing every node, then
+    sampling: on random data, where any symmetric weights would not be exact."""
+    volume = torch.randn(1, 2, *shape, dtype=torch.float64)
+    expected = volume
+    for axis, ratio in enumerate(fields.voxel_ratio(shape, coarse), start=2):
+        for _ in range(max(1, round(np.log2(ratio))) if ratio > 1 else 0):
+            expected = fields._full_weighting(expected, axis)
+    assert torch.equal(restrict(volume, coarse), resize(expected, coarse))
+
+
+def test_a_one_hot_label_map_stays_one_hot():
+    labels = torch.randint(0, 4, (1, 1, 16, 14))
+    one_hot = torch.zeros(1, 4, 16, 14, dtype=torch.uint8).scatter_(1, labels, 1)
+    u = smooth_field((16, 14), 2.0, 5)
+    warped = fields.warp_volume(one_hot, u, labels=True)
+    assert warped.dtype == torch.uint8 and torch.equal(warped.sum(1), torch.ones(1, 16, 14, dtype=torch.uint8))
+    assert torch.equal(warped.argmax(1, keepdim=True), warp_labels(labels, u))
 
 
 def test_composition_equals_warping_twice():

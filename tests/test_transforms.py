@@ -1,6 +1,9 @@
 """Augmentation transforms (brainmech.transforms): replayable, geometry and labels kept, the drawn change
 simulated, inside TorchIO and MONAI compositions and 2-worker DataLoaders."""
 
+import subprocess
+import sys
+
 import monai
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from brainmech.mechanics import det_f_maps
 from brainmech.pseudo_subjects import AtrophyParameters
 from brainmech.scenarios import mni_atlas
 from brainmech.subject import axial_slice
-from brainmech.transforms import Atrophy, Atrophyd, RandAtrophyd, RandomAtrophy, SimulateAtrophy
+from brainmech.transforms import Atrophy, Atrophyd, RandAtrophyd, RandomAtrophy, ScenarioParameters, SimulateAtrophy
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,8 @@ def test_monai_twin_from_applied_operations_reproduces_the_random_transform(mni_
     random.set_random_state(11)
     out = random(sample)
     drawn = out["image"].applied_operations[-1]["extra_info"]
-    assert drawn == {k: getattr(random.parameters, k) for k in ("tissue_percent", "spread_percent", "fwhm_mm", "seed")}
+    assert drawn == {"applied": True, **{k: getattr(random.parameters, k) for k in ("tissue_percent", "spread_percent",
+                                                                                 "fwhm_mm", "seed")}}
     twin = Atrophyd(["image", "label", "tissue"], label_key="label", **drawn)(sample)
     for key in ("image", "label", "tissue"):
         assert torch.equal(twin[key], out[key])
@@ -119,6 +123,22 @@ def test_monai_composition_and_probability(mni_slice):
     assert torch.equal(never["label"], sample["label"]) and torch.equal(never["image"], sample["image"])
 
 
+def test_monai_replays_applied_and_skipped_samples_alike(mni_slice):
+    """With prob < 1 a skipped sample records applied=False, and its replay leaves the data as it is."""
+    sample = monai_sample(mni_slice)
+    random = RandAtrophyd(["image", "label"], label_key="label", prob=0.5)
+    random.set_random_state(0)
+    outcomes = set()
+    for _ in range(6):
+        out = random({k: sample[k] for k in ("image", "label")})
+        drawn = out["image"].applied_operations[-1]["extra_info"]
+        outcomes.add(drawn["applied"])
+        replayed = Atrophyd(["image", "label"], label_key="label", **drawn)({k: sample[k] for k in ("image", "label")})
+        assert torch.equal(replayed["image"], out["image"]) and torch.equal(replayed["label"], out["label"])
+        assert torch.equal(out["image"], sample["image"]) != drawn["applied"]
+    assert outcomes == {True, False}
+
+
 def test_a_batch_is_simulated_as_its_samples(mni_slice):
     simulate = SimulateAtrophy()
     labels = mni_slice.labels[0]  # (1, H, W)
@@ -130,6 +150,17 @@ def test_a_batch_is_simulated_as_its_samples(mni_slice):
         assert torch.allclose(u[index], u_one, atol=1e-5)
     u_map, _ = simulate(labels, mni_slice.spacing, maps[0])  # a map given as it is: the same simulation
     assert torch.allclose(u_map, u[0], atol=1e-5)
+
+
+def test_a_batch_of_scenario_years_takes_each_samples_steps(mni_slice, tmp_path):
+    """Scenario samples run a step per year begun: 1 and 3 years in one batch as each alone."""
+    scenario = tmp_path / "grey.yaml"
+    scenario.write_text("name: grey\ncsf: compensate\nregions:\n  cortex:\n    tissue: gm\n    percent_per_year: -2\n")
+    simulate, labels = SimulateAtrophy(), mni_slice.labels[0]
+    draws = [ScenarioParameters(str(scenario), years, 0) for years in (1.0, 3.0)]
+    u, _ = simulate.displacements(torch.stack([labels, labels]), mni_slice.spacing, draws)
+    for index, draw in enumerate(draws):
+        assert torch.allclose(u[index], simulate(labels, mni_slice.spacing, draw)[0], atol=1e-5)
 
 
 def test_network_refine_on_request_polishes_the_networks_field(mni_slice):
@@ -210,7 +241,26 @@ def test_bad_input_is_one_clear_error(mni_slice):
         Atrophy(scenario="no-such-scenario")
     with pytest.raises(InputError, match="years= goes with scenario="):
         RandomAtrophy(years=(1, 3))
+    with pytest.raises(InputError, match="one number here"):
+        Atrophy(tissue_percent=(-5, 0))
+    assert Atrophyd(["image"], label_key="label", tissue_percent=np.float32(-2.0)).parameters.tissue_percent == -2.0
+    with pytest.raises(InputError, match="spatial shape"):
+        Atrophyd(["image", "label"], label_key="label")({**monai_sample(mni_slice), "image": MetaTensor(torch.zeros(1, 5, 5))})
+    with pytest.raises(InputError, match="cannot simulate a volume of spatial shape"):
+        SimulateAtrophy()(torch.ones(1, 40, 1, 30), (1.0, 1.0, 1.0), AtrophyParameters(-1.0, 1.0, 8.0, 0))
     plain = {"image": mni_slice.image[0], "label": mni_slice.labels[0]}
     with pytest.raises(InputError, match="pass spacing="):
         Atrophyd(["image", "label"], label_key="label")(plain)
     assert Atrophyd(["image", "label"], label_key="label", spacing=mni_slice.spacing)(plain)["label"].dtype == torch.int64
+
+
+def test_the_monai_transforms_work_without_torchio():
+    """TorchIO is an optional extra: without it the module imports, MONAI's transforms work, and the
+    TorchIO ones say what to install."""
+    script = ("import sys; sys.modules['torchio'] = None\n"
+              "from brainmech.transforms import RandAtrophyd, RandomAtrophy\n"
+              "RandAtrophyd(['image'], label_key='label')\n"
+              "try:\n    RandomAtrophy()\nexcept ValueError as error:\n    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'brainmech[torchio]'" in result.stdout

@@ -45,17 +45,25 @@ def warp_labels_and_volumes(labels: Tensor, u: Tensor) -> tuple[Tensor, dict[int
 
 def warp_volume(volume: Tensor, u: Tensor, *, labels: bool = False) -> Tensor:
     """Volumes ``(B, C, *N)`` pulled back through ``u (B, d, *n)`` (voxels; ``*N`` may carry extra axes of
-    length 1, as a 2D slice's third): intensities linearly (integer types rounded back), label maps
-    channel by channel with :func:`warp_labels`. Shape, dtype and device kept; the work runs on ``u``'s device."""
+    length 1, as a 2D slice's third): intensities linearly (integer types rounded back), label maps with
+    :func:`warp_labels`, channel by channel, or as one label per voxel when the channels are one-hot. Shape, dtype and device kept; the work runs on ``u``'s device."""
     shape = volume.shape
     x = volume.reshape(*shape[:2], *u.shape[2:]).to(u.device)
-    if labels:
+    if labels and shape[1] > 1 and _one_hot(x):  # one label per voxel across the channels: warp the label itself
+        chosen = warp_labels(x.argmax(1, keepdim=True), u)
+        warped = torch.zeros_like(x).scatter_(1, chosen, 1)
+    elif labels:
         warped = torch.cat([warp_labels(x[:, c:c + 1], u) for c in range(shape[1])], 1)
     else:
         warped = warp_image(x if x.is_floating_point() else x.float(), u)
         if not volume.is_floating_point():
             warped = warped.round()
     return warped.to(volume.dtype).reshape(shape).to(volume.device)
+
+
+def _one_hot(x: Tensor) -> bool:
+    """Whether channels ``(B, C, *N)`` are a one-hot label map: 0 or 1, exactly one 1 per voxel."""
+    return bool(((x == 0) | (x == 1)).all() and (x.sum(1) == 1).all())
 
 
 def _warp_labels(labels: Tensor, u: Tensor, volumes: bool) -> tuple[Tensor, dict[int, float]]:
@@ -153,11 +161,11 @@ def restrict(volume: Tensor, shape: tuple[int, ...]) -> Tensor:
     full weighting, once per halving of the grid (so the average spans the coarse voxel), then sampled
     at the coarse nodes. Keeps ranges (probabilities stay in [0, 1]) and reproduces linear fields
     exactly, so nothing is shifted against :func:`resize`."""
-    for axis, (n, m) in enumerate(zip(volume.shape[2:], shape), start=2):
+    ratios = voxel_ratio(tuple(volume.shape[2:]), shape)
+    for axis, (n, m, ratio) in enumerate(zip(volume.shape[2:], shape, ratios), start=2):
         if n - 1 == 2 * (m - 1) and m > 2:  # an exact halving: smooth at the coarse nodes only (the same values)
             volume = _full_weighting(volume, axis, stride=2)
             continue
-        ratio = (n - 1) / max(m - 1, 1)
         for _ in range(max(1, round(math.log2(ratio))) if ratio > 1 else 0):
             volume = _full_weighting(volume, axis)
     return resize(volume, shape)

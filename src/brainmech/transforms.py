@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,7 +63,8 @@ try:
     from torchio.transforms.augmentation import RandomTransform as _TorchIORandom
 except ImportError:  # TorchIO is an optional extra: brainmech[torchio]
     tio = None
-    _TorchIOSpatial = _TorchIORandom = _MissingTorchIO
+    _TorchIOSpatial = type("_TorchIOSpatial", (_MissingTorchIO,), {})  # two classes: RandomAtrophy derives from both
+    _TorchIORandom = type("_TorchIORandom", (_MissingTorchIO,), {})
 
 
 LabelTable = Mapping[int, str] | str | Path | None  # label -> tissue class (YAML file or dict); None: 0-4 (docs/conventions.md)
@@ -75,7 +77,13 @@ def _label_table(table: LabelTable) -> tuple[tuple[int, str], ...]:
 
 def _simulated_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """The simulated grid of a volume's spatial shape: a third axis of length 1 is dropped (2D)."""
-    return tuple(shape[:2]) if len(shape) == 3 and shape[2] == 1 else tuple(shape)
+    shape = tuple(shape)
+    if len(shape) == 3 and shape[2] == 1:
+        return shape[:2]
+    if len(shape) not in (2, 3) or min(shape) < 3:
+        raise InputError(f"cannot simulate a volume of spatial shape {shape}: give 3D volumes, or 2D slices as (H, W) "
+                         "or (W, H, 1) with at least 3 voxels along each axis")
+    return shape
 
 
 @functools.lru_cache(maxsize=8)
@@ -166,7 +174,8 @@ class SimulateAtrophy(Transform):
         ratio map ``(1, *N)``; a scenario's regions from ``parcellations (B, 1, *N)``) -> displacements
         ``(B, d, *n)`` found together (the network runs once on the batch) and the maps ``(B, 1, *n)``."""
         if labels.ndim < 4 or labels.shape[1] != 1:
-            raise InputError(f"a label map must be one channel, (1, *N); got shape {tuple(labels.shape[1:])}")
+            raise InputError(f"a label map must be one channel, (1, *N); got shape {tuple(labels.shape[1:])} "
+                             "(MONAI: add EnsureChannelFirstd after LoadImaged)")
         if len(atrophy) != labels.shape[0]:
             raise InputError(f"{labels.shape[0]} label maps but {len(atrophy)} atrophy maps or parameters")
         shape = _simulated_shape(labels.shape[2:])
@@ -174,18 +183,26 @@ class SimulateAtrophy(Transform):
         if len(spacing) != len(shape) or min(spacing) <= 0:
             raise InputError(f"spacing= must give a positive voxel size (mm) per axis of a {len(shape)}D volume; got {spacing}")
         subjects = [self.subject(sample.reshape(1, 1, *shape), spacing) for sample in labels]
-        regions = [None if parcellations is None else self.parcellation(p.reshape(1, 1, *shape)) for p in
-                   (parcellations if parcellations is not None else labels)]
+        if parcellations is None:
+            regions = [None] * len(subjects)
+        else:
+            regions = [self.parcellation(sample.reshape(1, 1, *shape)) for sample in parcellations]
         maps = torch.cat([self.atrophy_map(*case) for case in zip(subjects, atrophy, regions)])
-        steps = max(getattr(a, "steps", 1) for a in atrophy) * self.simulator.steps
-        if self.simulator.method is Method.NETWORK:  # one network call on the batch
-            batch = Subject(image=torch.zeros(()).expand(len(subjects), 1, *shape), labels=torch.cat([s.labels for s in subjects]),
-                            probabilities=torch.cat([s.probabilities for s in subjects]),
-                            affine=subjects[0].affine, header=subjects[0].header)  # the image is never read
-            u, _ = self.simulator.displace(batch, maps, steps=steps)
-        else:  # the solver minimises each case's energy on its own
-            u = torch.cat([self.simulator.displace(subject, a[None], steps=steps)[0] for subject, a in zip(subjects, maps)])
-        return u, maps
+        steps = [getattr(a, "steps", 1) * self.simulator.steps for a in atrophy]  # a scenario: a step per year
+        fields: list[Tensor | None] = [None] * len(subjects)
+        for count in sorted(set(steps)):
+            same = [index for index, n in enumerate(steps) if n == count]
+            if self.simulator.method is Method.NETWORK:  # the network once on all samples of this many steps
+                group = Subject(image=torch.zeros(()).expand(len(same), 1, *shape),  # the image is never read
+                                labels=torch.cat([subjects[i].labels for i in same]),
+                                probabilities=torch.cat([subjects[i].probabilities for i in same]),
+                                affine=subjects[0].affine, header=subjects[0].header)
+                for i, field in zip(same, self.simulator.displace(group, maps[same], steps=count)[0]):
+                    fields[i] = field
+            else:  # the solver minimises each case's energy on its own
+                for i in same:
+                    fields[i] = self.simulator.displace(subjects[i], maps[i:i + 1], steps=count)[0][0]
+        return torch.stack(fields), maps
 
     def subject(self, labels: Tensor, spacing: tuple[float, ...]) -> Subject:
         """A :class:`~brainmech.subject.Subject` of a label map ``(1, 1, *n)`` (tissue through the label table)."""
@@ -227,16 +244,13 @@ class SimulateAtrophy(Transform):
         return atrophy.reshape(subject.labels.shape)
 
     def warp(self, volume: Tensor, u: Tensor, *, labels: bool = False) -> Tensor:
-        """One sample's volume ``(C, *N)`` pulled back through ``u (d, *n)``: see :meth:`warp_batch`."""
-        return self.warp_batch(volume[None], u[None], labels=labels)[0]
+        """One sample's volume ``(C, *N)`` pulled back through ``u (d, *n)`` (voxels): intensities linearly
+        (integer types rounded back), label maps keep their values and dtype (a one-hot map stays one-hot);
+        shape, dtype and device kept (:func:`~brainmech.fields.warp_volume`)."""
+        return warp_volume(volume[None], u[None], labels=labels)[0]
 
-    @staticmethod
-    def warp_batch(volume: Tensor, u: Tensor, *, labels: bool = False) -> Tensor:
-        """Volumes ``(B, C, *N)`` pulled back through ``u (B, d, *n)`` (voxels): intensities linearly
-        (integer types rounded back), label maps channel by channel, each voxel taking the label of
-        largest linear weight (values and dtype kept). Shape, dtype and device kept
-        (:func:`~brainmech.fields.warp_volume`)."""
-        return warp_volume(volume, u, labels=labels)
+    #: Batched volumes ``(B, C, *N)`` through ``u (B, d, *n)``: :func:`~brainmech.fields.warp_volume`.
+    warp_batch = staticmethod(warp_volume)
 
 
 def label_values(labels: Tensor) -> list[int]:
@@ -271,12 +285,23 @@ def shared_simulation(method: Method | str = Method.NETWORK, model: str | Path |
                               refine_evaluations, None if lut is None else str(lut))
 
 
-def _range(value: float | Sequence[float], name: str, low: float, high: float) -> tuple[float, float]:
+def _number(value: object) -> float | None:
+    """A real number (Python, NumPy or a one-element tensor) as a float; None for anything else."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+
+
+def _range(value: object, name: str, low: float, high: float) -> tuple[float, float]:
     """``(min, max)`` of a range argument (a number: that value), inside ``[low, high]``."""
-    pair = (value, value) if isinstance(value, (int, float)) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, (int, float)) and low <= v <= high for v in pair) or pair[0] > pair[1]:
+    single = _number(value)
+    try:
+        pair = (single, single) if single is not None else tuple(_number(v) for v in value)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or None in pair or not low <= pair[0] <= pair[1] <= high:
         raise InputError(f"{name}= must be a number or (min, max) with {low:g} <= min <= max <= {high:g}; got {value!r}")
-    return float(pair[0]), float(pair[1])
+    return pair
 
 
 def atrophy_prior(tissue_percent=None, spread_percent=None, fwhm_mm=None, scenario: str | Path | None = None,
@@ -305,6 +330,10 @@ def atrophy_parameters(tissue_percent=None, spread_percent=None, fwhm_mm=None, s
         tissue_percent, spread_percent, fwhm_mm = (-1.0 if tissue_percent is None else tissue_percent,
                                                    2.0 if spread_percent is None else spread_percent,
                                                    10.0 if fwhm_mm is None else fwhm_mm)
+    for name, value in [("tissue_percent", tissue_percent), ("spread_percent", spread_percent), ("fwhm_mm", fwhm_mm),
+                        ("years", years)]:
+        if value is not None and _number(value) is None:
+            raise InputError(f"{name}= must be one number here (ranges are for the random transforms); got {value!r}")
     prior = atrophy_prior(tissue_percent, spread_percent, fwhm_mm, scenario, years)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed= must be a whole number >= 0, got {seed!r}")
@@ -332,6 +361,7 @@ class Atrophyd(MapTransform):
         label_key: the label map that gives the tissue classes (through ``label_table``).
         tissue_percent, spread_percent, fwhm_mm, seed: a random map (:class:`~brainmech.pseudo_subjects.AtrophyParameters`;
             None: -1 %, 2 %, 10 mm).
+        applied: False leaves the data as it is (a :class:`RandAtrophyd` draw that its ``prob`` skipped).
         scenario, years, parcellation_key, lut: or a scenario (a name or YAML file) after ``years``, its
             rates drawn with ``seed``; its regions from ``data[parcellation_key]`` named by ``lut``.
         mode: per key, ``"bilinear"`` (intensities) or ``"nearest"`` (label maps: values and dtype kept);
@@ -345,23 +375,24 @@ class Atrophyd(MapTransform):
     """
 
     def __init__(self, keys, label_key: str, tissue_percent: float | None = None, spread_percent: float | None = None,
-                 fwhm_mm: float | None = None, seed: int = 0, scenario: str | Path | None = None,
+                 fwhm_mm: float | None = None, seed: int = 0, applied: bool = True, scenario: str | Path | None = None,
                  years: float | None = None, parcellation_key: str | None = None, lut: str | Path | None = None,
                  mode: str | Sequence[str] | None = None, spacing: Sequence[float] | None = None,
                  method: Method | str = Method.NETWORK, model: str | Path | None = None, steps: int = 1,
                  label_table: LabelTable = None, device: str | torch.device = "cpu",
                  refine_evaluations: int = REFINE_EVALUATIONS, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
+        self.applied = applied
         self.parameters = atrophy_parameters(tissue_percent, spread_percent, fwhm_mm, seed, scenario, years)
         _check_parcellation(self.parameters, parcellation_key, "parcellation_key")
         self.label_key, self.parcellation_key, self.spacing = label_key, parcellation_key, spacing
         self.modes = _modes(self.keys, {label_key, parcellation_key}, mode)
-        self.settings = {"method": method, "model": model, "steps": steps, "label_table": label_table,
+        self.settings = {"method": method, "model": model, "steps": steps, "label_table": read_label_table(label_table),
                          "device": device, "refine_evaluations": refine_evaluations, "lut": lut}
         shared_simulation(**self.settings)  # bad settings fail here, not in a worker
 
     def __call__(self, data: Mapping[Hashable, Tensor]) -> dict[Hashable, Tensor]:
-        return self.apply(dict(data), self.parameters)
+        return self.apply(dict(data), self.parameters) if self.applied else dict(data)
 
     def apply(self, d: dict, parameters: Parameters) -> dict:
         """``d`` with every key warped by the simulation of ``parameters``."""
@@ -369,6 +400,11 @@ class Atrophyd(MapTransform):
             if key not in d:
                 raise InputError(f"no {key!r} in the data (keys {list(d)}); label_key= and parcellation_key= name "
                                  "the label maps")
+        grid = tuple(d[self.label_key].shape[1:])
+        for key in [*self.key_iterator(d), self.parcellation_key]:
+            if key is not None and tuple(d[key].shape[1:]) != grid:
+                raise InputError(f"{key!r} has spatial shape {tuple(d[key].shape[1:])}, the label map {grid}; every "
+                                 "key must lie on the label map's grid (resample first)")
         simulate = shared_simulation(**self.settings)
         parcellation = _plain(d[self.parcellation_key]) if self.parcellation_key else None
         u, _ = simulate(_plain(d[self.label_key]), _spacing_of(d[self.label_key], self.spacing), parameters, parcellation)
@@ -385,8 +421,9 @@ class RandAtrophyd(RandomizableTransform, MapTransform, TraceableTransform):
     Ranges are ``(min, max)`` or one number. A random map by default, drawn from the shipped networks'
     training distribution: tissue -5 % to +1.5 % (< 0: loss), spread 0.5-3 %, smoothness 6-16 mm FWHM;
     or ``scenario=`` over ``years=`` (a range), each subject's rates drawn from the scenario's spread.
-    The drawn parameters are in ``self.parameters`` and in each MetaTensor's ``applied_operations``
-    (``extra_info``), so ``Atrophyd(keys, label_key, **extra_info)`` replays a sample exactly.
+    The last draw is in ``self.parameters``, and each sample's in its MetaTensors' ``applied_operations``
+    (``extra_info``, with ``applied``: False where ``prob`` skipped it), so ``Atrophyd(keys, label_key,
+    **extra_info)`` replays a sample exactly.
 
     Example::
 
@@ -422,7 +459,7 @@ class RandAtrophyd(RandomizableTransform, MapTransform, TraceableTransform):
             d = self.deterministic.apply(d, self.parameters)
         for key in self.key_iterator(d):
             if isinstance(d[key], MetaTensor):
-                self.push_transform(d[key], extra_info=asdict(self.parameters) if self._do_transform else {})
+                self.push_transform(d[key], extra_info={**asdict(self.parameters), "applied": self._do_transform})
         return d
 
 
@@ -492,17 +529,18 @@ class Atrophy(_TorchIOSpatial):
         self.label_table, self.device, self.refine_evaluations = label_table, device, refine_evaluations
         self.args_names = ["tissue_percent", "spread_percent", "fwhm_mm", "seed", "scenario", "years", "parcellation",
                            "lut", "labels", "method", "model", "steps", "label_table", "device", "refine_evaluations"]
+        self.tissue_classes = read_label_table(label_table)  # read once, not per sample
         self.simulation()  # bad settings fail here, not in a worker
 
     def simulation(self) -> SimulateAtrophy:
-        return shared_simulation(self.method, self.model, self.steps, self.label_table, self.device,
+        return shared_simulation(self.method, self.model, self.steps, self.tissue_classes, self.device,
                                  self.refine_evaluations, self.lut)
 
     def label_map(self, subject, name: str, argument: str):
         image = subject.get(name)
         if not isinstance(image, tio.LabelMap):
             raise InputError(f"the subject has no LabelMap {name!r} (images: {list(subject.get_images_dict(intensity_only=False))}); "
-                             f"{argument}= names it")
+                             f"{argument}= names it (default 'label' for labels=)")
         return image
 
     def apply_transform(self, subject):
@@ -542,9 +580,9 @@ class RandomAtrophy(_TorchIORandom, _TorchIOSpatial):
         self.prior = atrophy_prior(tissue_percent, spread_percent, fwhm_mm, scenario, years)
         _check_parcellation(self.prior, parcellation, "parcellation")
         self.settings = {"parcellation": parcellation, "lut": lut, "labels": labels, "method": method, "model": model,
-                         "steps": steps, "label_table": label_table, "device": device,
-                         "refine_evaluations": refine_evaluations}
-        shared_simulation(method, model, steps, label_table, device, refine_evaluations, lut)
+                         "steps": steps, "label_table": read_label_table(label_table), "device": device,
+                         "refine_evaluations": refine_evaluations}  # the table read once, not per sample
+        shared_simulation(method, model, steps, self.settings["label_table"], device, refine_evaluations, lut)
 
     def apply_transform(self, subject):
         parameters = self.prior.sample(self.sample_uniform, self._get_random_seed())
