@@ -157,7 +157,7 @@ class SimulateAtrophy(Transform):
                  refine_evaluations: int = REFINE_EVALUATIONS, lut: str | Path | None = None):
         self.simulator = Simulator(method, model=model, steps=steps, device=device,
                                    refine_evaluations=refine_evaluations)
-        self.label_table = dict(_label_table(label_table))
+        self.label_table = read_label_table(label_table)
         self.region_names = read_lookup_table(lut) if lut is not None else FREESURFER_ASEG
 
     def __call__(self, labels: Tensor, spacing: Sequence[float], atrophy: Parameters | Tensor,
