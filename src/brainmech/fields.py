@@ -46,7 +46,8 @@ def warp_labels_and_volumes(labels: Tensor, u: Tensor) -> tuple[Tensor, dict[int
 def warp_volume(volume: Tensor, u: Tensor, *, labels: bool = False) -> Tensor:
     """Volumes ``(B, C, *N)`` pulled back through ``u (B, d, *n)`` (voxels; ``*N`` may carry extra axes of
     length 1, as a 2D slice's third): intensities linearly (integer types rounded back), label maps with
-    :func:`warp_labels`, channel by channel, or as one label per voxel when the channels are one-hot. Shape, dtype and device kept; the work runs on ``u``'s device."""
+    :func:`warp_labels`, channel by channel, or as one label per voxel when the channels are one-hot.
+    Shape, dtype and device kept; the work runs on ``u``'s device."""
     shape = volume.shape
     x = volume.reshape(*shape[:2], *u.shape[2:]).to(u.device)
     if labels and shape[1] > 1 and _one_hot(x):  # one label per voxel across the channels: warp the label itself

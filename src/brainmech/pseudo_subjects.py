@@ -49,8 +49,8 @@ def random_deformation(template: Subject, seed: int, *, deformation_mm: float = 
 
 
 def deformed_subject(template: Subject, u: torch.Tensor, gamma: float, name: str) -> Subject:
-    """``template`` pulled back through ``u`` (image and tissue probabilities linearly, labels by nearest),
-    its intensities raised to ``gamma``."""
+    """``template`` pulled back through ``u`` (image and tissue probabilities linearly, labels keeping their
+    values: :func:`~brainmech.fields.warp_volume`, as the augmentation transforms), its intensities raised to ``gamma``."""
     probabilities = warp_volume(template.probabilities, u)
     probabilities = probabilities / probabilities.sum(1, keepdim=True).clamp_min(1e-6)
     image = warp_volume(template.image, u).clamp_min(0) ** gamma
