@@ -21,3 +21,4 @@ def test_segmentation_with_atrophy_trains_a_few_steps(tmp_path):
     assert set(dice) == {"dice_csf", "dice_gm", "dice_wm"}
     assert all(0.0 <= value <= 1.0 for value in dice.values())
     assert json.loads((tmp_path / "dice.json").read_text()) == dice
+    assert (tmp_path / "augmented.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
