@@ -69,13 +69,14 @@ def test_restriction_by_an_exact_halving_is_full_weighting_sampled_at_the_coarse
     assert torch.equal(restrict(volume, coarse), resize(expected, coarse))
 
 
-def test_a_one_hot_label_map_stays_one_hot():
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.float32])
+def test_a_one_hot_label_map_stays_one_hot(dtype):
     labels = torch.randint(0, 4, (1, 1, 16, 14))
-    one_hot = torch.zeros(1, 4, 16, 14, dtype=torch.uint8).scatter_(1, labels, 1)
+    one_hot = torch.zeros(1, 4, 16, 14, dtype=torch.uint8).scatter_(1, labels, 1).to(dtype)
     u = smooth_field((16, 14), 2.0, 5)
     warped = fields.warp_volume(one_hot, u, labels=True)
-    assert warped.dtype == torch.uint8 and torch.equal(warped.sum(1), torch.ones(1, 16, 14, dtype=torch.uint8))
-    assert torch.equal(warped.argmax(1, keepdim=True), warp_labels(labels, u))
+    assert warped.dtype == dtype and torch.equal(warped.long().sum(1), torch.ones(1, 16, 14, dtype=torch.long))
+    assert torch.equal(warped.long().argmax(1, keepdim=True), warp_labels(labels, u))
 
 
 def test_composition_equals_warping_twice():

@@ -99,8 +99,8 @@ def test_monai_twin_from_applied_operations_reproduces_the_random_transform(mni_
     random.set_random_state(11)
     out = random(sample)
     drawn = out["image"].applied_operations[-1]["extra_info"]
-    assert drawn == {"applied": True, **{k: getattr(random.parameters, k) for k in ("tissue_percent", "spread_percent",
-                                                                                 "fwhm_mm", "seed")}}
+    assert {k: drawn[k] for k in ("tissue_percent", "spread_percent", "fwhm_mm", "seed", "applied")} == \
+        {"applied": True, **{k: getattr(random.parameters, k) for k in ("tissue_percent", "spread_percent", "fwhm_mm", "seed")}}
     twin = Atrophyd(["image", "label", "tissue"], label_key="label", **drawn)(sample)
     for key in ("image", "label", "tissue"):
         assert torch.equal(twin[key], out[key])
@@ -137,6 +137,22 @@ def test_monai_replays_applied_and_skipped_samples_alike(mni_slice):
         assert torch.equal(replayed["image"], out["image"]) and torch.equal(replayed["label"], out["label"])
         assert torch.equal(out["image"], sample["image"]) != drawn["applied"]
     assert outcomes == {True, False}
+
+
+def test_monai_replays_a_draw_made_with_other_settings(mni_slice):
+    """extra_info carries the settings that shape the output (steps, label table, ...), not only the draw."""
+    table = {0: "background", 11: "csf", 12: "gm", 13: "wm"}
+    sample = monai_sample(mni_slice)
+    sample["label"] = MetaTensor(torch.where(mni_slice.labels[0] > 0, mni_slice.labels[0] + 10, 0).float(),
+                                 affine=sample["label"].affine)
+    random = RandAtrophyd(["image", "label"], label_key="label", steps=2, label_table=table,
+                          tissue_percent=(-5, -4)).set_random_state(1)
+    out = random({k: sample[k] for k in ("image", "label")})
+    extra_info = out["image"].applied_operations[-1]["extra_info"]
+    replayed = Atrophyd(["image", "label"], "label", **extra_info)({k: sample[k] for k in ("image", "label")})
+    assert torch.equal(replayed["image"], out["image"]) and torch.equal(replayed["label"], out["label"])
+    one_step = Atrophyd(["image"], "label", label_table=table, **random.parameters.__dict__)(sample)
+    assert not torch.equal(one_step["image"], out["image"])  # the steps mattered, and were replayed
 
 
 def test_a_batch_is_simulated_as_its_samples(mni_slice):

@@ -51,7 +51,7 @@ def warp_volume(volume: Tensor, u: Tensor, *, labels: bool = False) -> Tensor:
     shape = volume.shape
     x = volume.reshape(*shape[:2], *u.shape[2:]).to(u.device)
     if labels and shape[1] > 1 and _one_hot(x):  # one label per voxel across the channels: warp the label itself
-        chosen = warp_labels(x.argmax(1, keepdim=True), u)
+        chosen = warp_labels(x.to(torch.uint8).argmax(1, keepdim=True), u)  # uint8: argmax takes no bool
         warped = torch.zeros_like(x).scatter_(1, chosen, 1)
     elif labels:
         warped = torch.cat([warp_labels(x[:, c:c + 1], u) for c in range(shape[1])], 1)

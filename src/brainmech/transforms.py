@@ -422,8 +422,8 @@ class RandAtrophyd(RandomizableTransform, MapTransform, TraceableTransform):
     training distribution: tissue -5 % to +1.5 % (< 0: loss), spread 0.5-3 %, smoothness 6-16 mm FWHM;
     or ``scenario=`` over ``years=`` (a range), each subject's rates drawn from the scenario's spread.
     The last draw is in ``self.parameters``, and each sample's in its MetaTensors' ``applied_operations``
-    (``extra_info``, with ``applied``: False where ``prob`` skipped it), so ``Atrophyd(keys, label_key,
-    **extra_info)`` replays a sample exactly.
+    (``extra_info``: the draw, ``applied`` False where ``prob`` skipped it, and the settings that shape
+    the output), so ``Atrophyd(keys, label_key, **extra_info)`` replays a sample exactly.
 
     Example::
 
@@ -442,10 +442,15 @@ class RandAtrophyd(RandomizableTransform, MapTransform, TraceableTransform):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.prior = atrophy_prior(tissue_percent, spread_percent, fwhm_mm, scenario, years)
         _check_parcellation(self.prior, parcellation_key, "parcellation_key")
-        self.deterministic = Atrophyd(keys, label_key, parcellation_key=parcellation_key, lut=lut, mode=mode,
-                                      spacing=spacing, method=method, model=model, steps=steps, label_table=label_table,
-                                      device=device, refine_evaluations=refine_evaluations,
-                                      allow_missing_keys=allow_missing_keys)
+        # what shapes the output besides the draw: recorded with each draw, so that Atrophyd(**extra_info) replays it
+        self.replay_settings = {"parcellation_key": parcellation_key, "lut": None if lut is None else str(lut),
+                                "mode": mode if mode is None or isinstance(mode, str) else list(mode),
+                                "spacing": None if spacing is None else [float(h) for h in spacing],
+                                "method": Method(method).value if isinstance(method, Method) else str(method),
+                                "model": None if model is None else str(model), "steps": steps,
+                                "label_table": read_label_table(label_table), "refine_evaluations": refine_evaluations}
+        self.deterministic = Atrophyd(keys, label_key, device=device, allow_missing_keys=allow_missing_keys,
+                                      **self.replay_settings)
         self.parameters: Parameters | None = None
 
     def randomize(self, data=None) -> None:
@@ -459,7 +464,8 @@ class RandAtrophyd(RandomizableTransform, MapTransform, TraceableTransform):
             d = self.deterministic.apply(d, self.parameters)
         for key in self.key_iterator(d):
             if isinstance(d[key], MetaTensor):
-                self.push_transform(d[key], extra_info={**asdict(self.parameters), "applied": self._do_transform})
+                self.push_transform(d[key], extra_info={**asdict(self.parameters), "applied": self._do_transform,
+                                                        **self.replay_settings})
         return d
 
 
