@@ -126,6 +126,28 @@ def one_hot_tissue(labels: Tensor, table: dict[int, str]) -> Tensor:
     return probabilities
 
 
+def label_values(labels: Tensor) -> list[int]:
+    """The distinct values of an integer label map, by counting where their range allows (linear time)."""
+    low, high = int(labels.min()), int(labels.max())
+    if high - low > 2**20:
+        return torch.unique(labels).tolist()
+    return (torch.bincount((labels - low).flatten()).nonzero().flatten() + low).tolist()
+
+
+def tissue_probabilities(labels: Tensor, table: dict[int, str], what: str) -> Tensor:
+    """Tissue probabilities ``(1, K, *N)`` of integer labels ``(1, 1, *N)`` through a label -> class table,
+    checked: every label named by the table, and some brain (``what`` names the map in the errors)."""
+    outside = sorted(set(label_values(labels)) - set(table))
+    if outside:
+        shown = ", ".join(map(str, outside[:10])) + (" ..." if len(outside) > 10 else "")
+        raise InputError(f"{what} has labels {shown} that are not in the label table {sorted(table)}; "
+                         "pass a label_table= that names them")
+    probabilities = one_hot_tissue(labels, table)
+    if not brain_mask(probabilities).any():
+        raise InputError(f"{what} has no brain: every voxel is background")
+    return probabilities
+
+
 def read_nifti(path: str | Path, what: str) -> nib.Nifti1Image:
     """Load a NIfTI file or raise :class:`InputError` naming the file and the reason."""
     path = Path(path)
@@ -193,16 +215,8 @@ def load_subject(image_path: str | Path, labels_path: str | Path, label_table: s
     labels = np.rint(raw_labels)
     if not np.array_equal(labels, raw_labels):
         raise InputError(f"label map {labels_path} has non-integer values; pass integer tissue labels")
-    table = read_label_table(label_table)
-    outside = sorted(set(np.unique(labels).astype(int).tolist()) - set(table))
-    if outside:
-        shown = ", ".join(map(str, outside[:10])) + (" ..." if len(outside) > 10 else "")
-        raise InputError(f"label map {labels_path} has labels {shown} that are not in the label table "
-                         f"{sorted(table)}; pass a label_table= that names them")
     labels_tensor = as_tensor(labels.astype(np.int64))
-    probabilities = one_hot_tissue(labels_tensor, table)
-    if not brain_mask(probabilities).any():
-        raise InputError(f"label map {labels_path} has no brain: every voxel is background")
+    probabilities = tissue_probabilities(labels_tensor, read_label_table(label_table), f"label map {labels_path}")
     return Subject(image=as_tensor(image), labels=labels_tensor, probabilities=probabilities,
                    affine=image_nii.affine.copy(), header=image_nii.header.copy(), name=Path(image_path).name.split(".")[0],
                    files={"image": str(image_path), "labels": str(labels_path),

@@ -39,11 +39,10 @@ from .allocator import retain_freed_memory
 from .choices import REFINE_EVALUATIONS, Method
 from .errors import InputError
 from .fields import warp_volume
-from .mechanics import brain_mask
 from .pseudo_subjects import AtrophyParameters, AtrophyPrior
 from .scenarios import FREESURFER_ASEG, Parcellation, Scenario, prescribe, read_lookup_table
 from .simulator import Simulator
-from .subject import Subject, one_hot_tissue, read_label_table
+from .subject import Subject, read_label_table, tissue_probabilities
 
 
 __all__ = ["AtrophyParameters", "ScenarioParameters", "SimulateAtrophy", "Atrophyd", "RandAtrophyd", "Atrophy",
@@ -206,26 +205,16 @@ class SimulateAtrophy(Transform):
 
     def subject(self, labels: Tensor, spacing: tuple[float, ...]) -> Subject:
         """A :class:`~brainmech.subject.Subject` of a label map ``(1, 1, *n)`` (tissue through the label table)."""
-        rounded = labels.round()
-        if labels.is_floating_point() and not torch.equal(rounded, labels):
-            raise InputError("the label map has non-integer values; pass integer tissue labels")
-        labels = rounded.long().cpu()
-        outside = sorted(set(label_values(labels)) - set(self.label_table))
-        if outside:
-            raise InputError(f"the label map has labels {outside[:10]} that are not in the label table "
-                             f"{sorted(self.label_table)}; pass a label_table= that names them")
-        probabilities = one_hot_tissue(labels, self.label_table)
-        if not brain_mask(probabilities).any():
-            raise InputError("the label map has no brain: every voxel is background")
+        labels = _integer_labels(labels, "the label map", "tissue")
+        probabilities = tissue_probabilities(labels, self.label_table, "the label map")
         affine = np.diag([*spacing, *([1.0] * (4 - len(spacing)))])
         return Subject(image=torch.zeros(()).expand(labels.shape), labels=labels, probabilities=probabilities,
                        affine=affine, header=nib.Nifti1Header())
 
     def parcellation(self, labels: Tensor) -> Parcellation:
         """A scenario's regions: integer labels ``(1, 1, *n)`` named by the transform's look-up table."""
-        if labels.is_floating_point() and not torch.equal(labels.round(), labels):
-            raise InputError("the parcellation has non-integer values; pass integer region labels")
-        return Parcellation(labels=labels.round().long().cpu(), names=dict(self.region_names), source="parcellation")
+        return Parcellation(labels=_integer_labels(labels, "the parcellation", "region"), names=dict(self.region_names),
+                            source="parcellation")
 
     @staticmethod
     def atrophy_map(subject: Subject, atrophy: Parameters | Tensor, parcellation: Parcellation | None = None) -> Tensor:
@@ -253,12 +242,14 @@ class SimulateAtrophy(Transform):
     warp_batch = staticmethod(warp_volume)
 
 
-def label_values(labels: Tensor) -> list[int]:
-    """The distinct values of an integer label map, by counting where their range allows (linear time)."""
-    low, high = int(labels.min()), int(labels.max())
-    if high - low > 2**20:
-        return torch.unique(labels).tolist()
-    return (torch.bincount((labels - low).flatten()).nonzero().flatten() + low).tolist()
+def _integer_labels(labels: Tensor, what: str, kind: str) -> Tensor:
+    """A label map as int64 on the CPU; :class:`InputError` if a floating-point map holds non-integer values."""
+    if labels.is_floating_point():
+        rounded = labels.round()
+        if not torch.equal(rounded, labels):
+            raise InputError(f"{what} has non-integer values; pass integer {kind} labels")
+        labels = rounded
+    return labels.long().cpu()
 
 
 @functools.lru_cache(maxsize=4)
