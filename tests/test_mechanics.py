@@ -81,7 +81,7 @@ def test_det_f_maps_are_the_mean_and_minimum_det_f_of_each_voxels_quadrature_poi
                                                                                        monkeypatch):
     """The sliced det F maps against their definition: gather every quadrature point, average and take
     the minimum per voxel; whether the grid is sliced in slabs of 1 or 3 planes or taken whole."""
-    monkeypatch.setattr(mechanics, "SLAB_PLANES", slab)
+    monkeypatch.setattr(mechanics, "SLAB_POINTS", slab * math.prod(shape[1:]))  # slabs of `slab` planes
     u = 0.4 * torch.randn(2, len(shape), *shape, generator=torch.Generator().manual_seed(1))
     points = quadrature(shape, scheme)
     dets = determinant(deformation_gradients(u, spacing, points))  # (B, Q)
@@ -117,7 +117,7 @@ def test_sliced_energy_equals_the_gathered_sum_and_its_gradient(shape, spacing, 
     """Both assemblies of the energy on heterogeneous material with void (mu = 0) voxels, batch of 2:
     the gathered one skips the void, the sliced one (the report's) sums the whole grid (in slabs of 1,
     3 or all planes) and gives the det F map on the way."""
-    monkeypatch.setattr(mechanics, "SLAB_PLANES", slab)
+    monkeypatch.setattr(mechanics, "SLAB_POINTS", slab * math.prod(shape[1:]))  # slabs of `slab` planes
     g = torch.Generator().manual_seed(2)
     probabilities = torch.rand(2, 5, *shape, generator=g)
     probabilities[:, 0] *= 6 * (torch.rand(2, *shape, generator=g) > 0.6)  # background dominates there

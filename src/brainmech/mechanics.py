@@ -58,7 +58,7 @@ TISSUE_CLASSES = tuple(t.name.lower() for t in Tissue)  # ("background", "csf", 
 SOLID_TISSUES = (Tissue.GM, Tissue.WM, Tissue.DGM)  # the classes atrophy is prescribed in
 DEFAULT_SHEAR_MODULUS = {"background": 0.0, "csf": 0.01, "gm": 1.0, "wm": 1.0, "dgm": 1.0}
 BULK_RATIO = 100.0  # K = 100 mu (nearly incompressible tissue)
-SLAB_PLANES = 8  # sliced passes (det F maps, report energy) work on 8 planes at a time
+SLAB_POINTS = 2**18  # sliced passes (det F maps, report energy) work on slabs of whole planes of about this many voxels per batch member
 MIN_DET_F = 1e-4  # det F floor inside J^(-2/d): keeps folded trial steps finite (a barrier, not physics)
 
 
@@ -98,11 +98,12 @@ def quadrature(shape: tuple[int, ...], scheme: str = "nodal", active: Tensor | N
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
     d = len(shape)
-    size = torch.tensor(shape).reshape(d, 1)
-    strides = torch.tensor([math.prod(shape[j + 1:]) for j in range(d)]).reshape(d, 1)
-    position = torch.stack(torch.meshgrid(*[torch.arange(n) for n in shape], indexing="ij")).reshape(d, -1)
-    flat = torch.arange(math.prod(shape))
-    keep = torch.ones_like(flat, dtype=torch.bool) if active is None else active.reshape(-1).cpu()
+    device = active.device if device is None and active is not None else device  # built where it is used (a GPU: fast)
+    size = torch.tensor(shape, device=device).reshape(d, 1)
+    strides = torch.tensor([math.prod(shape[j + 1:]) for j in range(d)], device=device).reshape(d, 1)
+    position = torch.stack(torch.meshgrid(*[torch.arange(n, device=device) for n in shape], indexing="ij")).reshape(d, -1)
+    flat = torch.arange(math.prod(shape), device=device)
+    keep = torch.ones_like(flat, dtype=torch.bool) if active is None else active.reshape(-1).to(device)
     if scheme == "central":
         ahead, behind = (position < size - 1).long(), (position > 0).long()
         node = flat[keep]
@@ -111,7 +112,7 @@ def quadrature(shape: tuple[int, ...], scheme: str = "nodal", active: Tensor | N
     else:
         nodes, plus, minus = [], [], []
         for corner in itertools.product((0, 1), repeat=d):
-            side = torch.tensor(corner).reshape(d, 1)  # 0: the cell lies ahead of the node on that axis
+            side = torch.tensor(corner, device=device).reshape(d, 1)  # 0: the cell lies ahead of the node on that axis
             inside = keep & ((side == 1) | (position < size - 1)).all(0) & ((side == 0) | (position > 0)).all(0)
             nodes.append(flat[inside])
             plus.append(flat[inside] + strides * (1 - side))
@@ -287,22 +288,24 @@ def grid_gradients(u: Tensor, spacing: tuple[float, ...], scheme: str = "nodal")
     points living at the voxels ``nodes`` (slices of the spatial axes, ``M`` their extent). "nodal":
     one family per cell corner (2^d), the corner's F taking each axis's edge difference from the cell
     edge through that corner. "central": one family, central differences (one-sided at the border).
-    It yields :data:`SLAB_PLANES` planes of the first spatial axis at a time, so that temporaries stay
-    small and are reused (a 1 mm volume's F is ~0.3 GB per corner, and glibc's default malloc maps
-    such blocks afresh each time).
+    It yields slabs of whole planes of the first spatial axis, about :data:`SLAB_POINTS` voxels each
+    (5 planes of a 1 mm brain, 23 of a 2 mm one, a whole 2D slice), so that temporaries stay small and
+    are reused (a 1 mm volume's F is ~0.3 GB per corner, and glibc's default malloc maps such blocks
+    afresh each time) while small grids pay few Python steps.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {SCHEMES}")
     planes = u.shape[2]
+    slab = max(1, SLAB_POINTS // math.prod(u.shape[3:]))  # planes per slab
     if scheme == "nodal":  # the cells between planes [first, last] read those planes only
-        for first in range(0, max(planes - 1, 1), SLAB_PLANES):
-            last = min(first + SLAB_PLANES, planes - 1)
+        for first in range(0, max(planes - 1, 1), slab):
+            last = min(first + slab, planes - 1)
             for F, nodes in _slab_gradients(u[:, :, first:last + 1], spacing, scheme):
                 yield F, (slice(nodes[0].start + first, nodes[0].stop + first), *nodes[1:])
         return
     # central: planes [first, stop) and a neighbour plane either side
-    for first in range(0, planes, SLAB_PLANES):
-        stop = min(first + SLAB_PLANES, planes)
+    for first in range(0, planes, slab):
+        stop = min(first + slab, planes)
         low, high = max(first - 1, 0), min(stop + 1, planes)
         for F, nodes in _slab_gradients(u[:, :, low:high], spacing, scheme):
             yield F[:, :, :, first - low:stop - low], (slice(first, stop), *nodes[1:])
