@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 from brainmech.cli import app
 from brainmech.mechanics import build_problem, potential_flow
 from brainmech.mni import load_mni
-from brainmech.network import load_network, load_pretrained
-from brainmech.pseudo_subjects import EVALUATION_SEED, VALIDATION_SEED, PseudoSubjects
+from brainmech.network import AtrophyNet, load_network, load_pretrained, save_network
+from brainmech.pseudo_subjects import (EVALUATION_SEED, SHARP_PRIOR, VALIDATION_SEED, AtrophyPrior, PriorMixture,
+                                      PseudoSubjects, training_prior)
 from brainmech.choices import Dimension
 from brainmech.train import NETWORKS, AtrophyNetModule, CaseDataModule
 
@@ -136,3 +137,42 @@ def test_evaluate_refuses_a_case_list_without_the_needed_columns(tmp_path):
     result = runner.invoke(app, ["evaluate", "--cases", str(cases), "--out", str(tmp_path / "eval")])
     assert result.exit_code == 2 and "missing" in result.output
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.slow
+def test_stages_added_to_a_trained_network_train_alone_and_a_time_limit_ends_the_run(tmp_path):
+    """--stages 2 from a one-stage network trains the new stage only (the first keeps its weights);
+    --max-minutes stops a run of many steps in time and still writes the validated model."""
+    first = AtrophyNet(2, features=(4, 4, 8, 8, 8, 4), resolution_mm=1.0)
+    save_network(first, tmp_path / "first.pt", {})
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--out", str(out), "--dimension", "2d", "--batch-size", "1",
+                                 "--validation-cases", "1", "--validate-every", "1000", "--accelerator", "cpu",
+                                 "--init-from", str(tmp_path / "first.pt"), "--stages", "2", "--max-steps", "100000",
+                                 "--max-minutes", "0.1", "--sharp-fraction", "0.5"])
+    assert result.exit_code == 0, result.output
+    cascade, card = load_network(out / "model.pt")
+    assert cascade.stages == 2 and card["trained_stages"] == [2] and 0 < card["training_steps"] < 100000
+    assert card["atrophy_prior"]["sharp_fraction"] == 0.5 and "energy_gap" in card["held_out_metrics"]
+    for a, b in zip(first.unet.state_dict().values(), cascade.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    assert cascade.later_stages[0].final_conv.weight.abs().sum() > 0  # trained away from its zero start
+
+
+def test_a_cascade_cannot_lose_stages_and_bad_fractions_are_refused(tmp_path):
+    save_network(AtrophyNet(2, features=(4, 4, 8, 8, 8, 4), stages=2), tmp_path / "two.pt", {})
+    for options, message in [(["--init-from", str(tmp_path / "two.pt"), "--stages", "1"], "cannot drop"),
+                             (["--sharp-fraction", "1.5"], "1.5 must be <= 1"), (["--stages", "0"], "--stages")]:
+        result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), *options])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_mixture_draws_each_map_from_one_prior_reproducibly():
+    subject = load_mni(2, axial_slice_mm=20.0)
+    assert torch.equal(training_prior(0.0).draw(subject, 5), AtrophyPrior().draw(subject, 5))  # maps as before
+    only_sharp = PriorMixture((AtrophyPrior(), SHARP_PRIOR), (0.0, 1.0))
+    assert torch.equal(only_sharp.draw(subject, 5), SHARP_PRIOR.draw(subject, 5))
+    half = training_prior(0.5)
+    sharp = [torch.equal(half.draw(subject, seed), SHARP_PRIOR.draw(subject, seed)) for seed in range(24)]
+    assert 4 <= sum(sharp) <= 20 and torch.equal(half.draw(subject, 3), half.draw(subject, 3))

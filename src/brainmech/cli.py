@@ -578,6 +578,9 @@ def train(
     resume: Annotated[Optional[Path], input_file("Checkpoint to resume from (e.g. OUT/checkpoints/last.ckpt).")] = None,
     init_from: Annotated[Optional[str], typer.Option(help="Start from these weights (mni-2d, mni-3d or a model.pt/.ckpt), e.g. to fine-tune on --data.")] = None,
     loss: Annotated[Loss, typer.Option(help="relative (each case's energy over its potential flow's: cases weigh alike) or energy (per voxel).")] = Loss.RELATIVE,
+    sharp_fraction: Annotated[float, typer.Option(callback=bounded(at_least=0, at_most=1), help="Share of training maps with few-voxel features and 5-10 % spread (like registration Jacobians); the rest smooth.")] = 0.0,
+    max_minutes: Annotated[Optional[float], typer.Option(callback=bounded(above=0), help="Stop after this many minutes (the learning rate decays by then), validate and write the model.")] = None,
+    stages: Annotated[Optional[int], typer.Option(min=1, help="U-Nets in the cascade (default: --init-from's, else 1); stages added to --init-from are trained with its stages frozen.")] = None,
 ) -> None:
     """Train the U-Net on the energy (no solver answers needed), with lightning."""
     from .train import train as run_training
@@ -589,7 +592,8 @@ def train(
                         label_table=str(label_table) if label_table else None, validation_cases=validation_cases,
                         validate_every=validate_every, seed=seed, accelerator=accelerator.value,
                         devices=int(devices) if devices.isdigit() else devices, num_nodes=num_nodes, workers=workers,
-                        resume=resume, init_from=init_from, loss=loss)
+                        resume=resume, init_from=init_from, stages=stages, loss=loss,
+                        max_minutes=max_minutes, sharp_fraction=sharp_fraction)
     print(f"wrote {path} (model card {path.with_suffix('.json')}); use it with: brainmech simulate --model {path}")
 
 

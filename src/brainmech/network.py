@@ -1,10 +1,16 @@
-"""The learned simulator (docs/conventions.md): a U-Net that corrects the potential flow, and pretrained loading.
+"""The learned simulator (docs/conventions.md): a cascade of U-Nets around the potential flow, and pretrained loading.
 
-``u = potential_flow(a) + UNet(log a, tissue, CSF, potential flow)``, in voxels. The potential flow
-(an FFT Poisson solve, no parameters) carries the long-range, nearly incompressible part of the
+Stage 1: ``u1 = potential_flow(a) + UNet1(log a, tissue, CSF, potential flow)``, in voxels. The potential
+flow (an FFT Poisson solve, no parameters) carries the long-range, nearly incompressible part of the
 answer that a small convolutional network cannot see across a whole brain; the U-Net learns the
-local corrections that the materials cause (soft CSF, the free background). Its last layer starts
-at zero, so an untrained network already returns the physics-based estimate.
+local corrections that the materials cause (soft CSF, the free background).
+
+Later stages (``stages >= 2``) put the physics back in the loop: each measures the volume misfit of
+the field so far, ``r = solid * (log a - log det F)``, corrects it at full resolution by the potential
+flow of ``r`` (the same Poisson solve: no parameters) and adds a U-Net correction that sees ``r``,
+the field so far and that flow: ``u_k = u_{k-1} + potential_flow(exp r) + UNet_k(...)``. One det F map
+and one Poisson solve per stage, no energy evaluation. Every U-Net's last layer starts at zero, so an
+untrained stage returns the physics-based estimate.
 
 Example::
 
@@ -27,12 +33,14 @@ from torch import Tensor, nn
 
 from .errors import InputError
 from .fields import coarsen_field, refine_field, restrict
-from .mechanics import Tissue, channel, potential_flow, solid_fraction
+from .mechanics import MIN_DET_F, Tissue, channel, det_f_maps, potential_flow, solid_fraction
 
 INPUT_SCALE = 20.0  # log a and u are a few hundredths: x20 brings them to O(1) for the network
 PRETRAINED = ("mni-2d", "mni-3d")
 UNET_MULTIPLE = 16  # BasicUNet halves the grid four times
 SCALAR_INPUTS = 3  # the U-Net's first input channels: x20 log a, solid tissue, CSF; then the x20 flow (d channels)
+#: a later stage's inputs: those scalars and x20 the det F residual r; then x20 u so far and x20 r's flow (2d channels)
+STAGE_SCALAR_INPUTS = SCALAR_INPUTS + 1
 #: channels-last layouts: faster convolutions on CPU (the same numbers)
 CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
@@ -42,27 +50,30 @@ class AtrophyNet(nn.Module):
 
     Args:
         ndim: 2 or 3.
-        features: MONAI ``BasicUNet`` widths (6 numbers: 5 encoder levels, last decoder).
-        coarse: predict the correction on a grid ``coarse`` times coarser per axis than the training
-            voxels and upsample it (it is smooth); the potential flow stays at full resolution.
-        resolution_mm: voxel size of the training data. The U-Net then always works on its own grid,
+        features: MONAI ``BasicUNet`` widths (6 numbers: 5 encoder levels, last decoder), every stage.
+        coarse: predict the corrections on a grid ``coarse`` times coarser per axis than the training
+            voxels and upsample them (they are smooth); the potential flows stay at full resolution.
+        resolution_mm: voxel size of the training data. The U-Nets then always work on their own grid,
             ``coarse * resolution_mm``, whatever the subject's voxels: a 2 mm model given a 1 mm volume
-            predicts its correction on a 2 mm grid (fast, and what it learned). None: the subject's voxels.
+            predicts its corrections on a 2 mm grid (fast, and what it learned). None: the subject's voxels.
+        stages: 1, or more for a cascade whose later stages correct the det F residual (module docstring).
     """
 
     def __init__(self, ndim: int, features: tuple[int, ...] = (8, 16, 16, 32, 32, 8), coarse: int = 1,
-                 resolution_mm: float | None = None):
+                 resolution_mm: float | None = None, stages: int = 1):
         super().__init__()
         self.ndim, self.features, self.coarse, self.resolution_mm = ndim, tuple(features), coarse, resolution_mm
-        self.unet = BasicUNet(spatial_dims=ndim, in_channels=SCALAR_INPUTS + ndim, out_channels=ndim, features=self.features,
-                              norm=None, upsample="nontrainable").to(memory_format=CHANNELS_LAST[ndim])
-        last = self.unet.final_conv
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        self.unet = _zero_output_unet(ndim, SCALAR_INPUTS + ndim, self.features)
+        self.later_stages = nn.ModuleList(_zero_output_unet(ndim, STAGE_SCALAR_INPUTS + 2 * ndim, self.features)
+                                          for _ in range(stages - 1))
+
+    @property
+    def stages(self) -> int:
+        return 1 + len(self.later_stages)
 
     def config(self) -> dict:
         return {"ndim": self.ndim, "features": list(self.features), "coarse": self.coarse,
-                "resolution_mm": self.resolution_mm}
+                "resolution_mm": self.resolution_mm, "stages": self.stages}
 
     def grid_factors(self, spacing: tuple[float, ...]) -> tuple[int, ...]:
         """Subject voxels per U-Net voxel along each axis (>= 1) for a subject of voxel size ``spacing`` (mm)."""
@@ -70,39 +81,51 @@ class AtrophyNet(nn.Module):
             return (self.coarse,) * len(spacing)
         return tuple(max(1, round(self.coarse * self.resolution_mm / h)) for h in spacing)
 
-    def inputs(self, atrophy: Tensor, probabilities: Tensor, spacing: tuple[float, ...]) -> Tensor:
-        """The U-Net's input at full resolution, ``(B, 3 + d, *N)``: x20 log a, tissue and CSF
-        probability, x20 potential flow (voxels)."""
-        if atrophy.ndim - 2 != self.ndim:
-            raise ValueError(f"a {self.ndim}D network got a {atrophy.ndim - 2}D atrophy map")
-        flow = potential_flow(atrophy, spacing)
-        return torch.cat([INPUT_SCALE * torch.log(atrophy), solid_fraction(probabilities),
-                          channel(probabilities, Tissue.CSF), INPUT_SCALE * flow], 1)
-
-    def displacement(self, inputs: Tensor, factors: tuple[int, ...]) -> Tensor:
-        """Potential flow plus the U-Net's correction, predicted on a grid ``factors`` times coarser
-        per axis (the flow channel converted to its voxels) and upsampled; voxels."""
-        shape = tuple(inputs.shape[2:])
-        flow = inputs[:, SCALAR_INPUTS:] / INPUT_SCALE
-        if all(f == 1 for f in factors):
-            return flow + self._unet(inputs) / INPUT_SCALE
-        coarse_shape = tuple((n - 1) // f + 1 for n, f in zip(shape, factors))
-        coarse = torch.cat([restrict(inputs[:, :SCALAR_INPUTS], coarse_shape),
-                            coarsen_field(inputs[:, SCALAR_INPUTS:], coarse_shape)], 1)
-        return flow + refine_field(self._unet(coarse) / INPUT_SCALE, shape)
-
-    def _unet(self, inputs: Tensor) -> Tensor:
-        """The U-Net on inputs padded (edge values repeated) to a multiple of its 16x downsampling."""
-        shape = inputs.shape[2:]
-        padding = [p for n in reversed(shape) for p in (0, -n % UNET_MULTIPLE)]
-        padded = nnf.pad(inputs, padding, mode="replicate").contiguous(memory_format=CHANNELS_LAST[self.ndim])
-        output = self.unet(padded)
-        return output[(slice(None), slice(None), *(slice(0, n) for n in shape))]
-
     def forward(self, atrophy: Tensor, probabilities: Tensor, spacing: tuple[float, ...]) -> Tensor:
         """``atrophy (B, 1, *N)`` (target det F), ``probabilities (B, K, *N)`` in :class:`Tissue` order
         (K >= 4), ``spacing`` in mm -> displacement ``(B, d, *N)`` in voxels (pull-back, docs/conventions.md)."""
-        return self.displacement(self.inputs(atrophy, probabilities, spacing), self.grid_factors(spacing))
+        if atrophy.ndim - 2 != self.ndim:
+            raise ValueError(f"a {self.ndim}D network got a {atrophy.ndim - 2}D atrophy map")
+        factors = self.grid_factors(spacing)
+        log_a, solid = torch.log(atrophy), solid_fraction(probabilities)
+        scalars = [INPUT_SCALE * log_a, solid, channel(probabilities, Tissue.CSF)]
+        flow = potential_flow(atrophy, spacing)
+        u = flow + self._correction(self.unet, torch.cat(scalars, 1), [INPUT_SCALE * flow], factors)
+        for unet in self.later_stages:
+            residual = solid * (log_a - torch.log(det_f_maps(u, spacing).mean.clamp_min(MIN_DET_F)))  # log det F misfit
+            residual_flow = potential_flow(torch.exp(residual), spacing)  # voxels: div of it ~ residual
+            correction = self._correction(unet, torch.cat([*scalars, INPUT_SCALE * residual], 1),
+                                          [INPUT_SCALE * u, INPUT_SCALE * residual_flow], factors)
+            u = u + residual_flow + correction
+        return u
+
+    def _correction(self, unet: nn.Module, scalars: Tensor, fields: list[Tensor], factors: tuple[int, ...]) -> Tensor:
+        """One U-Net's correction (voxels) from full-resolution scalar channels and voxel-unit displacement
+        fields, predicted on a grid ``factors`` times coarser per axis (the fields converted to its voxels)
+        and upsampled."""
+        shape = tuple(scalars.shape[2:])
+        if all(f == 1 for f in factors):
+            return self._unet(unet, torch.cat([scalars, *fields], 1)) / INPUT_SCALE
+        coarse_shape = tuple((n - 1) // f + 1 for n, f in zip(shape, factors))
+        coarse = torch.cat([restrict(scalars, coarse_shape), *(coarsen_field(v, coarse_shape) for v in fields)], 1)
+        return refine_field(self._unet(unet, coarse) / INPUT_SCALE, shape)
+
+    def _unet(self, unet: nn.Module, inputs: Tensor) -> Tensor:
+        """A U-Net on inputs padded (edge values repeated) to a multiple of its 16x downsampling."""
+        shape = inputs.shape[2:]
+        padding = [p for n in reversed(shape) for p in (0, -n % UNET_MULTIPLE)]
+        padded = nnf.pad(inputs, padding, mode="replicate").contiguous(memory_format=CHANNELS_LAST[self.ndim])
+        output = unet(padded)
+        return output[(slice(None), slice(None), *(slice(0, n) for n in shape))]
+
+
+def _zero_output_unet(ndim: int, in_channels: int, features: tuple[int, ...]) -> nn.Module:
+    """A MONAI ``BasicUNet`` with ``ndim`` outputs whose last layer starts at zero (an untrained stage adds nothing)."""
+    unet = BasicUNet(spatial_dims=ndim, in_channels=in_channels, out_channels=ndim, features=features,
+                     norm=None, upsample="nontrainable").to(memory_format=CHANNELS_LAST[ndim])
+    nn.init.zeros_(unet.final_conv.weight)
+    nn.init.zeros_(unet.final_conv.bias)
+    return unet
 
 
 def save_network(network: AtrophyNet, path: str | Path, card: dict) -> None:
@@ -144,7 +167,8 @@ def load_network(path: str | Path) -> tuple[AtrophyNet, dict]:
             config, state = saved["config"], saved["state_dict"]
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
         resolution = config.get("resolution_mm", card.get("resolution_mm"))  # older files: from the card
-        network = AtrophyNet(config["ndim"], tuple(config["features"]), config["coarse"], resolution)
+        network = AtrophyNet(config["ndim"], tuple(config["features"]), config["coarse"], resolution,
+                             config.get("stages", 1))
         network.load_state_dict(state)
     except json.JSONDecodeError as error:
         raise InputError(f"model card {card_path} is not valid JSON ({error}); fix or remove it") from None

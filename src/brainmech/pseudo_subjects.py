@@ -105,6 +105,37 @@ class AtrophyPrior:
         return self.sample(np.random.default_rng([seed, 1]).uniform, seed).atrophy(subject)
 
 
+#: Maps like the registration Jacobians of real pairs: few-voxel features and a larger spread, outside
+#: the prior the first networks were trained on (benchmarks' sharp block; part of later training).
+SHARP_PRIOR = AtrophyPrior(tissue_percent=(-5.0, 1.5), spread_percent=(5.0, 10.0), fwhm_mm=(2.0, 4.0))
+
+
+@dataclass(frozen=True)
+class PriorMixture:
+    """Each map drawn from ``priors[i]`` with probability ``weights[i]``; the choice is reproducible from the seed.
+
+    Example (a quarter of the maps sharp)::
+
+        prior = PriorMixture((AtrophyPrior(), SHARP_PRIOR), (0.75, 0.25))
+    """
+
+    priors: tuple[AtrophyPrior, ...]
+    weights: tuple[float, ...]
+
+    def draw(self, subject: Subject, seed: int) -> torch.Tensor:
+        """A random atrophy map ``(1, 1, *N)`` for ``subject``, reproducible from ``seed``."""
+        weights = np.asarray(self.weights, dtype=float)
+        choice = np.random.default_rng([seed, 2]).choice(len(self.priors), p=weights / weights.sum())
+        return self.priors[choice].draw(subject, seed)
+
+
+def training_prior(sharp_fraction: float) -> AtrophyPrior | PriorMixture:
+    """The default prior, with ``sharp_fraction`` of the maps drawn from :data:`SHARP_PRIOR` instead."""
+    if sharp_fraction <= 0:
+        return AtrophyPrior()
+    return PriorMixture((AtrophyPrior(), SHARP_PRIOR), (1.0 - sharp_fraction, sharp_fraction))
+
+
 def case(subject: Subject, atrophy: torch.Tensor) -> dict:
     """One training/evaluation case as the tensors a batch needs (batch axis dropped)."""
     return {"probabilities": subject.probabilities[0], "atrophy": atrophy[0], "image": subject.image[0],
@@ -123,14 +154,16 @@ class PseudoSubjects(Dataset):
         subject, atrophy = cases.subject(0), cases[0]["atrophy"][None]
     """
 
-    def __init__(self, template: Subject, count: int, seed: int, ndim: int, prior: AtrophyPrior = AtrophyPrior()):
+    def __init__(self, template: Subject, count: int, seed: int, ndim: int,
+                 prior: AtrophyPrior | PriorMixture = AtrophyPrior()):
         self.template, self.count, self.seed, self.ndim, self.prior = template, count, seed, ndim, prior
 
     @classmethod
-    def of_mni(cls, dimension: Dimension | str, count: int, seed: int) -> PseudoSubjects:
-        """Cases of the embedded MNI brain for a model of ``dimension``."""
+    def of_mni(cls, dimension: Dimension | str, count: int, seed: int,
+               prior: AtrophyPrior | PriorMixture = AtrophyPrior()) -> PseudoSubjects:
+        """Cases of the embedded MNI brain for a model of ``dimension``, maps drawn from ``prior``."""
         dimension = Dimension(dimension)
-        return cls(load_mni(dimension.resolution_mm), count, seed, dimension.ndim)
+        return cls(load_mni(dimension.resolution_mm), count, seed, dimension.ndim, prior)
 
     def __len__(self) -> int:
         return self.count

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -27,7 +28,8 @@ from .metrics import atrophy_mse, energy_gap, folded_voxels
 from .mni import load_mni
 from .choices import Dimension, Loss
 from .network import AtrophyNet, load_model, read_checkpoint, save_network
-from .pseudo_subjects import HELD_OUT_SEEDS, VALIDATION_SEED, AtrophyPrior, PseudoSubjects, case
+from .pseudo_subjects import (HELD_OUT_SEEDS, SHARP_PRIOR, VALIDATION_SEED, AtrophyPrior, PriorMixture, PseudoSubjects,
+                              case, training_prior)
 from .solver import solve
 from .subject import load_subject, read_nifti
 
@@ -41,7 +43,7 @@ class SubjectFolder(Dataset):
     draws a new random atrophy map per subject (``epoch`` is advanced by the data module)."""
 
     def __init__(self, folder: str | Path, seed: int, label_table: str | Path | None = None,
-                 prior: AtrophyPrior = AtrophyPrior()):
+                 prior: AtrophyPrior | PriorMixture = AtrophyPrior()):
         self.subjects = [load_subject(path, Path(folder) / "labels" / path.name, label_table)
                          for path in folder_images(folder)]
         self.seed, self.prior, self.epoch = seed, prior, 0
@@ -58,12 +60,13 @@ class CaseDataModule(L.LightningDataModule):
     """Training cases (pseudo-subjects or a folder) and held-out validation pseudo-subjects.
 
     ``reference_solves``: solve each validation case with the direct solver once (at setup) so that
-    validation reports the energy gap to it.
+    validation reports the energy gap to it. ``sharp_fraction``: the share of training maps drawn from
+    :data:`~brainmech.pseudo_subjects.SHARP_PRIOR` (validation keeps the default prior).
     """
 
     def __init__(self, dimension: str = "2d", data: str | None = None, cases: int = 256, validation_cases: int = 4,
                  batch_size: int = 4, seed: int = 0, reference_solves: bool = True, workers: int = 0,
-                 label_table: str | None = None):
+                 label_table: str | None = None, sharp_fraction: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         self.dimension = Dimension(dimension)
@@ -73,8 +76,9 @@ class CaseDataModule(L.LightningDataModule):
             return
         h = self.hparams
         template = load_mni(self.dimension.resolution_mm)
-        self.train_set = (SubjectFolder(h.data, h.seed, h.label_table) if h.data
-                          else PseudoSubjects(template, h.cases, h.seed, self.dimension.ndim))
+        prior = training_prior(h.sharp_fraction)
+        self.train_set = (SubjectFolder(h.data, h.seed, h.label_table, prior) if h.data
+                          else PseudoSubjects(template, h.cases, h.seed, self.dimension.ndim, prior))
         validation = PseudoSubjects(template, h.validation_cases, VALIDATION_SEED, self.dimension.ndim)
         self.validation_set = [validation[i] for i in range(len(validation))]
         if h.reference_solves:
@@ -122,14 +126,20 @@ class AtrophyNetModule(L.LightningModule):
     ``loss``: "relative" (default), each case's energy over the energy of its potential flow (the
     untrained network's answer), averaged over the batch: every case weighs the same whatever the size
     of its change, as in the energy gap. "energy": the energy per voxel (mu), which lets cases of large
-    change (energy ~ change squared) dominate.
+    change (energy ~ change squared) dominate. ``frozen_stages``: the first stages of the cascade are
+    not trained (their answer is fixed: a step costs one pass of them, no gradient). ``max_seconds``:
+    the run's time limit, if any; the learning rate then decays by whichever limit comes first.
     """
 
-    def __init__(self, network: dict, learning_rate: float = 1e-3, loss: str = Loss.RELATIVE.value):
+    def __init__(self, network: dict, learning_rate: float = 1e-3, loss: str = Loss.RELATIVE.value,
+                 frozen_stages: int = 0, max_seconds: float | None = None):
         super().__init__()
         self.save_hyperparameters()
+        self.started = time.perf_counter()
         self.network = AtrophyNet(network["ndim"], tuple(network["features"]), network["coarse"],
-                                  network.get("resolution_mm"))
+                                  network.get("resolution_mm"), network.get("stages", 1))
+        for stage in [self.network.unet, *self.network.later_stages][:frozen_stages]:
+            stage.requires_grad_(False)
 
     def energy_and_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Energy of the network's answer per case (mu mm^3), the answer (voxels) and the loss."""
@@ -158,13 +168,20 @@ class AtrophyNetModule(L.LightningModule):
             metrics["val/energy_gap"] = energy_gap(float(energy.sum()), float(batch["reference_energy"].sum()))
         self.log_dict(metrics, prog_bar=True, batch_size=1)
 
+    def on_train_start(self) -> None:
+        self.started = time.perf_counter()
+
     def configure_optimizers(self):
-        """Adam with a cosine decay to 1/20 of the rate at ``max_steps``; the decay is read from the
-        trainer at every step, so a resumed run with more steps stretches it instead of restarting it."""
-        optimiser = torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+        """Adam with a cosine decay to 1/20 of the rate at ``max_steps`` (or at ``max_seconds``, if that
+        comes first); the decay is read from the trainer at every step, so a resumed run with more
+        steps stretches it instead of restarting it."""
+        optimiser = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams.learning_rate)
 
         def factor(step: int) -> float:
-            progress = min(step / max(self.trainer.max_steps, 1), 1.0)
+            progress = step / max(self.trainer.max_steps, 1)
+            if self.hparams.max_seconds:
+                progress = max(progress, (time.perf_counter() - self.started) / self.hparams.max_seconds)
+            progress = min(progress, 1.0)
             return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
@@ -175,7 +192,8 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
           learning_rate: float = 1e-3, data: str | None = None, label_table: str | None = None, cases: int = 100_000,
           validation_cases: int = 4, validate_every: int = 250, seed: int = 0, accelerator: str = "auto",
           devices: int | str = 1, num_nodes: int = 1, workers: int = 0, resume: str | Path | None = None,
-          init_from: str | Path | None = None, loss: Loss | str = Loss.RELATIVE, reference_solves: bool = True,
+          init_from: str | Path | None = None, stages: int | None = None, loss: Loss | str = Loss.RELATIVE,
+          max_minutes: float | None = None, sharp_fraction: float = 0.0, reference_solves: bool = True,
           progress: bool = True) -> Path:
     """Train (or resume) a network; writes ``out/checkpoints/`` (``last.ckpt``, and ``best.ckpt``: the
     lowest validated energy gap, or loss without reference solves), CSV logs in ``out/logs/`` and the
@@ -185,18 +203,30 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
     network's weights and architecture (a pretrained name such as ``"mni-3d"``, or a ``.pt``/``.ckpt``
     file), e.g. to fine-tune it on ``data``; the optimiser and the learning-rate schedule start afresh, and
     the cases are those of ``seed`` from the start (a new seed draws cases the earlier run did not see).
+    ``stages``: U-Nets in the cascade (:class:`~brainmech.network.AtrophyNet`; default: ``init_from``'s, else 1).
+    Stages added to an ``init_from`` network are trained with its stages frozen (their answer is fixed,
+    so each step costs one pass of them, no gradient).
     Validation cases are the same for every seed (:data:`VALIDATION_SEED`).
-    Several GPUs or nodes: ``devices`` / ``num_nodes`` go to lightning's DDP as they are.
+    ``sharp_fraction``: share of the training maps drawn from the sharp prior (few-voxel features, 5-10 %
+    spread; :data:`~brainmech.pseudo_subjects.SHARP_PRIOR`), the rest from the default one.
+    ``max_minutes``: stop training after this long (lightning's ``max_time``; the learning rate decays by
+    then), validate and write the model: a leg with a fixed time budget (a lent GPU). Several GPUs or nodes: ``devices`` / ``num_nodes`` go to lightning's DDP as they are.
     """
     try:
         dimension, loss = Dimension(dimension), Loss(loss)
     except ValueError as error:
         raise InputError(f"{error}; choose dimension= one of {[d.value for d in Dimension]} and loss= one of "
                          f"{[x.value for x in Loss]}") from None
+    if not 0.0 <= sharp_fraction <= 1.0:
+        raise InputError(f"sharp_fraction must be in [0, 1], got {sharp_fraction}")
+    if max_minutes is not None and max_minutes <= 0:
+        raise InputError(f"max_minutes must be > 0, got {max_minutes}")
     if min(max_steps, batch_size, validate_every) < 1:
         raise InputError("max_steps, batch_size and validate_every must be >= 1")
     if data is None and seed in HELD_OUT_SEEDS:
         raise InputError(f"seed {seed} draws held-out validation or benchmark cases; choose another seed")
+    if stages is not None and stages < 1:
+        raise InputError(f"stages must be >= 1, got {stages}")
     if resume is not None and init_from is not None:
         raise InputError("resume= and init_from= exclude each other: the checkpoint already holds the weights")
     # read safely first (no pickled code), so that lightning only ever loads a plain checkpoint
@@ -205,18 +235,23 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
     L.seed_everything(seed + resumed_step, workers=True, verbose=False)  # a resumed run draws new cases
     out = Path(out)
     datamodule = CaseDataModule(dimension.value, data, cases, validation_cases, batch_size, seed, reference_solves,
-                                workers, label_table)
+                                workers, label_table, sharp_fraction)
     resolution = float(dimension.resolution_mm) if data is None else folder_resolution(data)
     network = {**(initial.config() if initial else NETWORKS[dimension]), "resolution_mm": resolution}
-    module = AtrophyNetModule(network, learning_rate, loss.value)
+    network["stages"] = stages or network.get("stages", 1)
+    if initial is not None and network["stages"] < initial.stages:
+        raise InputError(f"--init-from has {initial.stages} stages; --stages cannot drop any (got {network['stages']})")
+    frozen = initial.stages if initial is not None and network["stages"] > initial.stages else 0
+    module = AtrophyNetModule(network, learning_rate, loss.value, frozen, 60.0 * max_minutes if max_minutes else None)
     if initial is not None:
-        module.network.load_state_dict(initial.state_dict())
+        module.network.load_state_dict(initial.state_dict(), strict=network["stages"] == initial.stages)
     checkpoint_dir = out / "checkpoints"
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, save_last=True,
                                                       every_n_train_steps=validate_every)
     best = L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, filename="best", save_top_k=1, mode="min",
                                                monitor="val/energy_gap" if reference_solves else "val/loss")
-    trainer = L.Trainer(max_steps=max_steps, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+    trainer = L.Trainer(max_steps=max_steps, max_time=timedelta(minutes=max_minutes) if max_minutes else None,
+                        accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                         default_root_dir=out, logger=L.pytorch.loggers.CSVLogger(out, name="logs"),
                         callbacks=[checkpoints, best], reload_dataloaders_every_n_epochs=1, val_check_interval=validate_every, check_val_every_n_epoch=None,
                         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
@@ -231,8 +266,12 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
             "resolution_mm": resolution, "ndim": dimension.ndim, "network": network,
             "training_steps": trainer.global_step, "batch_size": batch_size, "learning_rate": learning_rate,
             "seed": seed, "loss": loss.value, "init_from": None if init_from is None else str(init_from),
+            "trained_stages": [i + 1 for i, stage in enumerate([module.network.unet, *module.network.later_stages])
+                               if any(p.requires_grad for p in stage.parameters())],
             "validation_cases": validation_cases, "held_out_metrics": metrics,
-            "atrophy_prior": AtrophyPrior().__dict__, "hardware": f"{type(trainer.accelerator).__name__} x {trainer.num_devices}",
+            "atrophy_prior": {**AtrophyPrior().__dict__, "sharp_fraction": sharp_fraction,
+                              **({"sharp_prior": SHARP_PRIOR.__dict__} if sharp_fraction else {})},
+            "hardware": f"{type(trainer.accelerator).__name__} x {trainer.num_devices}",
             "wall_seconds_this_run": round(time.perf_counter() - started)}
     path = out / "model.pt"
     if trainer.is_global_zero:
