@@ -157,6 +157,19 @@ def test_stages_added_to_a_trained_network_train_alone_and_a_time_limit_ends_the
     for a, b in zip(first.unet.state_dict().values(), cascade.unet.state_dict().values()):
         assert torch.equal(a, b)
     assert cascade.later_stages[0].final_conv.weight.abs().sum() > 0  # trained away from its zero start
+    # resumed, the run keeps the checkpoint's stages (the first still frozen) and refuses others
+    last = str(out / "checkpoints" / "last.ckpt")
+    refused = runner.invoke(app, ["train", "--out", str(out), "--dimension", "2d", "--resume", last, "--stages", "3"])
+    assert refused.exit_code == 2 and "leave --stages out" in refused.output and len(refused.output.splitlines()) == 1
+    steps = card["training_steps"] + 2
+    resumed = runner.invoke(app, ["train", "--out", str(out), "--dimension", "2d", "--batch-size", "1", "--validation-cases",
+                                  "1", "--validate-every", "1000", "--accelerator", "cpu", "--resume", last,
+                                  "--max-steps", str(steps)])
+    assert resumed.exit_code == 0, resumed.output
+    again, card = load_network(out / "model.pt")
+    assert card["training_steps"] == steps and card["trained_stages"] == [2]
+    for a, b in zip(first.unet.state_dict().values(), again.unet.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_a_cascade_cannot_lose_stages_and_bad_fractions_are_refused(tmp_path):

@@ -376,7 +376,7 @@ def simulate(
     brain_only: Annotated[bool, typer.Option(help="Prescribe the map in tissue only; CSF volume is free to compensate.")] = False,
     method: Annotated[Method, typer.Option(help="How the displacement is found (network alone: faster, misses "
                                                 "multi-year maps).")] = DEFAULT_METHOD,
-    model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d or a model.pt from 'brainmech train' "
+    model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d, mni-2d-cascade, mni-3d-cascade or a model.pt from 'brainmech train' "
                                                       "(default: by dimension).")] = None,
     steps: Steps = 1,
     refine_evaluations: RefineEvaluations = REFINE_EVALUATIONS,
@@ -449,7 +449,7 @@ def cohort(
     resolution: Annotated[Optional[int], typer.Option(min=1, max=2, help="With --mni-pseudo: the MNI brain's resolution "
                                                                        "(mm; default 2).")] = None,
     method: Annotated[Method, typer.Option(help="How the displacement is found.")] = DEFAULT_METHOD,
-    model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d or a model.pt (default: by dimension).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d, their -cascade versions or a model.pt (default: by dimension).")] = None,
     steps: Steps = 1,
     refine_evaluations: RefineEvaluations = REFINE_EVALUATIONS,
     device: Annotated[Device, typer.Option(help="Where each worker runs the physics (cuda: the worker's GPU).")] = Device.CPU,
@@ -576,10 +576,10 @@ def train(
     num_nodes: Annotated[int, typer.Option(min=1, help="Nodes (DDP across machines, launched by your cluster).")] = 1,
     workers: Annotated[int, typer.Option(min=0, help="Data loader worker processes.")] = 0,
     resume: Annotated[Optional[Path], input_file("Checkpoint to resume from (e.g. OUT/checkpoints/last.ckpt).")] = None,
-    init_from: Annotated[Optional[str], typer.Option(help="Start from these weights (mni-2d, mni-3d or a model.pt/.ckpt), e.g. to fine-tune on --data.")] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="Start from these weights (a pretrained name such as mni-2d, or a model.pt/.ckpt), e.g. to fine-tune on --data.")] = None,
     loss: Annotated[Loss, typer.Option(help="relative (each case's energy over its potential flow's: cases weigh alike) or energy (per voxel).")] = Loss.RELATIVE,
     sharp_fraction: Annotated[float, typer.Option(callback=bounded(at_least=0, at_most=1), help="Share of training maps with few-voxel features and 5-10 % spread (like registration Jacobians); the rest smooth.")] = 0.0,
-    max_minutes: Annotated[Optional[float], typer.Option(callback=bounded(above=0), help="Stop after this many minutes (the learning rate decays by then), validate and write the model.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(callback=bounded(above=0, at_most=1e6), help="Stop the training loop after this many minutes (over resumed runs too; the setup and the final validation come on top), the learning rate decayed by then; validate and write the model.")] = None,
     stages: Annotated[Optional[int], typer.Option(min=1, help="U-Nets in the cascade (default: --init-from's, else 1); stages added to --init-from are trained with its stages frozen.")] = None,
 ) -> None:
     """Train the U-Net on the energy (no solver answers needed), with lightning."""
@@ -604,7 +604,7 @@ def evaluate(
     dimension: Annotated[Dimension, typer.Option(help="Synthetic benchmark: 2d (1 mm slices) or 3d (2 mm volumes).")] = Dimension.TWO_D,
     count: Annotated[int, typer.Option(min=1, help="Synthetic benchmark: number of held-out pseudo-subjects.")] = 4,
     method: Annotated[list[Method], typer.Option(help="A method to compare (repeat the option for several).")] = [Method.NETWORK, Method.SOLVER],  # noqa: B006
-    model: Annotated[Optional[str], typer.Option(help="Network to evaluate: mni-2d, mni-3d or a model.pt (default: by dimension).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Network to evaluate: mni-2d, mni-3d, their -cascade versions or a model.pt (default: by dimension).")] = None,
     refine_evaluations: RefineEvaluations = REFINE_EVALUATIONS,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:

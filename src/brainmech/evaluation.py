@@ -30,7 +30,7 @@ from .errors import InputError
 from .fields import warp_image, warp_labels
 from .mechanics import Tissue, build_problem
 from .metrics import dice_per_tissue, displacement_rmse, energy_gap
-from .pseudo_subjects import EVALUATION_SEED, AtrophyPrior, PseudoSubjects
+from .pseudo_subjects import EVALUATION_SEED, AtrophyPrior, PriorMixture, PseudoSubjects
 from .simulator import Simulator
 from .solver import solve
 from .subject import Subject, as_tensor, check_same_grid, load_subject, read_nifti, volume
@@ -52,7 +52,7 @@ class Case:
 
 
 def synthetic_cases(dimension: Dimension | str = Dimension.TWO_D, count: int = 4, seed: int = EVALUATION_SEED,
-                    rtol: float = 1e-6, prior: AtrophyPrior = AtrophyPrior()) -> list[Case]:
+                    rtol: float = 1e-6, prior: AtrophyPrior | PriorMixture = AtrophyPrior()) -> list[Case]:
     """Held-out pseudo-subjects of the MNI brain with random atrophy drawn from ``prior``, for models of
     ``dimension``; follow-ups by the direct solver converged to ``rtol``."""
     dataset = PseudoSubjects.of_mni(dimension, count, seed, prior)

@@ -119,8 +119,8 @@ def quadrature(shape: tuple[int, ...], scheme: str = "nodal", active: Tensor | N
             minus.append(flat[inside] - strides * side)
         node, plus, minus = torch.cat(nodes), torch.cat(plus, 1), torch.cat(minus, 1)
         inverse_step = None  # every edge is one voxel long
-    return Quadrature(node=node.to(device), plus=plus.reshape(-1).to(device), minus=minus.reshape(-1).to(device),
-                      inverse_step=None if inverse_step is None else inverse_step.reshape(-1).to(device, dtype),
+    return Quadrature(node=node, plus=plus.reshape(-1), minus=minus.reshape(-1),
+                      inverse_step=None if inverse_step is None else inverse_step.reshape(-1).to(dtype=dtype),
                       weight=point_weight(scheme, d))
 
 

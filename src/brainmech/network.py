@@ -36,11 +36,12 @@ from .fields import coarsen_field, refine_field, restrict
 from .mechanics import MIN_DET_F, Tissue, channel, det_f_maps, potential_flow, solid_fraction
 
 INPUT_SCALE = 20.0  # log a and u are a few hundredths: x20 brings them to O(1) for the network
-PRETRAINED = ("mni-2d", "mni-3d")
+PRETRAINED = ("mni-2d", "mni-3d", "mni-2d-cascade", "mni-3d-cascade")  # -cascade: two stages, more accurate, ~2.5x slower
 UNET_MULTIPLE = 16  # BasicUNet halves the grid four times
 SCALAR_INPUTS = 3  # the U-Net's first input channels: x20 log a, solid tissue, CSF; then the x20 flow (d channels)
 #: a later stage's inputs: those scalars and x20 the det F residual r; then x20 u so far and x20 r's flow (2d channels)
 STAGE_SCALAR_INPUTS = SCALAR_INPUTS + 1
+MAX_MISFIT = 0.7  # |log det F misfit| a later stage sees and corrects (log 2: twice or half the volume); a fold's is unbounded
 #: channels-last layouts: faster convolutions on CPU (the same numbers)
 CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
@@ -62,14 +63,27 @@ class AtrophyNet(nn.Module):
     def __init__(self, ndim: int, features: tuple[int, ...] = (8, 16, 16, 32, 32, 8), coarse: int = 1,
                  resolution_mm: float | None = None, stages: int = 1):
         super().__init__()
+        if stages < 1:
+            raise ValueError(f"a network has at least one stage, got stages={stages}")
         self.ndim, self.features, self.coarse, self.resolution_mm = ndim, tuple(features), coarse, resolution_mm
         self.unet = _zero_output_unet(ndim, SCALAR_INPUTS + ndim, self.features)
         self.later_stages = nn.ModuleList(_zero_output_unet(ndim, STAGE_SCALAR_INPUTS + 2 * ndim, self.features)
                                           for _ in range(stages - 1))
 
+    @classmethod
+    def from_config(cls, config: dict) -> AtrophyNet:
+        """The (untrained) network a :meth:`config` describes; files without ``stages`` have one."""
+        return cls(config["ndim"], tuple(config["features"]), config["coarse"], config.get("resolution_mm"),
+                   config.get("stages", 1))
+
     @property
     def stages(self) -> int:
         return 1 + len(self.later_stages)
+
+    @property
+    def unets(self) -> list[nn.Module]:
+        """The stages' U-Nets, first to last."""
+        return [self.unet, *self.later_stages]
 
     def config(self) -> dict:
         return {"ndim": self.ndim, "features": list(self.features), "coarse": self.coarse,
@@ -92,7 +106,8 @@ class AtrophyNet(nn.Module):
         flow = potential_flow(atrophy, spacing)
         u = flow + self._correction(self.unet, torch.cat(scalars, 1), [INPUT_SCALE * flow], factors)
         for unet in self.later_stages:
-            residual = solid * (log_a - torch.log(det_f_maps(u, spacing).mean.clamp_min(MIN_DET_F)))  # log det F misfit
+            misfit = log_a - torch.log(det_f_maps(u, spacing).mean.clamp_min(MIN_DET_F))  # log det F misfit
+            residual = solid * misfit.clamp(-MAX_MISFIT, MAX_MISFIT)
             residual_flow = potential_flow(torch.exp(residual), spacing)  # voxels: div of it ~ residual
             correction = self._correction(unet, torch.cat([*scalars, INPUT_SCALE * residual], 1),
                                           [INPUT_SCALE * u, INPUT_SCALE * residual_flow], factors)
@@ -166,9 +181,8 @@ def load_network(path: str | Path) -> tuple[AtrophyNet, dict]:
         else:
             config, state = saved["config"], saved["state_dict"]
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-        resolution = config.get("resolution_mm", card.get("resolution_mm"))  # older files: from the card
-        network = AtrophyNet(config["ndim"], tuple(config["features"]), config["coarse"], resolution,
-                             config.get("stages", 1))
+        # older files: the resolution from the card
+        network = AtrophyNet.from_config({**config, "resolution_mm": config.get("resolution_mm", card.get("resolution_mm"))})
         network.load_state_dict(state)
     except json.JSONDecodeError as error:
         raise InputError(f"model card {card_path} is not valid JSON ({error}); fix or remove it") from None
@@ -179,7 +193,8 @@ def load_network(path: str | Path) -> tuple[AtrophyNet, dict]:
 
 
 def pretrained_path(name: str) -> Path:
-    """The weights file of a model shipped inside the package (``mni-2d`` or ``mni-3d``)."""
+    """The weights file of a model shipped inside the package (``mni-2d``, ``mni-3d`` or their two-stage
+    ``-cascade`` versions)."""
     if name not in PRETRAINED:
         raise InputError(f"unknown pretrained model {name!r}; choose one of {list(PRETRAINED)} or a file")
     return Path(str(resources.files("brainmech") / "models" / f"{name}.pt"))
@@ -191,7 +206,7 @@ def load_pretrained(name: str) -> tuple[AtrophyNet, dict]:
 
 
 def load_model(source: str | Path, ndim: int) -> tuple[AtrophyNet, dict]:
-    """A network by pretrained name (``mni-2d``, ``mni-3d``) or file (``.pt``/``.ckpt``) with its card;
+    """A network by pretrained name (:data:`PRETRAINED`) or file (``.pt``/``.ckpt``) with its card;
     :class:`InputError` if the file is missing or the network is not ``ndim``-D."""
     network, card = load_pretrained(str(source)) if str(source) in PRETRAINED else load_network(source)
     if network.ndim != ndim:

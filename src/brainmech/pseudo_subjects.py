@@ -122,6 +122,10 @@ class PriorMixture:
     priors: tuple[AtrophyPrior, ...]
     weights: tuple[float, ...]
 
+    def __post_init__(self) -> None:
+        if len(self.weights) != len(self.priors) or min(self.weights) < 0 or sum(self.weights) <= 0:
+            raise ValueError(f"a mixture needs one weight >= 0 per prior, not all 0; got {self.weights}")
+
     def draw(self, subject: Subject, seed: int) -> torch.Tensor:
         """A random atrophy map ``(1, 1, *N)`` for ``subject``, reproducible from ``seed``."""
         weights = np.asarray(self.weights, dtype=float)

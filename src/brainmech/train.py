@@ -33,6 +33,7 @@ from .pseudo_subjects import (HELD_OUT_SEEDS, SHARP_PRIOR, VALIDATION_SEED, Atro
 from .solver import solve
 from .subject import load_subject, read_nifti
 
+MAX_MINUTES = 1e6  # --max-minutes above this is no limit (and overflows a timedelta)
 #: Network settings of the shipped models, by dimension (their cases: :class:`Dimension`).
 NETWORKS = {Dimension.TWO_D: {"ndim": 2, "features": (8, 16, 16, 32, 32, 8), "coarse": 1},
             Dimension.THREE_D: {"ndim": 3, "features": (8, 16, 16, 32, 32, 8), "coarse": 1}}
@@ -96,6 +97,22 @@ class CaseDataModule(L.LightningDataModule):
         return DataLoader(self.validation_set, batch_size=1)
 
 
+def resumed_network(checkpoint: dict, path: str | Path, dimension: Dimension, stages: int | None) -> tuple[dict, int]:
+    """The network settings and frozen stage count a training checkpoint was written with; an
+    :class:`InputError` if they do not fit ``dimension`` or ``stages``."""
+    settings = checkpoint.get("hyper_parameters", {})
+    network = settings.get("network")
+    if not isinstance(network, dict) or "ndim" not in network:
+        raise InputError(f"checkpoint to resume {path} is not a brainmech training checkpoint (no network settings)")
+    if network["ndim"] != dimension.ndim:
+        raise InputError(f"checkpoint to resume {path} holds a {network['ndim']}D network, not {dimension.ndim}D; "
+                         f"set dimension= to match")
+    if stages is not None and stages != network.get("stages", 1):
+        raise InputError(f"checkpoint to resume {path} has {network.get('stages', 1)} stages; leave stages= out "
+                         "when resuming (the stages are the checkpoint's)")
+    return network, int(settings.get("frozen_stages", 0))
+
+
 def folder_images(folder: str | Path) -> list[Path]:
     """The images of a training folder (``folder/images/*.nii*``), or an :class:`InputError`."""
     images = sorted((Path(folder) / "images").glob("*.nii*"))
@@ -127,18 +144,15 @@ class AtrophyNetModule(L.LightningModule):
     untrained network's answer), averaged over the batch: every case weighs the same whatever the size
     of its change, as in the energy gap. "energy": the energy per voxel (mu), which lets cases of large
     change (energy ~ change squared) dominate. ``frozen_stages``: the first stages of the cascade are
-    not trained (their answer is fixed: a step costs one pass of them, no gradient). ``max_seconds``:
-    the run's time limit, if any; the learning rate then decays by whichever limit comes first.
+    not trained (their answer is fixed: a step costs one pass of them, no gradient).
     """
 
     def __init__(self, network: dict, learning_rate: float = 1e-3, loss: str = Loss.RELATIVE.value,
-                 frozen_stages: int = 0, max_seconds: float | None = None):
+                 frozen_stages: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        self.started = time.perf_counter()
-        self.network = AtrophyNet(network["ndim"], tuple(network["features"]), network["coarse"],
-                                  network.get("resolution_mm"), network.get("stages", 1))
-        for stage in [self.network.unet, *self.network.later_stages][:frozen_stages]:
+        self.network = AtrophyNet.from_config(network)
+        for stage in self.network.unets[:frozen_stages]:
             stage.requires_grad_(False)
 
     def energy_and_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,19 +182,19 @@ class AtrophyNetModule(L.LightningModule):
             metrics["val/energy_gap"] = energy_gap(float(energy.sum()), float(batch["reference_energy"].sum()))
         self.log_dict(metrics, prog_bar=True, batch_size=1)
 
-    def on_train_start(self) -> None:
-        self.started = time.perf_counter()
-
     def configure_optimizers(self):
-        """Adam with a cosine decay to 1/20 of the rate at ``max_steps`` (or at ``max_seconds``, if that
-        comes first); the decay is read from the trainer at every step, so a resumed run with more
-        steps stretches it instead of restarting it."""
+        """Adam with a cosine decay to 1/20 of the rate at ``max_steps``, or at the trainer's ``max_time``
+        if that comes first (one process only: the clocks of several would disagree); the decay is read
+        from the trainer at every step, so a resumed run with more steps stretches it instead of
+        restarting it."""
         optimiser = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams.learning_rate)
 
         def factor(step: int) -> float:
             progress = step / max(self.trainer.max_steps, 1)
-            if self.hparams.max_seconds:
-                progress = max(progress, (time.perf_counter() - self.started) / self.hparams.max_seconds)
+            timer = next((c for c in self.trainer.callbacks if isinstance(c, L.pytorch.callbacks.Timer)), None)
+            if timer is not None and timer.time_remaining() is not None and self.trainer.world_size == 1:
+                elapsed = timer.time_elapsed()  # training seconds, over resumed runs too
+                progress = max(progress, elapsed / (elapsed + timer.time_remaining()))
             progress = min(progress, 1.0)
             return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -209,8 +223,11 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
     Validation cases are the same for every seed (:data:`VALIDATION_SEED`).
     ``sharp_fraction``: share of the training maps drawn from the sharp prior (few-voxel features, 5-10 %
     spread; :data:`~brainmech.pseudo_subjects.SHARP_PRIOR`), the rest from the default one.
-    ``max_minutes``: stop training after this long (lightning's ``max_time``; the learning rate decays by
-    then), validate and write the model: a leg with a fixed time budget (a lent GPU). Several GPUs or nodes: ``devices`` / ``num_nodes`` go to lightning's DDP as they are.
+    ``max_minutes``: stop training after this long (lightning's ``max_time``: the training loop with its
+    validations, over resumed runs too; the setup's reference solves and the final validation come on
+    top), the learning rate decayed by then; then validate and write the model: a leg with a fixed time
+    budget (a lent GPU).
+    Several GPUs or nodes: ``devices`` / ``num_nodes`` go to lightning's DDP as they are.
     """
     try:
         dimension, loss = Dimension(dimension), Loss(loss)
@@ -219,8 +236,8 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
                          f"{[x.value for x in Loss]}") from None
     if not 0.0 <= sharp_fraction <= 1.0:
         raise InputError(f"sharp_fraction must be in [0, 1], got {sharp_fraction}")
-    if max_minutes is not None and max_minutes <= 0:
-        raise InputError(f"max_minutes must be > 0, got {max_minutes}")
+    if max_minutes is not None and not (0 < max_minutes <= MAX_MINUTES):
+        raise InputError(f"max_minutes must be > 0 and <= {MAX_MINUTES:g}, got {max_minutes}")
     if min(max_steps, batch_size, validate_every) < 1:
         raise InputError("max_steps, batch_size and validate_every must be >= 1")
     if data is None and seed in HELD_OUT_SEEDS:
@@ -230,21 +247,26 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
     if resume is not None and init_from is not None:
         raise InputError("resume= and init_from= exclude each other: the checkpoint already holds the weights")
     # read safely first (no pickled code), so that lightning only ever loads a plain checkpoint
-    resumed_step = read_checkpoint(resume, "checkpoint to resume").get("global_step", 0) if resume else 0
+    checkpoint = read_checkpoint(resume, "checkpoint to resume") if resume else {}
+    resumed_step = checkpoint.get("global_step", 0)
     initial = load_model(init_from, dimension.ndim)[0] if init_from is not None else None
     L.seed_everything(seed + resumed_step, workers=True, verbose=False)  # a resumed run draws new cases
     out = Path(out)
     datamodule = CaseDataModule(dimension.value, data, cases, validation_cases, batch_size, seed, reference_solves,
                                 workers, label_table, sharp_fraction)
     resolution = float(dimension.resolution_mm) if data is None else folder_resolution(data)
-    network = {**(initial.config() if initial else NETWORKS[dimension]), "resolution_mm": resolution}
-    network["stages"] = stages or network.get("stages", 1)
-    if initial is not None and network["stages"] < initial.stages:
-        raise InputError(f"--init-from has {initial.stages} stages; --stages cannot drop any (got {network['stages']})")
-    frozen = initial.stages if initial is not None and network["stages"] > initial.stages else 0
-    module = AtrophyNetModule(network, learning_rate, loss.value, frozen, 60.0 * max_minutes if max_minutes else None)
-    if initial is not None:
-        module.network.load_state_dict(initial.state_dict(), strict=network["stages"] == initial.stages)
+    if resume:  # the checkpoint's network and frozen stages: its weights and optimiser state fit those alone
+        network, frozen = resumed_network(checkpoint, resume, dimension, stages)
+    else:
+        network = {**(initial.config() if initial else NETWORKS[dimension]), "resolution_mm": resolution}
+        network["stages"] = stages or network.get("stages", 1)
+        if initial is not None and network["stages"] < initial.stages:
+            raise InputError(f"init_from= has {initial.stages} stages; stages= cannot drop any (got {network['stages']})")
+        frozen = initial.stages if initial is not None and network["stages"] > initial.stages else 0
+    module = AtrophyNetModule(network, learning_rate, loss.value, frozen)
+    if initial is not None:  # stage by stage: every loaded stage must fit exactly
+        for stage, trained in zip(module.network.unets, initial.unets):
+            stage.load_state_dict(trained.state_dict())
     checkpoint_dir = out / "checkpoints"
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoint_dir, save_last=True,
                                                       every_n_train_steps=validate_every)
@@ -266,7 +288,7 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
             "resolution_mm": resolution, "ndim": dimension.ndim, "network": network,
             "training_steps": trainer.global_step, "batch_size": batch_size, "learning_rate": learning_rate,
             "seed": seed, "loss": loss.value, "init_from": None if init_from is None else str(init_from),
-            "trained_stages": [i + 1 for i, stage in enumerate([module.network.unet, *module.network.later_stages])
+            "trained_stages": [i + 1 for i, stage in enumerate(module.network.unets)
                                if any(p.requires_grad for p in stage.parameters())],
             "validation_cases": validation_cases, "held_out_metrics": metrics,
             "atrophy_prior": {**AtrophyPrior().__dict__, "sharp_fraction": sharp_fraction,
