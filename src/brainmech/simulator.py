@@ -158,7 +158,7 @@ class Simulator:
             ``refine_evaluations`` solver energy evaluations, seconds), ``"network"`` (the pretrained U-Net
             alone: milliseconds to a second, but it misses multi-year and sharp maps: README) or
             ``"solver"`` (direct minimisation of the energy: the ground truth, a minute at 2 mm).
-        model: the network: a pretrained name (``"mni-2d"``, ``"mni-3d"``), a ``.pt`` file from
+        model: the network: a pretrained name (``"mni-2d"``, ``"mni-3d"``, ``"mni-2d-cascade"``, ...), a ``.pt`` file from
             ``brainmech train``, or None for the pretrained model of the subject's dimension.
         steps: split the map into ``steps`` equal steps ``a^(1/steps)``, each simulated on the
             tissue moved by the previous ones, and compose the fields (large or multi-year changes).
@@ -209,7 +209,7 @@ class Simulator:
 
     @classmethod
     def pretrained(cls, name: str = "mni-3d", **kwargs) -> Simulator:
-        """The network simulator with a pretrained model (``"mni-2d"`` or ``"mni-3d"``)."""
+        """The network simulator with a pretrained model (:data:`~brainmech.network.PRETRAINED`)."""
         return cls(Method.NETWORK, model=name, **kwargs)
 
     def network(self, ndim: int) -> tuple[torch.nn.Module, dict]:
