@@ -1,6 +1,7 @@
 """Where the simulators fold: a ball of MNI tissue told to lose most of its volume at once (run by hand).
 
     python benchmarks/folds.py          # 2 mm MNI brain, network, network+refine and solver, 2 threads
+    python benchmarks/folds.py --model mni-3d-cascade --methods network
 
 A ball centred at the tissue's centre of mass is given the atrophy ratio a (a = 4: -75 % volume,
 a = 10: -90 %), 1 elsewhere. For each method: folded brain voxels (any quadrature point with
@@ -23,6 +24,8 @@ BALLS = [(6.0, 4.0), (6.0, 10.0), (10.0, 4.0)]  # (radius in mm, atrophy ratio i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="mni-3d", help="the network of network and network+refine")
+    parser.add_argument("--methods", default="network,network+refine,solver", help="comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     retain_freed_memory()
@@ -34,11 +37,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for radius_mm, ratio in BALLS:
         atrophy = torch.from_numpy(np.where(distance_mm <= radius_mm, ratio, 1.0).astype(np.float32))[None, None]
-        for method in ("network", "network+refine", "solver"):
-            simulation = Simulator(method)(subject, atrophy)
+        for method in args.methods.split(","):
+            simulation = Simulator(method, model=None if method == "solver" else args.model)(subject, atrophy)
             report = simulation.report
             by_mean = int((simulation.det_f <= 0)[subject.brain].sum())
-            print(f"| r = {radius_mm:g} mm, a = {ratio:g} | {method} | {report.folded_voxels_brain} | {by_mean} "
+            name = method if method == "solver" or args.model == "mni-3d" else f"{method} ({args.model})"
+            print(f"| r = {radius_mm:g} mm, a = {ratio:g} | {name} | {report.folded_voxels_brain} | {by_mean} "
                   f"| {report.min_det_f_brain:.3f} | {report.mse_atrophy_tissue:.2e} "
                   f"| {report.timings['simulate_s']:.1f} s |", flush=True)
 

@@ -3,9 +3,11 @@
     pip install -e ".[bench]"
     python benchmarks/learned.py                # mni-2d (4 cases) and mni-3d (1 case), 2 threads, README table
     python benchmarks/learned.py --models 3d --cases-3d 2 --reference-rtol 1e-5 --refine
+    python benchmarks/learned.py --models 2d,mni-2d-cascade,runs/mine/model.pt --blocks smooth   # a trained file too
 
 Cases: held-out MNI pseudo-subjects (brainmech.evaluation.synthetic_cases) whose reference is the
-solver converged to rtol 1e-6. For each model: tissue MSE(det F, a) of the network and of the
+solver converged to rtol 1e-6; block "smooth" draws their maps from the training prior, block
+"sharp" from SHARP_PRIOR (few-voxel features, 5-10 % spread, like registration Jacobians). For each model: tissue MSE(det F, a) of the network and of the
 reference, energy gap, displacement RMSE to the reference (voxels), folded brain voxels (any quadrature
 point with det F <= 0, summed over the cases), network time
 (median of 5 after a warm-up), and the time the default solver needs from zero to reach the
@@ -32,8 +34,9 @@ from brainmech.fields import warp_image, warp_labels
 from brainmech.mechanics import Problem, build_problem, det_f_maps
 from brainmech.metrics import atrophy_mse, displacement_rmse, energy_gap, folded_voxels
 from brainmech.mni import load_mni
-from brainmech.network import load_pretrained
+from brainmech.network import PRETRAINED, load_network, load_pretrained
 from brainmech.choices import REFINE_EVALUATIONS
+from brainmech.pseudo_subjects import SHARP_PRIOR, AtrophyPrior
 from brainmech.solver import solve
 
 warnings.filterwarnings("ignore")
@@ -88,25 +91,31 @@ def mean_row(rows: list[dict]) -> dict:
     return mean
 
 
-def run(model: str, count: int, reference_rtol: float, refine_evaluations: int | None) -> dict[str, dict]:
-    """Mean table rows of the network (and, unless ``refine_evaluations`` is None, of
-    ``--method network+refine`` with that budget) over ``count`` held-out cases."""
-    network, _ = load_pretrained(f"mni-{model}")
-    refiner = (Simulator("network+refine", model=f"mni-{model}", refine_evaluations=refine_evaluations)
+def model_network(model: str) -> tuple[str, torch.nn.Module]:
+    """``(source, network)`` of a ``--models`` entry: "2d"/"3d" (the shipped mni-2d/mni-3d), another
+    pretrained name, or a weights file."""
+    source = f"mni-{model}" if model in ("2d", "3d") else model
+    return source, (load_pretrained(source) if source in PRETRAINED else load_network(source))[0]
+
+
+def run(source: str, network: torch.nn.Module, cases: list, refine_evaluations: int | None) -> dict[str, dict]:
+    """Mean table rows of ``network`` (from ``source``; and, unless ``refine_evaluations`` is None, of
+    ``--method network+refine`` with that budget) over held-out ``cases``."""
+    refiner = (Simulator("network+refine", model=source, refine_evaluations=refine_evaluations)
                if refine_evaluations is not None else None)
-    rows: dict[str, list[dict]] = {f"mni-{model}": [], f"mni-{model} + refine": []}
-    for case in synthetic_cases(model, count, rtol=reference_rtol):
+    rows: dict[str, list[dict]] = {source: [], f"{source} + refine": []}
+    for case in cases:
         s = case.subject
         problem = build_problem(s.probabilities, case.atrophy, s.spacing)
         reference_mse = atrophy_mse(det_f_maps(case.reference_displacement, s.spacing).mean, case.atrophy, s.tissue)
         with torch.no_grad():
             u = network(case.atrophy, s.probabilities, s.spacing)
             seconds = median_seconds(lambda: network(case.atrophy, s.probabilities, s.spacing))
-        rows[f"mni-{model}"].append(row(case, problem, reference_mse, u, seconds))
+        rows[source].append(row(case, problem, reference_mse, u, seconds))
         if refiner is not None:
             start = time.perf_counter()
             refined, _ = refiner.step(s.probabilities, case.atrophy, s.spacing)  # network, then solver
-            rows[f"mni-{model} + refine"].append(row(case, problem, reference_mse, refined, time.perf_counter() - start))
+            rows[f"{source} + refine"].append(row(case, problem, reference_mse, refined, time.perf_counter() - start))
     return {name: {**mean_row(r), "voxels": s.image.numel()} for name, r in rows.items() if r}
 
 
@@ -151,7 +160,9 @@ def main() -> None:
                         help="leave glibc returning freed memory to the OS (slower; as before retain_freed_memory)")
     parser.add_argument("--cases", type=int, default=4, help="held-out cases for mni-2d")
     parser.add_argument("--cases-3d", type=int, default=1, help="held-out cases for mni-3d (each solve takes minutes)")
-    parser.add_argument("--models", default="2d,3d", help='comma-separated; "" for the 1 mm timing alone')
+    parser.add_argument("--models", default="2d,3d",
+                        help='comma-separated: 2d, 3d (the shipped networks) or weights files; "" for the 1 mm timing alone')
+    parser.add_argument("--blocks", default="smooth,sharp", help="comma-separated: smooth (training prior), sharp (SHARP_PRIOR)")
     parser.add_argument("--reference-rtol", type=float, default=1e-6, help="stopping tolerance of the reference solves")
     parser.add_argument("--skip-torchio", action="store_true")
     parser.add_argument("--refine", action="store_true", help="also time network+refine (solver from the network)")
@@ -161,16 +172,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not args.default_malloc:
         retain_freed_memory()
-    print("| model | voxels | tissue MSE net / solver | energy gap | RMSE to solver (vox) | folded | network time | "
+    print("| maps | model | voxels | tissue MSE net / solver | energy gap | RMSE to solver (vox) | folded | network time | "
           "solver time to same MSE | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for model in filter(None, args.models.split(",")):
-        count = args.cases if model == "2d" else args.cases_3d
-        for name, r in run(model, count, args.reference_rtol, args.refine_evaluations if args.refine else None).items():
-            speedup = f"{r['speedup']:.0f} x" if r["speedup"] < float("inf") else "-"
-            print(f"| {name} | {r['voxels']:,} | {r['mse']:.2e} / {r['mse_solver']:.2e} ({r['mse'] / r['mse_solver']:.2f} x) "
-                  f"| {100 * r['gap']:.1f} % | {r['rmse']:.3f} | {r['folded']:.0f} | {_duration(r['seconds'])} "
-                  f"| {_reached(r['solver_seconds'])} | {speedup} |", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    priors = {"smooth": AtrophyPrior(), "sharp": SHARP_PRIOR}
+    blocks = list(filter(None, args.blocks.split(",")))
+    if set(blocks) - set(priors):
+        parser.error(f"--blocks takes {', '.join(priors)}, got {args.blocks!r}")
+    networks = [model_network(m) for m in filter(None, args.models.split(","))]
+    for block in blocks:
+        for ndim in dict.fromkeys(n.ndim for _, n in networks):
+            count = args.cases if ndim == 2 else args.cases_3d
+            cases = synthetic_cases(f"{ndim}d", count, rtol=args.reference_rtol, prior=priors[block])
+            for source, network in ((s, n) for s, n in networks if n.ndim == ndim):
+                for name, r in run(source, network, cases, args.refine_evaluations if args.refine else None).items():
+                    speedup = f"{r['speedup']:.0f} x" if r["speedup"] < float("inf") else "-"
+                    print(f"| {block} | {name} ({count} cases) | {r['voxels']:,} | {r['mse']:.2e} / {r['mse_solver']:.2e} "
+                          f"({r['mse'] / r['mse_solver']:.2f} x) | {100 * r['gap']:.1f} % | {r['rmse']:.3f} | {r['folded']:.0f} "
+                          f"| {_duration(r['seconds'])} | {_reached(r['solver_seconds'])} | {speedup} |", flush=True)
     if not args.skip_torchio:
         network_only, ours, whole_call, theirs = one_mm_volume_timing()
         print(f"\n1 mm MNI volume (image + labels): mni-3d network {network_only:.2f} s, with both warps {ours:.2f} s, "

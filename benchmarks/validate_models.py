@@ -21,12 +21,11 @@ from brainmech import retain_freed_memory
 from brainmech.mechanics import brain_mask, build_problem, det_f_maps, potential_flow, tissue_mask
 from brainmech.metrics import atrophy_mse, energy_gap, folded_voxels
 from brainmech.network import load_pretrained
-from brainmech.pseudo_subjects import VALIDATION_SEED, AtrophyPrior, PseudoSubjects
+from brainmech.pseudo_subjects import SHARP_PRIOR, VALIDATION_SEED, AtrophyPrior, PseudoSubjects
 from brainmech.choices import Dimension
 from brainmech.solver import solve
 
 warnings.filterwarnings("ignore")
-SHARP = AtrophyPrior(tissue_percent=(-5.0, 1.5), spread_percent=(5.0, 10.0), fwhm_mm=(2.0, 4.0))
 
 
 def validate(dimension: Dimension, count: int, prior: AtrophyPrior) -> list[dict]:
@@ -63,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     retain_freed_memory()
-    priors = {"training prior": AtrophyPrior(), **({"sharp maps": SHARP} if args.sharp else {})}
+    priors = {"training prior": AtrophyPrior(), **({"sharp maps": SHARP_PRIOR} if args.sharp else {})}
     print("| model | maps | cases | relative loss | tissue MSE | energy gap | folded (min det F) | folded (mean, old count) "
           "| smallest det F |")
     print("|---|---|---|---|---|---|---|---|---|")
