@@ -158,8 +158,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc returning freed memory to the OS (slower; as before retain_freed_memory)")
-    parser.add_argument("--cases", type=int, default=4, help="held-out cases for mni-2d")
-    parser.add_argument("--cases-3d", type=int, default=1, help="held-out cases for mni-3d (each solve takes minutes)")
+    parser.add_argument("--cases", type=int, default=4, help="held-out cases for 2D models")
+    parser.add_argument("--cases-3d", type=int, default=1, help="held-out cases for 3D models (each solve takes minutes)")
     parser.add_argument("--models", default="2d,3d",
                         help='comma-separated: 2d, 3d (the shipped networks) or weights files; "" for the 1 mm timing alone')
     parser.add_argument("--blocks", default="smooth,sharp", help="comma-separated: smooth (training prior), sharp (SHARP_PRIOR)")

@@ -31,8 +31,7 @@ warnings.filterwarnings("ignore")
 def validate(dimension: Dimension, count: int, prior: AtrophyPrior) -> list[dict]:
     """One row of metrics per held-out case (the cases of VALIDATION_SEED, drawn with ``prior``)."""
     network, _ = load_pretrained(f"mni-{dimension.value}")
-    cases = PseudoSubjects.of_mni(dimension, count, VALIDATION_SEED)
-    cases.prior = prior
+    cases = PseudoSubjects.of_mni(dimension, count, VALIDATION_SEED, prior)
     rows = []
     for index in range(count):
         item = cases[index]

@@ -11,7 +11,7 @@ from brainmech.fields import resize, warp_image
 from brainmech.mechanics import build_problem, det_f_maps, potential_flow, solid_fraction
 from brainmech.metrics import atrophy_mse
 from brainmech.mni import MNI_AXIAL_SLICE_MM, load_mni
-from brainmech.network import AtrophyNet, load_network, load_pretrained, save_network
+from brainmech.network import INPUT_SCALE, STAGE_SCALAR_INPUTS, AtrophyNet, load_network, load_pretrained, save_network
 
 
 def inputs(shape, seed=0):
@@ -112,15 +112,20 @@ def test_a_later_stage_corrects_the_first_stages_volume_misfit():
 
 
 def test_a_later_stage_sees_the_first_stages_answer():
-    """Stage 2's U-Net is fed the field so far: changing stage 1's weights changes stage 2's correction."""
+    """Stage 2's U-Net is fed x20 stage 1's field (channels after its scalars) and x20 the misfit's flow."""
     atrophy, probabilities = smooth_case((24, 20))
     network = AtrophyNet(2, stages=2)
-    torch.nn.init.normal_(network.later_stages[0].final_conv.weight, std=0.1)
+    torch.nn.init.normal_(network.unet.final_conv.weight, std=0.1)
+    seen = []
+    network.later_stages[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
     with torch.no_grad():
-        before = network(atrophy, probabilities, (1.0, 1.0))
-        torch.nn.init.normal_(network.unet.final_conv.weight, std=0.1)
-        after = network(atrophy, probabilities, (1.0, 1.0))
-    assert not torch.allclose(before, after)
+        u = network(atrophy, probabilities, (1.0, 1.0))
+        first = AtrophyNet(2)
+        first.unet.load_state_dict(network.unet.state_dict())
+        u1 = first(atrophy, probabilities, (1.0, 1.0))
+    fields = seen[0][:, STAGE_SCALAR_INPUTS:, :24, :20] / INPUT_SCALE  # padded to 32 x 32 for the U-Net
+    assert torch.allclose(fields[:, :2], u1, atol=1e-6) and not torch.allclose(u1, potential_flow(atrophy, (1.0, 1.0)))
+    assert torch.allclose(u, u1 + fields[:, 2:], atol=1e-6)  # an untrained stage 2 adds exactly the misfit's flow
 
 
 def test_steps_track_the_moving_tissue_and_compose_to_the_prescribed_change():

@@ -1,7 +1,9 @@
 """Training with lightning (resume from a checkpoint) and the evaluate command."""
 
 import csv
+from datetime import timedelta
 
+import lightning as L
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -159,15 +161,18 @@ def test_stages_added_to_a_trained_network_train_alone_and_a_time_limit_ends_the
     assert cascade.later_stages[0].final_conv.weight.abs().sum() > 0  # trained away from its zero start
     # resumed, the run keeps the checkpoint's stages (the first still frozen) and refuses others
     last = str(out / "checkpoints" / "last.ckpt")
-    refused = runner.invoke(app, ["train", "--out", str(out), "--dimension", "2d", "--resume", last, "--stages", "3"])
-    assert refused.exit_code == 2 and "leave --stages out" in refused.output and len(refused.output.splitlines()) == 1
+    for options, message in [(["--sharp-fraction", "0.5", "--stages", "3"], "leave --stages out"),
+                             ([], "with --sharp-fraction set to 0.5")]:
+        refused = runner.invoke(app, ["train", "--out", str(out), "--dimension", "2d", "--resume", last, *options])
+        assert refused.exit_code == 2 and message in refused.output and len(refused.output.splitlines()) == 1
     steps = card["training_steps"] + 2
     resumed = runner.invoke(app, ["train", "--out", str(out), "--dimension", "2d", "--batch-size", "1", "--validation-cases",
                                   "1", "--validate-every", "1000", "--accelerator", "cpu", "--resume", last,
-                                  "--max-steps", str(steps)])
+                                  "--max-steps", str(steps), "--sharp-fraction", "0.5", "--learning-rate", "0.1"])
     assert resumed.exit_code == 0, resumed.output
     again, card = load_network(out / "model.pt")
-    assert card["training_steps"] == steps and card["trained_stages"] == [2]
+    assert card["training_steps"] == steps and card["trained_stages"] == [2] and card["resumed_from"] == last
+    assert card["init_from"] == str(tmp_path / "first.pt") and card["learning_rate"] == 2e-3  # the run's, restored
     for a, b in zip(first.unet.state_dict().values(), again.unet.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -189,3 +194,20 @@ def test_a_mixture_draws_each_map_from_one_prior_reproducibly():
     half = training_prior(0.5)
     sharp = [torch.equal(half.draw(subject, seed), SHARP_PRIOR.draw(subject, seed)) for seed in range(24)]
     assert 4 <= sum(sharp) <= 20 and torch.equal(half.draw(subject, 3), half.draw(subject, 3))
+
+
+def test_a_time_limit_decays_the_learning_rate_by_the_training_time_spent():
+    """With max_time the cosine factor follows the larger of steps/max_steps and elapsed/max_time,
+    the elapsed time read from lightning's Timer (which carries it over resumed runs)."""
+    module = AtrophyNetModule(NETWORKS[Dimension.TWO_D])
+    trainer = L.Trainer(max_steps=1000, max_time=timedelta(seconds=100), logger=False, enable_checkpointing=False,
+                        accelerator="cpu", enable_progress_bar=False)
+    module.trainer = trainer
+    factor = module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    timer = next(c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.Timer))
+    timer._offset = 50.0  # half the time spent (as restored from a checkpoint)
+    assert factor(10) == pytest.approx(0.525, abs=1e-3)  # 0.05 + 0.95 * (1 + cos(pi / 2)) / 2
+    timer._offset = 100.0
+    assert factor(10) == pytest.approx(0.05)
+    module.trainer = L.Trainer(max_steps=1000, logger=False, enable_checkpointing=False, accelerator="cpu")
+    assert factor(500) == pytest.approx(0.525, abs=1e-3)  # no time limit: by steps alone

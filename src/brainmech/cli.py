@@ -36,7 +36,7 @@ from typer.core import TyperGroup
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
 from .allocator import retain_freed_memory
-from .choices import MAX_YEARS, REFINE_EVALUATIONS, Convention, Dimension, Direction, Loss, Method, check_years
+from .choices import MAX_MINUTES, MAX_STAGES, MAX_YEARS, REFINE_EVALUATIONS, Convention, Dimension, Direction, Loss, Method, check_years
 from .errors import InputError
 from .version import __version__
 
@@ -579,8 +579,8 @@ def train(
     init_from: Annotated[Optional[str], typer.Option(help="Start from these weights (a pretrained name such as mni-2d, or a model.pt/.ckpt), e.g. to fine-tune on --data.")] = None,
     loss: Annotated[Loss, typer.Option(help="relative (each case's energy over its potential flow's: cases weigh alike) or energy (per voxel).")] = Loss.RELATIVE,
     sharp_fraction: Annotated[float, typer.Option(callback=bounded(at_least=0, at_most=1), help="Share of training maps with few-voxel features and 5-10 % spread (like registration Jacobians); the rest smooth.")] = 0.0,
-    max_minutes: Annotated[Optional[float], typer.Option(callback=bounded(above=0, at_most=1e6), help="Stop the training loop after this many minutes (over resumed runs too; the setup and the final validation come on top), the learning rate decayed by then; validate and write the model.")] = None,
-    stages: Annotated[Optional[int], typer.Option(min=1, help="U-Nets in the cascade (default: --init-from's, else 1); stages added to --init-from are trained with its stages frozen.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(callback=bounded(above=0, at_most=MAX_MINUTES), help="Stop the training loop after this many minutes (over resumed runs too; the setup and the final validation come on top), the learning rate decayed by then (one device; with several, by --max-steps); validate and write the model.")] = None,
+    stages: Annotated[Optional[int], typer.Option(min=1, max=MAX_STAGES, help="U-Nets in the cascade (default: --init-from's, else 1); stages added to --init-from are trained with its stages frozen.")] = None,
 ) -> None:
     """Train the U-Net on the energy (no solver answers needed), with lightning."""
     from .train import train as run_training

@@ -6,7 +6,7 @@ answer that a small convolutional network cannot see across a whole brain; the U
 local corrections that the materials cause (soft CSF, the free background).
 
 Later stages (``stages >= 2``) put the physics back in the loop: each measures the volume misfit of
-the field so far, ``r = solid * (log a - log det F)``, corrects it at full resolution by the potential
+the field so far, ``r = solid * clamp(log a - log det F, +-log 2)``, corrects it at full resolution by the potential
 flow of ``r`` (the same Poisson solve: no parameters) and adds a U-Net correction that sees ``r``,
 the field so far and that flow: ``u_k = u_{k-1} + potential_flow(exp r) + UNet_k(...)``. One det F map
 and one Poisson solve per stage, no energy evaluation. Every U-Net's last layer starts at zero, so an
@@ -36,7 +36,7 @@ from .fields import coarsen_field, refine_field, restrict
 from .mechanics import MIN_DET_F, Tissue, channel, det_f_maps, potential_flow, solid_fraction
 
 INPUT_SCALE = 20.0  # log a and u are a few hundredths: x20 brings them to O(1) for the network
-PRETRAINED = ("mni-2d", "mni-3d", "mni-2d-cascade", "mni-3d-cascade")  # -cascade: two stages, more accurate, ~2.5x slower
+PRETRAINED = ("mni-2d", "mni-3d", "mni-2d-cascade", "mni-3d-cascade")  # -cascade: two stages, more accurate, ~2x slower on CPU
 UNET_MULTIPLE = 16  # BasicUNet halves the grid four times
 SCALAR_INPUTS = 3  # the U-Net's first input channels: x20 log a, solid tissue, CSF; then the x20 flow (d channels)
 #: a later stage's inputs: those scalars and x20 the det F residual r; then x20 u so far and x20 r's flow (2d channels)

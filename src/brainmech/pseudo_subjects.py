@@ -123,7 +123,9 @@ class PriorMixture:
     weights: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        if len(self.weights) != len(self.priors) or min(self.weights) < 0 or sum(self.weights) <= 0:
+        weights = np.asarray(self.weights, dtype=float)
+        if not self.priors or len(weights) != len(self.priors) or not np.isfinite(weights).all() or (weights < 0).any() \
+                or weights.sum() <= 0:
             raise ValueError(f"a mixture needs one weight >= 0 per prior, not all 0; got {self.weights}")
 
     def draw(self, subject: Subject, seed: int) -> torch.Tensor:

@@ -26,14 +26,13 @@ from .errors import InputError
 from .mechanics import brain_mask, build_problem, det_f_maps, potential_flow, tissue_mask
 from .metrics import atrophy_mse, energy_gap, folded_voxels
 from .mni import load_mni
-from .choices import Dimension, Loss
+from .choices import MAX_MINUTES, MAX_STAGES, Dimension, Loss
 from .network import AtrophyNet, load_model, read_checkpoint, save_network
 from .pseudo_subjects import (HELD_OUT_SEEDS, SHARP_PRIOR, VALIDATION_SEED, AtrophyPrior, PriorMixture, PseudoSubjects,
                               case, training_prior)
 from .solver import solve
 from .subject import load_subject, read_nifti
 
-MAX_MINUTES = 1e6  # --max-minutes above this is no limit (and overflows a timedelta)
 #: Network settings of the shipped models, by dimension (their cases: :class:`Dimension`).
 NETWORKS = {Dimension.TWO_D: {"ndim": 2, "features": (8, 16, 16, 32, 32, 8), "coarse": 1},
             Dimension.THREE_D: {"ndim": 3, "features": (8, 16, 16, 32, 32, 8), "coarse": 1}}
@@ -97,10 +96,15 @@ class CaseDataModule(L.LightningDataModule):
         return DataLoader(self.validation_set, batch_size=1)
 
 
-def resumed_network(checkpoint: dict, path: str | Path, dimension: Dimension, stages: int | None) -> tuple[dict, int]:
+def resumed_network(checkpoint: dict, path: str | Path, dimension: Dimension, stages: int | None,
+                    sharp_fraction: float) -> tuple[dict, int]:
     """The network settings and frozen stage count a training checkpoint was written with; an
-    :class:`InputError` if they do not fit ``dimension`` or ``stages``."""
+    :class:`InputError` if they do not fit ``dimension``, ``stages`` or ``sharp_fraction``."""
     settings = checkpoint.get("hyper_parameters", {})
+    drawn = checkpoint.get("datamodule_hyper_parameters", {}).get("sharp_fraction", 0.0)
+    if sharp_fraction != drawn:
+        raise InputError(f"checkpoint to resume {path} drew a sharp fraction of {drawn:g} of its maps; resume it "
+                         f"with sharp_fraction= set to {drawn:g} (got {sharp_fraction:g})")
     network = settings.get("network")
     if not isinstance(network, dict) or "ndim" not in network:
         raise InputError(f"checkpoint to resume {path} is not a brainmech training checkpoint (no network settings)")
@@ -144,11 +148,12 @@ class AtrophyNetModule(L.LightningModule):
     untrained network's answer), averaged over the batch: every case weighs the same whatever the size
     of its change, as in the energy gap. "energy": the energy per voxel (mu), which lets cases of large
     change (energy ~ change squared) dominate. ``frozen_stages``: the first stages of the cascade are
-    not trained (their answer is fixed: a step costs one pass of them, no gradient).
+    not trained (their answer is fixed: a step costs one pass of them, no gradient). ``init_from``: the
+    network the weights came from (kept for the model card of a resumed run).
     """
 
     def __init__(self, network: dict, learning_rate: float = 1e-3, loss: str = Loss.RELATIVE.value,
-                 frozen_stages: int = 0):
+                 frozen_stages: int = 0, init_from: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.network = AtrophyNet.from_config(network)
@@ -242,8 +247,8 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
         raise InputError("max_steps, batch_size and validate_every must be >= 1")
     if data is None and seed in HELD_OUT_SEEDS:
         raise InputError(f"seed {seed} draws held-out validation or benchmark cases; choose another seed")
-    if stages is not None and stages < 1:
-        raise InputError(f"stages must be >= 1, got {stages}")
+    if stages is not None and not 1 <= stages <= MAX_STAGES:
+        raise InputError(f"stages must be 1 to {MAX_STAGES}, got {stages}")
     if resume is not None and init_from is not None:
         raise InputError("resume= and init_from= exclude each other: the checkpoint already holds the weights")
     # read safely first (no pickled code), so that lightning only ever loads a plain checkpoint
@@ -256,14 +261,16 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
                                 workers, label_table, sharp_fraction)
     resolution = float(dimension.resolution_mm) if data is None else folder_resolution(data)
     if resume:  # the checkpoint's network and frozen stages: its weights and optimiser state fit those alone
-        network, frozen = resumed_network(checkpoint, resume, dimension, stages)
+        network, frozen = resumed_network(checkpoint, resume, dimension, stages, sharp_fraction)
+        learning_rate = checkpoint["hyper_parameters"].get("learning_rate", learning_rate)  # the optimiser's, restored
+        init_from = checkpoint["hyper_parameters"].get("init_from")
     else:
         network = {**(initial.config() if initial else NETWORKS[dimension]), "resolution_mm": resolution}
         network["stages"] = stages or network.get("stages", 1)
         if initial is not None and network["stages"] < initial.stages:
             raise InputError(f"init_from= has {initial.stages} stages; stages= cannot drop any (got {network['stages']})")
         frozen = initial.stages if initial is not None and network["stages"] > initial.stages else 0
-    module = AtrophyNetModule(network, learning_rate, loss.value, frozen)
+    module = AtrophyNetModule(network, learning_rate, loss.value, frozen, None if init_from is None else str(init_from))
     if initial is not None:  # stage by stage: every loaded stage must fit exactly
         for stage, trained in zip(module.network.unets, initial.unets):
             stage.load_state_dict(trained.state_dict())
@@ -288,6 +295,7 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
             "resolution_mm": resolution, "ndim": dimension.ndim, "network": network,
             "training_steps": trainer.global_step, "batch_size": batch_size, "learning_rate": learning_rate,
             "seed": seed, "loss": loss.value, "init_from": None if init_from is None else str(init_from),
+            **({"resumed_from": str(resume)} if resume else {}),
             "trained_stages": [i + 1 for i, stage in enumerate(module.network.unets)
                                if any(p.requires_grad for p in stage.parameters())],
             "validation_cases": validation_cases, "held_out_metrics": metrics,
