@@ -34,7 +34,7 @@ from brainmech.fields import warp_image, warp_labels
 from brainmech.mechanics import Problem, build_problem, det_f_maps
 from brainmech.metrics import atrophy_mse, displacement_rmse, energy_gap, folded_voxels
 from brainmech.mni import load_mni
-from brainmech.network import PRETRAINED, load_network, load_pretrained
+from brainmech.network import load_model, load_pretrained
 from brainmech.choices import REFINE_EVALUATIONS
 from brainmech.pseudo_subjects import SHARP_PRIOR, AtrophyPrior
 from brainmech.solver import solve
@@ -95,7 +95,7 @@ def model_network(model: str) -> tuple[str, torch.nn.Module]:
     """``(source, network)`` of a ``--models`` entry: "2d"/"3d" (the shipped mni-2d/mni-3d), another
     pretrained name, or a weights file."""
     source = f"mni-{model}" if model in ("2d", "3d") else model
-    return source, (load_pretrained(source) if source in PRETRAINED else load_network(source))[0]
+    return source, load_model(source)[0]
 
 
 def run(source: str, network: torch.nn.Module, cases: list, refine_evaluations: int | None) -> dict[str, dict]:

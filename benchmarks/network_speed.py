@@ -20,7 +20,7 @@ import torch
 from brainmech import retain_freed_memory
 from brainmech.atrophy import random_atrophy
 from brainmech.mni import MNI_AXIAL_SLICE_MM, load_mni
-from brainmech.network import PRETRAINED, load_network, load_pretrained
+from brainmech.network import load_model
 
 warnings.filterwarnings("ignore")
 
@@ -53,7 +53,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print("| model | stages | resolution | voxels | device | time | peak GPU memory |\n|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
-        network = (load_pretrained(model) if model in PRETRAINED else load_network(model))[0].to(device)
+        network = load_model(model)[0].to(device)
         subjects = ([load_mni(1, axial_slice_mm=MNI_AXIAL_SLICE_MM)] if network.ndim == 2
                     else [load_mni(int(r)) for r in args.resolutions.split(",")])
         for subject in subjects:

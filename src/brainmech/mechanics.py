@@ -496,17 +496,23 @@ def potential_flow(atrophy: Tensor, spacing: tuple[float, ...]) -> Tensor:
 
     With K >> mu the minimiser keeps div U ~ log a; among fields with that divergence the
     curl-free U = grad(phi), with Laplace(phi) = log a [phi in mm^2], has the least shear energy in a
-    homogeneous medium (Helmholtz decomposition). Neumann borders (no flow through the box, so the
-    box keeps its volume and div U = log a minus its mean over the box), solved in the cosine
-    eigenbasis; heterogeneity is left to the minimiser. float32 is plenty: log a ~ 1e-2.
+    homogeneous medium (Helmholtz decomposition): :func:`curl_free_flow` of log a. Heterogeneity is
+    left to the minimiser. float32 is plenty: log a ~ 1e-2.
     """
+    return curl_free_flow(torch.log(atrophy), spacing)
+
+
+def curl_free_flow(divergence: Tensor, spacing: tuple[float, ...]) -> Tensor:
+    """U = grad(phi) with Laplace(phi) = ``divergence`` ``(B, 1, *N)`` (dimensionless; phi in mm^2), in voxels
+    ``(B, d, *N)``. Neumann borders (no flow through the box, so the box keeps its volume and div U is
+    ``divergence`` minus its mean over the box), solved in the cosine eigenbasis."""
     d = len(spacing)
-    source = torch.log(atrophy[:, 0])
+    source = divergence[:, 0]
     shape = tuple(source.shape[1:])
     if source.device.type == "cpu":
         phi = _NeumannPoissonDCT.apply(source, _inverse_laplacian_eigenvalues(shape, shape, spacing, source))
     else:
         phi = _solve_by_mirror_fft(source, spacing)
     gradient_mm = torch.stack(torch.gradient(phi, spacing=list(spacing), dim=tuple(range(1, d + 1))), dim=1)
-    h = torch.as_tensor(spacing, dtype=atrophy.dtype, device=atrophy.device).reshape(1, d, *([1] * d))
+    h = torch.as_tensor(spacing, dtype=divergence.dtype, device=divergence.device).reshape(1, d, *([1] * d))
     return gradient_mm / h

@@ -8,7 +8,7 @@ local corrections that the materials cause (soft CSF, the free background).
 Later stages (``stages >= 2``) put the physics back in the loop: each measures the volume misfit of
 the field so far, ``r = solid * clamp(log a - log det F, +-log 2)``, corrects it at full resolution by the potential
 flow of ``r`` (the same Poisson solve: no parameters) and adds a U-Net correction that sees ``r``,
-the field so far and that flow: ``u_k = u_{k-1} + potential_flow(exp r) + UNet_k(...)``. One det F map
+the field so far and that flow: ``u_k = u_{k-1} + curl_free_flow(r) + UNet_k(...)``. One det F map
 and one Poisson solve per stage, no energy evaluation. Every U-Net's last layer starts at zero, so an
 untrained stage returns the physics-based estimate.
 
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 from .fields import coarsen_field, refine_field, restrict
-from .mechanics import MIN_DET_F, Tissue, channel, det_f_maps, potential_flow, solid_fraction
+from .mechanics import MIN_DET_F, Tissue, channel, curl_free_flow, det_f_maps, solid_fraction
 
 INPUT_SCALE = 20.0  # log a and u are a few hundredths: x20 brings them to O(1) for the network
 PRETRAINED = ("mni-2d", "mni-3d", "mni-2d-cascade", "mni-3d-cascade")  # -cascade: two stages, more accurate, ~2x slower on CPU
@@ -103,12 +103,12 @@ class AtrophyNet(nn.Module):
         factors = self.grid_factors(spacing)
         log_a, solid = torch.log(atrophy), solid_fraction(probabilities)
         scalars = [INPUT_SCALE * log_a, solid, channel(probabilities, Tissue.CSF)]
-        flow = potential_flow(atrophy, spacing)
+        flow = curl_free_flow(log_a, spacing)  # = potential_flow(atrophy)
         u = flow + self._correction(self.unet, torch.cat(scalars, 1), [INPUT_SCALE * flow], factors)
         for unet in self.later_stages:
             misfit = log_a - torch.log(det_f_maps(u, spacing).mean.clamp_min(MIN_DET_F))  # log det F misfit
             residual = solid * misfit.clamp(-MAX_MISFIT, MAX_MISFIT)
-            residual_flow = potential_flow(torch.exp(residual), spacing)  # voxels: div of it ~ residual
+            residual_flow = curl_free_flow(residual, spacing)  # voxels: its divergence is the residual
             correction = self._correction(unet, torch.cat([*scalars, INPUT_SCALE * residual], 1),
                                           [INPUT_SCALE * u, INPUT_SCALE * residual_flow], factors)
             u = u + residual_flow + correction
@@ -205,10 +205,10 @@ def load_pretrained(name: str) -> tuple[AtrophyNet, dict]:
     return load_network(pretrained_path(name))
 
 
-def load_model(source: str | Path, ndim: int) -> tuple[AtrophyNet, dict]:
+def load_model(source: str | Path, ndim: int | None = None) -> tuple[AtrophyNet, dict]:
     """A network by pretrained name (:data:`PRETRAINED`) or file (``.pt``/``.ckpt``) with its card;
-    :class:`InputError` if the file is missing or the network is not ``ndim``-D."""
+    :class:`InputError` if the file is missing or (``ndim`` given) the network is not ``ndim``-D."""
     network, card = load_pretrained(str(source)) if str(source) in PRETRAINED else load_network(source)
-    if network.ndim != ndim:
+    if ndim is not None and network.ndim != ndim:
         raise InputError(f"model {source} is a {network.ndim}D network, not {ndim}D")
     return network, card
