@@ -17,16 +17,17 @@ _HOMES = {  # public name -> the module that defines it
     "InputError": "errors", "retain_freed_memory": "allocator",
     "from_percent": "atrophy", "load_atrophy": "atrophy", "random_atrophy": "atrophy", "to_percent": "atrophy",
     "load_mni": "mni",
+    "Measurement": "measurement", "measure": "measurement", "read_followup": "measurement", "estimate": "estimation",
     "Parcellation": "scenarios", "Prescription": "scenarios", "Scenario": "scenarios", "load_parcellation": "scenarios",
     "mni_atlas": "scenarios", "prescribe": "scenarios",
     "Series": "series", "simulate_series": "series",
     "Report": "simulator", "Simulation": "simulator", "Simulator": "simulator",
     "Subject": "subject", "load_subject": "subject",
 }
-__all__ = ["Cohort", "Convention", "Direction", "InputError", "Method", "Parcellation", "Prescription", "Report",
-           "Scenario", "Series", "Simulation", "Simulator", "Subject", "from_percent", "load_atrophy", "load_mni",
-           "load_parcellation", "load_subject", "mni_atlas", "mni_pseudo_subjects", "prescribe", "random_atrophy",
-           "read_subjects", "retain_freed_memory", "simulate_series", "to_percent", "__version__"]
+__all__ = ["Cohort", "Convention", "Direction", "InputError", "Measurement", "Method", "Parcellation", "Prescription", "Report",
+           "Scenario", "Series", "Simulation", "Simulator", "Subject", "estimate", "from_percent", "load_atrophy", "load_mni",
+           "load_parcellation", "load_subject", "measure", "mni_atlas", "mni_pseudo_subjects", "prescribe", "random_atrophy",
+           "read_followup", "read_subjects", "retain_freed_memory", "simulate_series", "to_percent", "__version__"]
 
 
 def __getattr__(name: str):
@@ -47,6 +48,8 @@ if TYPE_CHECKING:  # static checkers and IDEs see the names as ordinary imports
     from .choices import Convention, Direction, Method
     from .cohort import Cohort, mni_pseudo_subjects, read_subjects
     from .errors import InputError
+    from .estimation import estimate
+    from .measurement import Measurement, measure, read_followup
     from .mni import load_mni
     from .scenarios import Parcellation, Prescription, Scenario, load_parcellation, mni_atlas, prescribe
     from .series import Series, simulate_series

@@ -7,6 +7,8 @@ Commands:
 - ``scenarios``: list the named scenarios (regions, yearly rates, sources).
 - ``cohort``: a scenario over years on many subjects (a Dask cluster), as a BIDS-derivatives dataset.
 - ``atrophy-map``: write a smooth random atrophy map for a subject.
+- ``measure``: the atrophy between a baseline and a follow-up scan, by registration (antspyx SyN).
+- ``estimate``: the atrophy map whose simulation reproduces a follow-up, by gradients through the network.
 - ``train``: train the learned simulator on the energy (lightning).
 - ``evaluate``: Table 1 metrics of simulators over cases.
 
@@ -122,6 +124,12 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
 class Device(str, enum.Enum):
     CPU = "cpu"
     CUDA = "cuda"
+
+
+class Init(str, enum.Enum):
+    AUTO = "auto"  # measure when antspyx is installed, else none
+    MEASURE = "measure"
+    NONE = "none"
 
 
 class Accelerator(str, enum.Enum):
@@ -515,6 +523,137 @@ def cohort(
           + (f"; {len(result.failed)} failed: {out}/failures.tsv)" if result.failed else ")"))
     if result.failed:
         raise typer.Exit(1)
+
+
+Baseline = Annotated[Path, input_file("Baseline intensity NIfTI.")]
+Followup = Annotated[Path, input_file("Follow-up intensity NIfTI of the same subject, aligned (another voxel grid is "
+                                      "resampled onto the baseline's).")]
+RegionsOption = Annotated[Optional[Path], input_file("A label NIfTI naming regions (resampled by nearest neighbour): "
+                                                    "regions.csv gets a row per region.")]
+Lut = Annotated[Optional[Path], input_file("Names of the parcellation's labels: FreeSurfer LUT or CSV/TSV 'id name' "
+                                           "(default: FreeSurfer's aseg names).")]
+PairOverwrite = Annotated[bool, typer.Option(help="Write into an existing output folder (brainmech's files replaced, "
+                                                  "yours kept).")]
+
+
+def _read_pair(baseline: Path, labels: Path | None, label_table: Path | None, followup: Path,
+               parcellation: Path | None, lut: Path | None):
+    """The baseline subject (and whether it is labelled), the follow-up on its grid, the parcellation and
+    the notes on what was done to the inputs."""
+    from .measurement import load_baseline, read_followup
+    from .scenarios import load_parcellation
+
+    if lut is not None and parcellation is None:
+        raise InputError("--lut names the labels of a --parcellation; pass both")
+    subject, labelled = load_baseline(baseline, labels, label_table)
+    followup_image, note = read_followup(followup, subject)
+    subject.files["followup"] = str(followup)
+    regions = load_parcellation(parcellation, subject, lut) if parcellation is not None else None
+    subject.files.update({name: str(path) for name, path in (("parcellation", parcellation), ("lut", lut)) if path})
+    notes = [] if labelled else ["no labels: the brain is ANTs's intensity mask, so only its volume change is given"]
+    if note:
+        console.print(f"note: {note}", highlight=False)
+        notes.append(note)
+    return subject, labelled, followup_image, regions, notes
+
+
+def _report_pair(measurement, out: Path, overwrite: bool, strict: bool) -> None:
+    report = measurement.report
+    seconds = sum(report.timings.values())
+    console.print(f"[bold]{report.subject}[/]: {report.method} in {seconds:.1f} s; tissue volume "
+                  f"{report.tissue_volume_percent:+.2f} % (Jacobian integration); fit R^2 {report.fit['r2_before']:.4f} "
+                  f"(baseline as it is) -> {report.fit['r2_after']:.4f}; folded voxels {report.folded_voxels_brain}",
+                  highlight=False)
+    _warn(report.warnings, strict)
+    measurement.save(out, overwrite=overwrite)
+    print(f"wrote {out}/ (atrophy, det_f, displacement, reproduced_followup, residual .nii.gz; regions.csv; "
+          "report.json; figure.png; manifest.json)")
+
+
+@app.command("measure")
+def measure_command(
+    baseline: Baseline,
+    followup: Followup,
+    out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
+    labels: Annotated[Optional[Path], input_file("Tissue labels of the baseline (0 bg, 1 CSF, 2 GM, 3 WM, 4 DGM); "
+                                                 "without: ANTs's intensity brain mask, brain volume only.")] = None,
+    label_table: Annotated[Optional[Path], input_file("YAML 'label: tissue class' table for other labellings.")] = None,
+    parcellation: RegionsOption = None,
+    lut: Lut = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of ANTs's sampling (the same seed, the same field).")] = 0,
+    strict: Annotated[bool, typer.Option(help="Exit 1 and write nothing when the fit is poor.")] = False,
+    overwrite: PairOverwrite = False,
+) -> None:
+    """Measure the atrophy between a baseline and a follow-up scan: rigid + SyN registration (antspyx,
+    pip install 'brainmech\\[measure]'), a = det F of the pull-back field, regional changes by Jacobian
+    integration."""
+    from .measurement import measure, require_ants
+
+    _refuse_existing(out, overwrite)
+    require_ants()
+    subject, labelled, followup_image, regions, notes = _read_pair(baseline, labels, label_table, followup,
+                                                                   parcellation, lut)
+    with console.status("registering the pair (antspyx: rigid, then SyN)"):
+        measurement = measure(subject, followup_image, parcellation=regions, seed=seed, labelled=labelled, notes=notes)
+    _report_pair(measurement, out, overwrite, strict)
+
+
+@app.command("estimate")
+def estimate_command(
+    baseline: Baseline,
+    labels: Annotated[Path, input_file("Tissue labels of the baseline (0 bg, 1 CSF, 2 GM, 3 WM, 4 DGM).")],
+    followup: Followup,
+    out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
+    label_table: Annotated[Optional[Path], input_file("YAML 'label: tissue class' table for other labellings.")] = None,
+    parcellation: RegionsOption = None,
+    lut: Lut = None,
+    model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d, their -cascade versions or a model.pt "
+                                                      "(default: by dimension).")] = None,
+    init: Annotated[Init, typer.Option(help="Start from measure's map (antspyx), from no change, or auto: measure "
+                                            "when antspyx is installed.")] = Init.AUTO,
+    evaluations: Annotated[int, typer.Option(min=1, max=100_000, help="Network evaluations of the search (each a "
+                                                                      "forward and a backward pass).")] = 300,
+    control_spacing_mm: Annotated[float, typer.Option(callback=bounded(above=0, at_most=100), help="Spacing of the "
+                                                      "map's control points (mm).")] = 2.0,
+    smoothness: Annotated[float, typer.Option(callback=bounded(at_least=0), help="Weight of the map's roughness "
+                                              "(mean |grad log a|^2, mm^2) against the image mismatch.")] = 0.03,
+    seed: Annotated[int, typer.Option(min=0, help="With --init measure: seed of ANTs's sampling.")] = 0,
+    device: DeviceOption = Device.CPU,
+    strict: Annotated[bool, typer.Option(help="Exit 1 and write nothing when the fit is poor.")] = False,
+    overwrite: PairOverwrite = False,
+) -> None:
+    """Estimate the atrophy map whose simulation (the network) reproduces the follow-up, by gradients
+    through the network; its atrophy.nii.gz given to 'simulate --method network' reproduces the follow-up."""
+    import importlib.util
+
+    from .estimation import estimate
+    from .measurement import measure, require_ants
+    from .simulator import Simulator
+
+    _refuse_existing(out, overwrite)
+    if init is Init.MEASURE:
+        require_ants()
+    use_measure = init is Init.MEASURE or (init is Init.AUTO and importlib.util.find_spec("ants") is not None)
+    subject, _, followup_image, regions, notes = _read_pair(baseline, labels, label_table, followup, parcellation, lut)
+    Simulator("network", model=model, device=device.value).network(subject.ndim)  # a bad model fails before any work
+    initial = None
+    if use_measure:
+        with console.status("registering the pair (antspyx) for the starting map"):
+            initial = measure(subject, followup_image, seed=seed).atrophy
+        notes.append(f"started from measure's map (antspyx SyN, seed {seed})")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("estimating", total=evaluations)
+
+        def show(count: int, r2: float) -> None:
+            progress.update(task, completed=count, description=f"estimating: fit R^2 {r2:.5f}")
+
+        found = estimate(subject, followup_image, model=model, initial=initial, control_spacing_mm=control_spacing_mm,
+                         smoothness=smoothness, max_evaluations=evaluations, parcellation=regions,
+                         device=device.value, callback=show, notes=notes)
+    if use_measure:
+        found.report.settings["initial"] = "measure's map (antspyx SyN)"
+    _report_pair(found, out, overwrite, strict)
 
 
 @app.command("atrophy-map")

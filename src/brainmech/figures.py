@@ -259,3 +259,61 @@ def series_png(years: list[float], curves: dict[str, tuple[list[float], list[flo
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def pair_png(baseline: Tensor, followup: Tensor, reproduced: Tensor, atrophy: Tensor, displacement_mm: Tensor,
+             brain: Tensor, *, affine: np.ndarray, title: str = "", atrophy_name: str = "a",
+             slice_index: int | None = None) -> bytes:
+    """A 2 x 3 PNG of a baseline/follow-up pair and the atrophy found between them, on one slice along
+    the third voxel axis (middle if ``slice_index`` is None), cropped to the brain.
+
+    Top row: baseline and follow-up (one grey window) and the atrophy map ``a`` (baseline / follow-up
+    volume, > 1 loss, dimensionless, in the brain). Bottom row: follow-up - baseline (the change to
+    explain) and follow-up - reproduced (what is left unexplained), both in the follow-up's intensity
+    units on one symmetric range; and |u| (mm). Tensors are ``(1, 1, *N)`` (``displacement_mm``
+    ``(1, d, *N)``); ``reproduced`` is the baseline warped by the field, in the follow-up's intensities.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shape = tuple(baseline.shape[2:])
+    depth = shape[2] if len(shape) == 3 else 1
+    k = depth // 2 if slice_index is None else int(slice_index)
+    if not 0 <= k < depth:
+        raise InputError(f"slice_index={k} is outside the third voxel axis (0 to {depth - 1})")
+    in_brain = _axial_slice(brain, k) > 0
+    crop = _brain_crop(in_brain)
+    in_brain = in_brain[crop]
+    cut = lambda volume: _axial_slice(volume, k)[crop]  # noqa: E731
+    brain_all = brain.bool()
+    before, after = followup - baseline, followup - reproduced  # intensity units of the follow-up
+    change_range = max(float(np.quantile(before[brain_all].abs().float().numpy(), 0.999)), 1e-6)
+    ratio_range = max(float((atrophy[brain_all] - 1).abs().quantile(0.99)), 1e-3)
+    low, high = np.percentile(cut(followup)[in_brain] if in_brain.any() else cut(followup), [1, 99.5])
+    grey = dict(cmap="gray", vmin=low, vmax=max(high, low + 1e-6))
+    difference = dict(cmap="PuOr", vmin=-change_range, vmax=change_range)
+    letters = _edge_letters(np.asarray(affine, dtype=float))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 9), constrained_layout=True)
+    panels = [
+        (cut(baseline), "baseline", grey, "intensity"),
+        (cut(followup), "follow-up", grey, "intensity"),
+        (np.ma.masked_where(~in_brain, cut(atrophy)), f"{atrophy_name} (> 1 loss)",
+         dict(cmap="RdBu_r", vmin=1 - ratio_range, vmax=1 + ratio_range), "baseline / follow-up volume"),
+        (cut(before), "follow-up - baseline (to explain)", difference, "intensity difference"),
+        (cut(after), "follow-up - reproduced (left over)", difference, "intensity difference"),
+        (cut(vector_length(displacement_mm)), "|u| displacement", dict(cmap="magma", vmin=0), "|u| (mm)"),
+    ]
+    for axis, (data, name, style, label) in zip(axes.flat, panels):
+        shown = axis.imshow(data, origin="lower", interpolation="nearest", **style)
+        axis.set_title(name)
+        axis.set_xticks([])
+        axis.set_yticks([])
+        _mark_edges(axis, letters)
+        fig.colorbar(shown, ax=axis, shrink=0.85).set_label(label)
+    fig.suptitle(title, fontsize="medium")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()

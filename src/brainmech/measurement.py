@@ -1,0 +1,344 @@
+"""Atrophy measured between two scans of one subject: registration (antspyx SyN) and Jacobian integration,
+and the outputs it shares with estimation through the simulator (docs/measure.md).
+
+The follow-up is registered to the baseline the way brainmech warps (docs/conventions.md): a pull-back
+field ``u`` on the follow-up grid with ``followup(y) ~ baseline(y + u(y))``, so the measured atrophy map
+is ``a = det F`` of ``y -> y + u(y)`` (baseline / follow-up volume, > 1 loss), computed with the same
+stencils as a simulation's ``det_f``, and a region's volume change is the Jacobian integral of
+``1 / det F`` over its baseline voxels (what ``simulate`` reports).
+
+Example::
+
+    from brainmech import load_subject, measure, read_followup
+    subject = load_subject("baseline.nii.gz", "labels.nii.gz")
+    measurement = measure(subject, read_followup("followup.nii.gz", subject))
+    print(measurement.report.tissue_volume_percent)   # PBVC-like: percent tissue volume change
+    measurement.save("measured/")
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import math
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import InputError
+from .fields import warp_image
+from .figures import pair_png
+from .mechanics import TISSUE_CLASSES, SOLID_TISSUES, Tissue, det_f_maps, to_millimetres, vector_length
+from .metrics import folded_voxels
+from .scenarios import Parcellation
+from .simulator import ATROPHY_CONVENTION, volume_growth
+from .subject import Subject, as_tensor, load_subject, read_nifti, volume, write_outputs
+from .version import __version__
+
+MIN_FOLLOWUP_COVERAGE = 0.95  # a follow-up on another grid must cover this share of the baseline's brain voxels
+POOR_FIT_R2 = 0.9  # below it, the field explains too little of the follow-up for its map to be trusted
+UNLIKE_PAIR_R2 = 0.5  # below it before any deformation, the scans hardly look like one subject in one space
+FIT_MARGIN_MM = 3.0  # the fit is judged over the brain grown by this margin (edges that move out of it)
+# rigid, then SyN with a smooth field (same-subject pairs): local cross-correlation of radius 2 voxels,
+# gradient step 0.2, update field smoothed by 3 voxels (sigma), total field not smoothed
+SYN_SETTINGS = {"syn_metric": "CC", "syn_sampling": 2, "grad_step": 0.2, "flow_sigma": 3.0, "total_sigma": 0.0,
+                "reg_iterations": (100, 70, 50)}
+
+
+def read_followup(path: str | Path, subject: Subject) -> tuple[Tensor, str | None]:
+    """The follow-up scan ``(1, 1, *N)`` on the baseline's grid, and a note when it had to be resampled.
+
+    A follow-up on another voxel grid is resampled onto the baseline's by world coordinates (linear);
+    one that does not cover the baseline's brain (another space, a cropped file) is refused.
+    """
+    from nibabel.processing import resample_from_to
+
+    image = read_nifti(path, "follow-up")
+    array = volume(image)
+    if not np.isfinite(array).all():
+        raise InputError(f"follow-up {path} contains NaN or infinite values")
+    note = None
+    if array.shape != subject.file_shape or not np.allclose(image.affine, subject.affine, atol=1e-3):
+        source = nib.Nifti1Image(array, image.affine)
+        target = (subject.file_shape, subject.affine)
+        array = np.asarray(resample_from_to(source, target, order=1, cval=0.0).dataobj, dtype=np.float32)
+        inside = np.asarray(resample_from_to(nib.Nifti1Image(np.ones(source.shape, np.uint8), image.affine), target,
+                                             order=0, cval=0).dataobj) > 0
+        brain = subject.brain[0, 0].numpy().reshape(subject.file_shape)
+        coverage = float(inside[brain].mean()) if brain.any() else 0.0
+        if coverage < MIN_FOLLOWUP_COVERAGE:
+            raise InputError(f"follow-up {path} covers {coverage:.0%} of the baseline's brain (it lies on another "
+                             "grid and was resampled by world coordinates); register it to the baseline first")
+        note = (f"the follow-up lies on another grid ({image.shape[:3]} voxels, its own affine) and was resampled "
+                "onto the baseline's by world coordinates (linear)")
+    tensor = torch.from_numpy(np.ascontiguousarray(array[..., 0] if subject.ndim == 2 else array))[None, None]
+    return tensor.float(), note
+
+
+def regional_changes(subject: Subject, growth: Tensor, parcellation: Parcellation | None = None,
+                     *, labelled: bool = True) -> list[dict]:
+    """Volume change per tissue class (partial volumes), per label of the label map and per region of a
+    parcellation: baseline and follow-up volume (mL) and percent change (negative = loss), the follow-up
+    volume by Jacobian integration of ``growth`` (follow-up / baseline volume at each baseline voxel,
+    :func:`~brainmech.simulator.volume_growth`). Without labels (``labelled=False``) the subject's brain
+    is an intensity mask and only its row is given."""
+    voxel_ml = math.prod(subject.spacing) / 1000.0
+    g = growth.double()
+    rows = []
+
+    def row(kind: str, name: str, weight: Tensor) -> None:
+        weight = weight.double()
+        baseline = float(weight.sum())
+        if baseline <= 0:
+            return
+        followup = float((weight * g).sum())
+        rows.append({"kind": kind, "name": name, "baseline_ml": round(baseline * voxel_ml, 4),
+                     "followup_ml": round(followup * voxel_ml, 4),
+                     "percent_change": round((followup / baseline - 1) * 100, 4) + 0.0})
+
+    if not labelled:
+        row("brain", "brain (intensity mask)", subject.brain)
+        return rows
+    p = subject.probabilities
+    classes = list(Tissue)[1:p.shape[1]]
+    for tissue in classes:
+        row("tissue class", TISSUE_CLASSES[tissue], p[:, tissue:tissue + 1])
+    row("tissue class", "tissue", p[:, [int(t) for t in classes if t in SOLID_TISSUES]].sum(1, keepdim=True))
+    row("tissue class", "intracranial", p[:, [int(t) for t in classes]].sum(1, keepdim=True))
+    brain = subject.brain
+    for label in torch.unique(subject.labels[brain]).tolist():
+        row("label", str(label), (subject.labels == label) & brain)
+    if parcellation is not None:
+        for label in torch.unique(parcellation.labels[brain]).tolist():
+            if label != 0:
+                row("region", parcellation.names.get(label, str(label)), (parcellation.labels == label) & brain)
+    return rows
+
+
+def fit_margin(subject: Subject) -> Tensor:
+    """The voxels a pair's fit is judged on: the brain grown by :data:`FIT_MARGIN_MM` (bool ``(1, 1, *N)``)."""
+    radius = [max(1, round(FIT_MARGIN_MM / h)) for h in subject.spacing]
+    pool = F.max_pool2d if subject.ndim == 2 else F.max_pool3d
+    return pool(subject.brain.float(), [2 * r + 1 for r in radius], 1, radius) > 0
+
+
+def explained_variance(followup: Tensor, model: Tensor, mask: Tensor) -> float:
+    """R^2 of ``model`` as a prediction of ``followup`` over ``mask``: 1 - SSE / SST (1: every intensity
+    reproduced, 0: no better than the follow-up's mean, negative: worse)."""
+    f, m = followup[mask].double(), model[mask].double()
+    return 1.0 - float(((f - m) ** 2).sum() / ((f - f.mean()) ** 2).sum().clamp_min(1e-30))
+
+
+def matched_intensity(reproduced: Tensor, followup: Tensor, mask: Tensor) -> Tensor:
+    """``reproduced`` scaled by the least-squares factor onto ``followup`` over ``mask`` (one global
+    intensity scale: a same-scanner pair)."""
+    r, f = reproduced[mask].double(), followup[mask].double()
+    return reproduced * float((r * f).sum() / (r * r).sum().clamp_min(1e-30))
+
+
+@dataclass
+class PairReport:
+    """What a measurement or estimate did and how well, written as ``report.json`` (docs/measure.md).
+
+    Volumes in mL and percent (negative = loss); det F and a dimensionless; lengths in mm; times in s.
+    """
+
+    method: str  # "registration" (antspyx SyN) or "estimate" (through the simulator)
+    subject: str
+    shape: list[int]
+    spacing_mm: list[float]
+    inputs: dict[str, str]
+    settings: dict  # the method's parameters
+    timings: dict[str, float]
+    tissue_volume_percent: float  # percent change of the tissue volume by Jacobian integration (PBVC-like)
+    fit: dict[str, float]  # r2_before (baseline as the follow-up) and r2_after (the reproduced follow-up), ...
+    folded_voxels_brain: int  # brain voxels with det F <= 0 at any quadrature point
+    min_det_f_brain: float
+    max_displacement_mm: float
+    versions: dict[str, str]
+    atrophy_convention: str = ATROPHY_CONVENTION
+    model: dict | None = None  # estimate: the network
+    notes: list[str] = field(default_factory=list)  # what was done to the inputs (resampling, intensity masks)
+    warnings: list[str] = field(default_factory=list)  # a poor fit, and what it may mean
+    regions: list[dict] = field(default_factory=list)  # regions.csv
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def regions_csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(self.regions[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.regions)
+        return buffer.getvalue()
+
+
+@dataclass
+class Measurement:
+    """The atrophy between a baseline and a follow-up, measured or estimated; tensors ``(1, C, *N)`` on the
+    CPU on the baseline's grid, ``displacement`` in voxels (pull-back: ``followup(y) ~ baseline(y + u(y))``)."""
+
+    subject: Subject
+    followup: Tensor
+    atrophy: Tensor  # a (baseline / follow-up volume): measured, det F of the field; estimated, the map found
+    det_f: Tensor  # det F of the field (voxel mean), dimensionless
+    displacement: Tensor
+    reproduced: Tensor  # the baseline warped by the field, in the follow-up's intensities
+    report: PairReport
+
+    def figure(self) -> bytes:
+        """The PNG overview: baseline, follow-up, a; the change, what is left of it, |u| (:func:`pair_png`)."""
+        centre = self.subject.brain[0, 0].nonzero().double().mean(0)
+        index = round(float(centre[2])) if self.subject.ndim == 3 else None
+        how = "registration (antspyx SyN)" if self.report.method == "registration" else "estimated through the simulator"
+        title = (f"{self.subject.name}: {how}; tissue volume {self.report.tissue_volume_percent:+.2f} %; fit R^2 "
+                 f"{self.report.fit['r2_before']:.3f} -> {self.report.fit['r2_after']:.3f}")
+        return pair_png(self.subject.image, self.followup, self.reproduced, self.atrophy,
+                        to_millimetres(self.displacement, self.subject.spacing), self.subject.brain,
+                        affine=self.subject.affine, title=title, slice_index=index)
+
+    def outputs(self, *, figure: bool = True) -> tuple[dict[str, nib.Nifti1Image], dict[str, bytes]]:
+        """The output files by name (docs/measure.md), NIfTI on the baseline's geometry."""
+        subject = self.subject
+        images = {"atrophy.nii.gz": subject.to_nifti(self.atrophy), "det_f.nii.gz": subject.to_nifti(self.det_f),
+                  "displacement.nii.gz": subject.displacement_to_itk(self.displacement),
+                  "reproduced_followup.nii.gz": subject.to_nifti(self.reproduced),
+                  "residual.nii.gz": subject.to_nifti(self.followup - self.reproduced)}
+        extra = {"regions.csv": self.report.regions_csv().encode(), "report.json": self.report.to_json().encode()}
+        if figure:
+            extra["figure.png"] = self.figure()
+        return images, extra
+
+    def save(self, out_dir: str | Path, *, overwrite: bool = False, figure: bool = True) -> Path:
+        """Write every output into ``out_dir`` atomically, with a manifest (as ``Simulation.save``)."""
+        return write_outputs(*self.outputs(figure=figure), out_dir, overwrite=overwrite)
+
+
+def pair_result(method: str, subject: Subject, followup: Tensor, atrophy: Tensor | None, u: Tensor, reproduced: Tensor,
+                *, fit: dict[str, float], settings: dict, timings: dict[str, float], notes: list[str],
+                parcellation: Parcellation | None, labelled: bool = True, model: dict | None = None) -> Measurement:
+    """The :class:`Measurement` of a field ``u`` (voxels) between ``subject`` and ``followup``: det F maps,
+    regional changes by Jacobian integration, the report and its warnings (a poor fit). ``atrophy``: the
+    map found (None: the measured det F)."""
+    u = u.detach().cpu()
+    det_f = det_f_maps(u.double(), subject.spacing)
+    growth = volume_growth(det_f.mean, u)
+    rows = regional_changes(subject, growth, parcellation, labelled=labelled)
+    tissue = subject.tissue if labelled else subject.brain
+    warnings = []
+    if fit["r2_after"] < POOR_FIT_R2:
+        warnings.append(f"poor fit: the reproduced follow-up explains {fit['r2_after']:.0%} of the follow-up's variance "
+                        f"in the brain (R^2 {fit['r2_after']:.3f}, below {POOR_FIT_R2}); the map cannot be trusted. "
+                        "Are the scans the same subject, aligned, and is the change a volume change?")
+    if fit["r2_before"] < UNLIKE_PAIR_R2:
+        warnings.append(f"the baseline explains only {fit['r2_before']:.0%} of the follow-up before any deformation "
+                        "(R^2): they do not look like one subject in one space (mirrored, another subject, not aligned)")
+    brain = subject.brain
+    report = PairReport(
+        method=method, subject=subject.name, shape=list(subject.shape), spacing_mm=list(subject.spacing),
+        inputs=dict(subject.files), settings=settings, timings=timings,
+        tissue_volume_percent=float(growth[tissue].mean() - 1) * 100, fit=fit,
+        folded_voxels_brain=folded_voxels(det_f.minimum, brain), min_det_f_brain=float(det_f.minimum[brain].min()),
+        max_displacement_mm=float(vector_length(to_millimetres(u, subject.spacing)).max()),
+        versions={"brainmech": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        model=model, notes=notes, warnings=warnings, regions=rows)
+    atrophy = det_f.mean if atrophy is None else atrophy
+    return Measurement(subject=subject, followup=followup, atrophy=atrophy.detach().cpu().float(),
+                       det_f=det_f.mean.float(), displacement=u, reproduced=reproduced.detach().cpu(), report=report)
+
+
+# --- registration (antspyx) --------------------------------------------------------------------------------
+
+
+def require_ants():
+    """antspyx, or an :class:`InputError` that says how to install it."""
+    if importlib.util.find_spec("ants") is None:
+        raise InputError("measuring a pair needs antspyx (registration): pip install 'brainmech[measure]'")
+    import ants
+
+    return ants
+
+
+def register(baseline: Tensor, followup: Tensor, spacing: tuple[float, ...], *, seed: int = 0) -> Tensor:
+    """The pull-back field ``u`` (voxels, ``(1, d, *N)``) with ``followup(y) ~ baseline(y + u(y))``: a rigid
+    registration, then SyN (:data:`SYN_SETTINGS`), both by antspyx, composed into one displacement field.
+
+    The images are given to ANTs on an axis-aligned grid of the voxel spacing (mm), so its field is in mm
+    along the voxel axes; a Jacobian does not depend on that frame.
+    """
+    ants = require_ants()
+    ndim = len(spacing)
+    fixed = ants.from_numpy(followup[0, 0].double().numpy().astype(np.float32), spacing=tuple(spacing))
+    moving = ants.from_numpy(baseline[0, 0].double().numpy().astype(np.float32), spacing=tuple(spacing))
+    with tempfile.TemporaryDirectory(prefix="brainmech-ants-") as folder:
+        rigid = ants.registration(fixed, moving, type_of_transform="Rigid", random_seed=seed,
+                                  outprefix=f"{folder}/rigid_")
+        syn = ants.registration(fixed, moving, type_of_transform="SyNOnly", initial_transform=rigid["fwdtransforms"],
+                                random_seed=seed, outprefix=f"{folder}/syn_", **SYN_SETTINGS)
+        composite = ants.apply_transforms(fixed, moving, syn["fwdtransforms"], compose=f"{folder}/composite_")
+        field_mm = ants.image_read(composite).numpy()  # (*N, d): mm along the voxel axes
+    u = np.moveaxis(field_mm, -1, 0) / np.asarray(spacing).reshape(ndim, *[1] * ndim)
+    return torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32))[None]
+
+
+def brain_from_intensity(subject: Subject) -> Subject:
+    """``subject`` (whose labels are unknown) with ANTs's intensity brain mask as its one tissue label (gm)."""
+    ants = require_ants()
+    mask = ants.get_mask(ants.from_numpy(subject.image[0, 0].numpy().astype(np.float32))).numpy() > 0
+    labels = torch.from_numpy(mask.astype(np.int64) * int(Tissue.GM))[None, None]
+    probabilities = F.one_hot(labels[:, 0], len(Tissue)).movedim(-1, 1).float()
+    return Subject(image=subject.image, labels=labels, probabilities=probabilities, affine=subject.affine,
+                   header=subject.header, name=subject.name, files=dict(subject.files))
+
+
+def load_baseline(image_path: str | Path, labels_path: str | Path | None = None,
+                  label_table: str | Path | None = None) -> tuple[Subject, bool]:
+    """The baseline subject and whether it has tissue labels: with ``labels_path`` as
+    :func:`~brainmech.subject.load_subject`; without, its brain is ANTs's intensity mask
+    (:func:`brain_from_intensity`)."""
+    if labels_path is not None:
+        return load_subject(image_path, labels_path, label_table), True
+    nifti = read_nifti(image_path, "baseline")
+    image = volume(nifti)
+    if not np.isfinite(image).all():
+        raise InputError(f"baseline {image_path} contains NaN or infinite values")
+    tensor = as_tensor(image)
+    unlabelled = Subject(image=tensor, labels=torch.zeros_like(tensor, dtype=torch.int64),
+                         probabilities=torch.zeros(1, len(Tissue), *tensor.shape[2:]), affine=nifti.affine.copy(),
+                         header=nifti.header.copy(), name=Path(image_path).name.split(".")[0],
+                         files={"image": str(image_path)})
+    subject = brain_from_intensity(unlabelled)
+    if not subject.brain.any():
+        raise InputError(f"baseline {image_path}: ANTs's intensity mask is empty; pass --labels")
+    return subject, False
+
+
+def measure(subject: Subject, followup: Tensor, *, parcellation: Parcellation | None = None, seed: int = 0,
+            labelled: bool = True, notes: list[str] | None = None) -> Measurement:
+    """Atrophy between ``subject``'s image (baseline) and ``followup`` (``(1, 1, *N)`` on its grid, e.g.
+    from :func:`read_followup`) by registration (:func:`register`) and Jacobian integration.
+
+    ``labelled=False``: the subject's labels are an intensity mask (:func:`brain_from_intensity`), so only
+    the brain's volume change is reported. ``seed`` seeds ANTs's sampling (the same seed, the same field).
+    """
+    start = time.perf_counter()
+    u = register(subject.image, followup, subject.spacing, seed=seed)
+    elapsed = time.perf_counter() - start
+    mask = fit_margin(subject)
+    reproduced = matched_intensity(warp_image(subject.image, u), followup, mask)
+    fit = {"r2_before": explained_variance(followup, matched_intensity(subject.image, followup, mask), mask),
+           "r2_after": explained_variance(followup, reproduced, mask)}
+    return pair_result("registration", subject, followup, None, u, reproduced, fit=fit,
+                       settings={"registration": "antspyx: Rigid, then SyNOnly", **SYN_SETTINGS, "seed": seed},
+                       timings={"register_s": elapsed}, notes=list(notes or []), parcellation=parcellation,
+                       labelled=labelled)

@@ -1,0 +1,210 @@
+"""Measuring atrophy between two scans (antspyx) and estimating it through the simulator: known changes
+recovered, conventions shared with simulate, bad pairs refused or reported."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from brainmech import Simulator, estimate, load_mni, measure, random_atrophy, read_followup
+from brainmech.cli import app
+from brainmech.errors import InputError
+from brainmech.estimation import control_shape, interpolate, roughness
+from brainmech.fields import warp_image
+from brainmech.measurement import regional_changes, require_ants
+from brainmech.subject import load_subject
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def mni_slice():
+    return load_mni(1, axial_slice_mm=10.0)
+
+
+@pytest.fixture(scope="module")
+def solver_pair(mni_slice):
+    """A follow-up the solver made from a known smooth map (-3 % tissue, 3 % spread, FWHM 10 mm)."""
+    atrophy = random_atrophy(mni_slice, seed=3, tissue_percent=-3.0, spread_percent=3.0, fwhm_mm=10.0)
+    return atrophy, Simulator("solver")(mni_slice, atrophy)
+
+
+@pytest.fixture
+def pair_files(mni_slice, solver_pair, tmp_path):
+    _, simulation = solver_pair
+    paths = {"baseline": tmp_path / "baseline.nii.gz", "labels": tmp_path / "labels.nii.gz",
+             "followup": tmp_path / "followup.nii.gz"}
+    nib.save(mni_slice.to_nifti(mni_slice.image), paths["baseline"])
+    nib.save(mni_slice.to_nifti(mni_slice.labels, dtype=np.uint8), paths["labels"])
+    nib.save(mni_slice.to_nifti(simulation.warped_image), paths["followup"])
+    return paths
+
+
+def true_percent(simulation, mask) -> float:
+    """The volume change the solver made in ``mask``, percent (Jacobian integration)."""
+    return float(simulation.volume_growth[mask].double().mean() - 1) * 100
+
+
+def rows_by_name(measurement) -> dict[str, float]:
+    return {row["name"]: row["percent_change"] for row in measurement.report.regions}
+
+
+# --- the parametrisation ---------------------------------------------------------------------------------
+
+
+def test_a_linear_log_a_is_carried_exactly_and_its_roughness_is_its_squared_gradient():
+    shape, spacing = (41, 31), (1.0, 2.0)
+    control = control_shape(shape, spacing, 4.0)
+    assert control == (11, 16)  # 40 mm / 4 mm + 1 and 60 mm / 4 mm + 1
+    x_mm = torch.linspace(0, 40.0, control[0]).reshape(1, 1, -1, 1).expand(1, 1, *control)
+    slope = 0.003  # log a per mm
+    field = interpolate(slope * x_mm, shape)
+    assert torch.allclose(field[0, 0, :, 0], slope * torch.arange(41.0), atol=1e-6)
+    assert roughness(slope * x_mm, shape, spacing).item() == pytest.approx(slope**2, rel=1e-5)
+
+
+def test_regional_changes_of_a_uniform_growth_are_that_growth_everywhere(mni_slice):
+    rows = regional_changes(mni_slice, torch.full_like(mni_slice.image, 0.95, dtype=torch.float64))
+    assert {row["kind"] for row in rows} == {"tissue class", "label"}
+    assert all(row["percent_change"] == pytest.approx(-5.0, abs=1e-9) for row in rows)
+
+
+# --- measure (antspyx) -----------------------------------------------------------------------------------
+
+
+def test_measure_recovers_a_uniform_five_percent_loss_within_half_a_point(mni_slice):
+    a = 1 / 0.95  # -5 % volume everywhere: u = (a^(1/d) - 1)(y - c), det F = a exactly
+    centre = mni_slice.brain[0, 0].nonzero().double().mean(0)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in mni_slice.shape], indexing="ij"))
+    u = ((a ** 0.5 - 1) * (grid - centre.reshape(2, 1, 1)))[None].float()
+    measured = measure(mni_slice, warp_image(mni_slice.image, u))
+    assert measured.report.tissue_volume_percent == pytest.approx(-5.0, abs=0.5)
+    rows = rows_by_name(measured)
+    for name in ("gm", "wm", "tissue"):
+        assert rows[name] == pytest.approx(-5.0, abs=0.5), name
+    assert measured.report.fit["r2_after"] > measured.report.fit["r2_before"]
+    assert float(measured.atrophy[mni_slice.tissue].mean()) == pytest.approx(a, abs=0.01)  # a = det F, > 1 loss
+
+
+def test_measure_without_antspyx_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "ants" else real(name, *args))
+    with pytest.raises(InputError, match=r"pip install 'brainmech\[measure\]'"):
+        require_ants()
+
+
+def test_measure_command_writes_every_output_on_the_baseline_geometry(pair_files, solver_pair, mni_slice, tmp_path):
+    _, simulation = solver_pair
+    out = tmp_path / "measured"
+    result = runner.invoke(app, ["measure", "--baseline", str(pair_files["baseline"]), "--followup",
+                                 str(pair_files["followup"]), "--labels", str(pair_files["labels"]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("atrophy", "det_f", "displacement", "reproduced_followup", "residual"):
+        image = nib.load(out / f"{name}.nii.gz")
+        assert np.allclose(image.affine, nib.load(pair_files["baseline"]).affine), name
+    assert nib.load(out / "displacement.nii.gz").shape == (*mni_slice.file_shape, 1, 3)  # ITK vector field
+    rows = {row["name"]: float(row["percent_change"]) for row in csv.DictReader(open(out / "regions.csv"))}
+    assert rows["tissue"] == pytest.approx(true_percent(simulation, mni_slice.tissue), abs=0.3)
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "registration" and not report["warnings"]
+
+
+# --- the follow-up's grid --------------------------------------------------------------------------------
+
+
+def test_a_followup_on_another_grid_is_resampled_and_one_elsewhere_refused(pair_files, tmp_path):
+    subject = load_subject(pair_files["baseline"], pair_files["labels"])
+    followup = nib.load(pair_files["followup"])
+    shifted = followup.affine.copy()
+    shifted[:3, 3] += shifted[:3, :3] @ [3, 2, 0]  # the same scan cropped by 3 and 2 voxels
+    cropped = nib.Nifti1Image(np.asarray(followup.dataobj)[3:, 2:], shifted)
+    nib.save(cropped, tmp_path / "cropped.nii.gz")
+    on_grid, note = read_followup(tmp_path / "cropped.nii.gz", subject)
+    assert "resampled" in note
+    original, none = read_followup(pair_files["followup"], subject)
+    assert none is None
+    assert torch.allclose(on_grid[0, 0, 3:, 2:], original[0, 0, 3:, 2:], atol=1e-4)
+    far = followup.affine.copy()
+    far[:3, 3] += 500.0
+    nib.save(nib.Nifti1Image(np.asarray(followup.dataobj), far), tmp_path / "elsewhere.nii.gz")
+    with pytest.raises(InputError, match="covers 0% of the baseline's brain"):
+        read_followup(tmp_path / "elsewhere.nii.gz", subject)
+
+
+# --- estimate --------------------------------------------------------------------------------------------
+
+
+def test_estimate_recovers_a_known_smooth_2d_map(mni_slice, solver_pair):
+    atrophy, simulation = solver_pair
+    found = estimate(mni_slice, simulation.warped_image, model="mni-2d", max_evaluations=150)
+    tissue = mni_slice.tissue
+    assert found.report.tissue_volume_percent == pytest.approx(true_percent(simulation, tissue), abs=0.25)
+    rows = rows_by_name(found)
+    for label in (2, 3):  # grey and white matter by their labels (the gm/wm rows weigh partial volumes)
+        assert rows[str(label)] == pytest.approx(true_percent(simulation, mni_slice.labels == label), abs=0.5), label
+    correlation = np.corrcoef(found.atrophy.log()[tissue].numpy(), atrophy.log()[tissue].numpy())[0, 1]
+    assert correlation > 0.4  # the README's validation table gives the figure on more pairs
+    assert found.report.fit["r2_after"] > 0.999 > found.report.fit["r2_before"]
+    assert not found.report.warnings
+
+
+def test_estimate_command_map_reproduces_the_followup_through_simulate(pair_files, tmp_path):
+    estimated, simulated = tmp_path / "estimated", tmp_path / "simulated"
+    result = runner.invoke(app, ["estimate", "--baseline", str(pair_files["baseline"]), "--labels",
+                                 str(pair_files["labels"]), "--followup", str(pair_files["followup"]), "--out",
+                                 str(estimated), "--init", "none", "--evaluations", "40", "--model", "mni-2d"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((estimated / "report.json").read_text())
+    assert report["fit"]["r2_after"] > report["fit"]["r2_before"]
+    result = runner.invoke(app, ["simulate", "--image", str(pair_files["baseline"]), "--labels", str(pair_files["labels"]),
+                                 "--atrophy", str(estimated / "atrophy.nii.gz"), "--method", "network", "--model",
+                                 "mni-2d", "--out", str(simulated)])
+    assert result.exit_code == 0, result.output
+    field = lambda folder: np.asarray(nib.load(folder / "displacement.nii.gz").dataobj)  # noqa: E731
+    assert np.abs(field(estimated) - field(simulated)).max() < 1e-4  # mm: the same field
+    followup = np.asarray(nib.load(pair_files["followup"]).dataobj)
+    warped = np.asarray(nib.load(simulated / "warped_image.nii.gz").dataobj)
+    reproduced = np.asarray(nib.load(estimated / "reproduced_followup.nii.gz").dataobj)
+    scale = (reproduced * warped).sum() / (warped * warped).sum()  # the estimate's intensity model: one bias field
+    assert np.abs(scale * warped - reproduced).max() < 0.02 * followup.max()
+
+
+def test_a_mirrored_followup_is_reported_as_a_poor_fit(mni_slice, solver_pair):
+    _, simulation = solver_pair
+    mirrored = simulation.warped_image.flip(3)  # front to back: not this subject in this space (left-right is too symmetric)
+    found = estimate(mni_slice, mirrored, model="mni-2d", max_evaluations=20)
+    assert found.report.fit["r2_after"] < 0.9
+    assert any("poor fit" in warning for warning in found.report.warnings)
+    assert any("do not look like one subject" in warning for warning in found.report.warnings)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--evaluations", "0"], "--evaluations"),
+    (["--control-spacing-mm", "0"], "control-spacing-mm"),
+    (["--model", "mni-3d"], "3D"),
+])
+def test_bad_estimate_arguments_are_one_line_exit_2_and_nothing_written(args, message, pair_files, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["estimate", "--baseline", str(pair_files["baseline"]), "--labels",
+                                 str(pair_files["labels"]), "--followup", str(pair_files["followup"]), "--out",
+                                 str(out), "--init", "none", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()
+
+
+def test_a_followup_with_another_brain_size_is_refused(pair_files, tmp_path):
+    followup = nib.load(pair_files["followup"])
+    nib.save(nib.Nifti1Image(np.full(followup.shape, np.nan, np.float32), followup.affine), tmp_path / "nan.nii.gz")
+    result = runner.invoke(app, ["estimate", "--baseline", str(pair_files["baseline"]), "--labels",
+                                 str(pair_files["labels"]), "--followup", str(tmp_path / "nan.nii.gz"), "--out",
+                                 str(tmp_path / "out"), "--init", "none"])
+    assert result.exit_code == 2 and "NaN" in result.output
+    assert not (tmp_path / "out").exists()
