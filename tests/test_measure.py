@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from brainmech import Simulator, estimate, load_mni, measure, random_atrophy, read_followup
 from brainmech.cli import app
 from brainmech.errors import InputError
-from brainmech.estimation import control_shape, interpolate, roughness
+from brainmech.estimation import control_shape, noise_level, roughness
+from brainmech.fields import resize
 from brainmech.fields import warp_image
 from brainmech.measurement import regional_changes, require_ants
 from brainmech.subject import load_subject
@@ -62,7 +63,7 @@ def test_a_linear_log_a_is_carried_exactly_and_its_roughness_is_its_squared_grad
     assert control == (11, 16)  # 40 mm / 4 mm + 1 and 60 mm / 4 mm + 1
     x_mm = torch.linspace(0, 40.0, control[0]).reshape(1, 1, -1, 1).expand(1, 1, *control)
     slope = 0.003  # log a per mm
-    field = interpolate(slope * x_mm, shape)
+    field = resize(slope * x_mm, shape)
     assert torch.allclose(field[0, 0, :, 0], slope * torch.arange(41.0), atol=1e-6)
     assert roughness(slope * x_mm, shape, spacing).item() == pytest.approx(slope**2, rel=1e-5)
 
@@ -71,6 +72,24 @@ def test_regional_changes_of_a_uniform_growth_are_that_growth_everywhere(mni_sli
     rows = regional_changes(mni_slice, torch.full_like(mni_slice.image, 0.95, dtype=torch.float64))
     assert {row["kind"] for row in rows} == {"tissue class", "label"}
     assert all(row["percent_change"] == pytest.approx(-5.0, abs=1e-9) for row in rows)
+
+
+def test_noise_level_reads_the_noise_added_to_a_pair(mni_slice, solver_pair):
+    _, simulation = solver_pair
+    reference = float(mni_slice.image[mni_slice.brain].quantile(0.99))
+    generator = torch.Generator().manual_seed(0)
+    noisy = lambda image: image + 0.03 * reference * torch.randn(image.shape, generator=generator)  # noqa: E731
+    assert noise_level(mni_slice.image, simulation.warped_image, mni_slice.brain) < 0.005  # the anatomy cancels
+    level = noise_level(noisy(mni_slice.image), noisy(simulation.warped_image), mni_slice.brain)
+    assert level == pytest.approx(0.03, rel=0.1)
+
+
+def test_noise_level_of_a_3d_pair_reads_its_planes():
+    generator = torch.Generator().manual_seed(1)
+    clean = torch.ones(1, 1, 12, 10, 8)
+    brain = torch.ones_like(clean, dtype=torch.bool)
+    noisy = lambda: clean + 0.05 * torch.randn(clean.shape, generator=generator)  # noqa: E731
+    assert noise_level(noisy(), noisy(), brain) == pytest.approx(0.05, rel=0.15)
 
 
 # --- measure (antspyx) -----------------------------------------------------------------------------------
@@ -88,6 +107,14 @@ def test_measure_recovers_a_uniform_five_percent_loss_within_half_a_point(mni_sl
         assert rows[name] == pytest.approx(-5.0, abs=0.5), name
     assert measured.report.fit["r2_after"] > measured.report.fit["r2_before"]
     assert float(measured.atrophy[mni_slice.tissue].mean()) == pytest.approx(a, abs=0.01)  # a = det F, > 1 loss
+
+
+def test_measure_takes_out_head_motion_and_finds_no_volume_change(mni_slice):
+    shifted = torch.zeros(1, 2, *mni_slice.shape)
+    shifted[:, 0], shifted[:, 1] = 1.5, -2.0  # voxels: the head moved, nothing shrank
+    measured = measure(mni_slice, warp_image(mni_slice.image, shifted))
+    assert measured.report.tissue_volume_percent == pytest.approx(0.0, abs=0.3)
+    assert measured.report.fit["r2_after"] > 0.99 > measured.report.fit["r2_before"]
 
 
 def test_measure_without_antspyx_says_how_to_install_it(monkeypatch):
@@ -151,6 +178,7 @@ def test_estimate_recovers_a_known_smooth_2d_map(mni_slice, solver_pair):
     correlation = np.corrcoef(found.atrophy.log()[tissue].numpy(), atrophy.log()[tissue].numpy())[0, 1]
     assert correlation > 0.4  # the README's validation table gives the figure on more pairs
     assert found.report.fit["r2_after"] > 0.999 > found.report.fit["r2_before"]
+    assert found.report.settings["image_sigma_mm"] == 0.0  # a clean pair is compared as it is
     assert not found.report.warnings
 
 
@@ -200,11 +228,51 @@ def test_bad_estimate_arguments_are_one_line_exit_2_and_nothing_written(args, me
     assert not out.exists()
 
 
-def test_a_followup_with_another_brain_size_is_refused(pair_files, tmp_path):
-    followup = nib.load(pair_files["followup"])
-    nib.save(nib.Nifti1Image(np.full(followup.shape, np.nan, np.float32), followup.affine), tmp_path / "nan.nii.gz")
+@pytest.mark.parametrize("followup, message", [
+    (lambda f: np.full(f.shape, np.nan, np.float32), "NaN"),
+    (lambda f: np.zeros(f.shape, np.float32), "no positive mean or no contrast"),
+])
+def test_a_followup_that_cannot_be_fitted_is_one_line_exit_2_and_nothing_written(followup, message, pair_files, tmp_path):
+    original = nib.load(pair_files["followup"])
+    nib.save(nib.Nifti1Image(followup(original), original.affine), tmp_path / "bad.nii.gz")
     result = runner.invoke(app, ["estimate", "--baseline", str(pair_files["baseline"]), "--labels",
-                                 str(pair_files["labels"]), "--followup", str(tmp_path / "nan.nii.gz"), "--out",
+                                 str(pair_files["labels"]), "--followup", str(tmp_path / "bad.nii.gz"), "--out",
                                  str(tmp_path / "out"), "--init", "none"])
-    assert result.exit_code == 2 and "NaN" in result.output
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_strict_writes_nothing_for_a_poor_fit(pair_files, tmp_path):
+    original = nib.load(pair_files["followup"])
+    nib.save(nib.Nifti1Image(np.asarray(original.dataobj)[:, ::-1].copy(), original.affine), tmp_path / "flipped.nii.gz")
+    result = runner.invoke(app, ["estimate", "--baseline", str(pair_files["baseline"]), "--labels",
+                                 str(pair_files["labels"]), "--followup", str(tmp_path / "flipped.nii.gz"), "--out",
+                                 str(tmp_path / "out"), "--init", "none", "--evaluations", "10", "--strict"])
+    assert result.exit_code == 1 and "poor fit" in result.output and "--strict" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_measure_without_labels_gives_the_brain_and_the_parcellation_regions(pair_files, mni_slice, tmp_path):
+    quadrants = np.zeros(mni_slice.file_shape, np.int16)
+    quadrants[: mni_slice.shape[0] // 2], quadrants[mni_slice.shape[0] // 2:] = 1, 2
+    parcellation = tmp_path / "halves.nii.gz"
+    nib.save(nib.Nifti1Image(quadrants, nib.load(pair_files["baseline"]).affine), parcellation)
+    (tmp_path / "halves.tsv").write_text("1\tright-half\n2\tleft-half\n")
+    out = tmp_path / "measured"
+    result = runner.invoke(app, ["measure", "--baseline", str(pair_files["baseline"]), "--followup",
+                                 str(pair_files["followup"]), "--parcellation", str(parcellation), "--lut",
+                                 str(tmp_path / "halves.tsv"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in csv.DictReader(open(out / "regions.csv"))}
+    assert set(rows) == {"brain (intensity mask)", "right-half", "left-half"}
+    assert all(float(row["percent_change"]) < 0 for row in rows.values())  # the pair loses tissue everywhere
+
+
+def test_a_label_table_without_labels_is_refused(pair_files, tmp_path):
+    (tmp_path / "table.yaml").write_text("1: csf\n")
+    result = runner.invoke(app, ["measure", "--baseline", str(pair_files["baseline"]), "--followup",
+                                 str(pair_files["followup"]), "--label-table", str(tmp_path / "table.yaml"), "--out",
+                                 str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--label-table" in result.output
     assert not (tmp_path / "out").exists()

@@ -545,6 +545,8 @@ def _read_pair(baseline: Path, labels: Path | None, label_table: Path | None, fo
 
     if lut is not None and parcellation is None:
         raise InputError("--lut names the labels of a --parcellation; pass both")
+    if label_table is not None and labels is None:
+        raise InputError("--label-table describes the values of --labels; pass both")
     subject, labelled = load_baseline(baseline, labels, label_table)
     followup_image, note = read_followup(followup, subject)
     subject.files["followup"] = str(followup)
@@ -558,6 +560,7 @@ def _read_pair(baseline: Path, labels: Path | None, label_table: Path | None, fo
 
 
 def _report_pair(measurement, out: Path, overwrite: bool, strict: bool) -> None:
+    """Print a measurement's summary and warnings (``--strict``: exit 1 on any), then write its outputs."""
     report = measurement.report
     seconds = sum(report.timings.values())
     console.print(f"[bold]{report.subject}[/]: {report.method} in {seconds:.1f} s; tissue volume "
@@ -580,7 +583,8 @@ def measure_command(
     label_table: Annotated[Optional[Path], input_file("YAML 'label: tissue class' table for other labellings.")] = None,
     parcellation: RegionsOption = None,
     lut: Lut = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of ANTs's sampling (the same seed, the same field).")] = 0,
+    seed: Annotated[int, typer.Option(min=1, help="Seed of ANTs's sampling (the same field again with the same seed "
+                                                  "and ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1).")] = 1,
     strict: Annotated[bool, typer.Option(help="Exit 1 and write nothing when the fit is poor.")] = False,
     overwrite: PairOverwrite = False,
 ) -> None:
@@ -617,7 +621,10 @@ def estimate_command(
                                                       "map's control points (mm).")] = 2.0,
     smoothness: Annotated[float, typer.Option(callback=bounded(at_least=0), help="Weight of the map's roughness "
                                               "(mean |grad log a|^2, mm^2) against the image mismatch.")] = 0.03,
-    seed: Annotated[int, typer.Option(min=0, help="With --init measure: seed of ANTs's sampling.")] = 0,
+    image_sigma_mm: Annotated[Optional[float], typer.Option(callback=bounded(at_least=0, at_most=100), help="Compare the "
+                                                            "images through a Gaussian of this sd (mm; default: 1 "
+                                                            "for a noisy pair, 0 for a clean one).")] = None,
+    seed: Annotated[int, typer.Option(min=1, help="With --init measure: seed of ANTs's sampling.")] = 1,
     device: DeviceOption = Device.CPU,
     strict: Annotated[bool, typer.Option(help="Exit 1 and write nothing when the fit is poor.")] = False,
     overwrite: PairOverwrite = False,
@@ -636,11 +643,13 @@ def estimate_command(
     use_measure = init is Init.MEASURE or (init is Init.AUTO and importlib.util.find_spec("ants") is not None)
     subject, _, followup_image, regions, notes = _read_pair(baseline, labels, label_table, followup, parcellation, lut)
     Simulator("network", model=model, device=device.value).network(subject.ndim)  # a bad model fails before any work
-    initial = None
+    initial, measured = None, None
     if use_measure:
         with console.status("registering the pair (antspyx) for the starting map"):
-            initial = measure(subject, followup_image, seed=seed).atrophy
-        notes.append(f"started from measure's map (antspyx SyN, seed {seed})")
+            measured = measure(subject, followup_image, seed=seed)
+        initial = measured.atrophy
+        notes.append(f"started from measure's map (antspyx SyN, seed {seed}; tissue volume "
+                     f"{measured.report.tissue_volume_percent:+.2f} %)")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task("estimating", total=evaluations)
@@ -649,10 +658,12 @@ def estimate_command(
             progress.update(task, completed=count, description=f"estimating: fit R^2 {r2:.5f}")
 
         found = estimate(subject, followup_image, model=model, initial=initial, control_spacing_mm=control_spacing_mm,
-                         smoothness=smoothness, max_evaluations=evaluations, parcellation=regions,
+                         smoothness=smoothness, max_evaluations=evaluations, image_sigma_mm=image_sigma_mm,
+                         parcellation=regions,
                          device=device.value, callback=show, notes=notes)
-    if use_measure:
+    if measured is not None:
         found.report.settings["initial"] = "measure's map (antspyx SyN)"
+        found.report.timings["register_s"] = measured.report.timings["register_s"]
     _report_pair(found, out, overwrite, strict)
 
 

@@ -1,17 +1,21 @@
 """Atrophy estimated through the simulator: the map whose simulated follow-up reproduces an observed one
 (docs/measure.md).
 
-The map is ``log a`` on a control grid (``control_spacing_mm`` apart) interpolated linearly to the voxels
-and held at 0 (no change) outside the brain. The follow-up is modelled as ``exp(b(y)) * baseline(y + u(y))``
-with ``u`` the network's displacement for ``a`` (what ``simulate --method network`` does) and ``b`` a smooth
-log bias field on a coarse control grid (:data:`BIAS_SPACING_MM`; it also takes any global intensity scale).
+The map is ``log a`` from two fields on a control grid (``control_spacing_mm`` apart, interpolated
+linearly to the voxels), one acting in tissue and one in CSF, weighted by each voxel's partial volumes
+(0 in the background), so that each is smooth in itself and the step between shrinking tissue and
+expanding CSF costs nothing. The follow-up is modelled as ``exp(b(y)) * baseline(y + u(y))`` with ``u``
+the network's displacement for ``a`` (what ``simulate --method network`` does) and ``b`` a smooth log
+bias field on a coarse control grid (:data:`BIAS_SPACING_MM`; it also takes any global intensity scale).
 L-BFGS minimises, by gradients through the network,
 
     mismatch + smoothness * mean |grad log a|^2          (the gradient in 1/mm, on the control grid)
 
 where mismatch is the mean squared intensity error over the brain (grown by 3 mm) divided by the
-follow-up's variance there, so ``1 - mismatch`` is the fit's R^2. The pair must be aligned (one space):
-the map explains volume change, not head motion.
+follow-up's variance there (``1 - mismatch``: the fit's R^2 of the compared images); noisy pairs (:func:`noise_level`) are
+compared through a Gaussian of :data:`NOISY_SIGMA_MM`. The search runs coarse to fine over
+:data:`CONTROL_LEVELS` control grids. The pair must be aligned (one space): the map explains volume
+change, not head motion.
 
 Example::
 
@@ -35,29 +39,26 @@ from torch import Tensor
 
 from .choices import Method
 from .errors import InputError
-from .fields import warp_image
+from .fields import resize, restrict, warp_image
+from .mechanics import Tissue, channel, solid_fraction
 from .measurement import Measurement, explained_variance, fit_margin, matched_intensity, pair_result
 from .scenarios import Parcellation
 from .simulator import EXTREME_ATROPHY, Simulator, model_summary
 from .subject import Subject
 
 CONTROL_SPACING_MM = 2.0  # the map's control points (mm): coarser grids fit regional changes worse (README, "Measure")
-BIAS_SPACING_MM = 40.0  # the bias field's control points: MRI bias fields vary over tens of mm
+BIAS_SPACING_MM = 20.0  # the bias field's control points: a 40 mm grid cannot follow a 60 mm FWHM bias (README)
 SMOOTHNESS = 0.03  # weight of mean |grad log a|^2 (mm^2): a prior against fine structure the image cannot see
 MAX_EVALUATIONS = 300  # network evaluations (forward and backward) of the L-BFGS search
+NOISY = 0.015  # per-scan noise sd (of the brain's 99th-percentile intensity) above which the images are smoothed
+NOISY_SIGMA_MM = 1.0  # the Gaussian (sd, mm) both images are compared through when they are noisy
+CONTROL_LEVELS = 3  # control grids of 4, 2 and 1 times the control spacing, searched coarse to fine
 Progress = Callable[[int, float], None]  # (evaluations so far, the fit's R^2 at the latest)
 
 
 def control_shape(shape: tuple[int, ...], spacing: tuple[float, ...], spacing_mm: float) -> tuple[int, ...]:
     """Control points per axis, at most ``spacing_mm`` apart, spanning the grid corner to corner (>= 2)."""
     return tuple(max(2, math.ceil((n - 1) * h / spacing_mm) + 1) for n, h in zip(shape, spacing))
-
-
-def interpolate(control: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """A control grid's values interpolated (bi/trilinearly, corners on corners) onto a grid of ``shape``;
-    from a finer grid, its values sampled at the control points."""
-    mode = "bilinear" if len(shape) == 2 else "trilinear"
-    return F.interpolate(control, size=shape, mode=mode, align_corners=True)
 
 
 def roughness(control: Tensor, shape: tuple[int, ...], spacing: tuple[float, ...]) -> Tensor:
@@ -70,21 +71,38 @@ def roughness(control: Tensor, shape: tuple[int, ...], spacing: tuple[float, ...
     return total
 
 
+def noise_level(baseline: Tensor, followup: Tensor, brain: Tensor) -> float:
+    """Per-scan noise sd of a pair relative to the baseline's 99th-percentile brain intensity: Immerkaer's
+    estimate (1996: the mean |Laplacian difference| over in-plane 3 x 3 stencils) of follow-up - baseline,
+    whose anatomy cancels, over the brain, divided by sqrt(2) (two independent scans)."""
+    kernel = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]], dtype=torch.float64)[None, None]
+    planes = lambda v: v.double() if v.ndim == 4 else v.movedim(-1, 0).flatten(0, 2)[:, None].double()  # noqa: E731
+    response = F.conv2d(planes(followup) - planes(baseline), kernel)
+    inside = planes(brain)[..., 1:-1, 1:-1] > 0.5
+    sd = math.sqrt(math.pi / 2) / 6 * float(response[inside].abs().mean()) if inside.any() else 0.0
+    return sd / math.sqrt(2) / max(float(baseline[brain].double().quantile(0.99)), 1e-12)
+
+
 def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = None, initial: Tensor | None = None,
              control_spacing_mm: float = CONTROL_SPACING_MM, smoothness: float = SMOOTHNESS,
-             max_evaluations: int = MAX_EVALUATIONS, parcellation: Parcellation | None = None,
+             max_evaluations: int = MAX_EVALUATIONS, image_sigma_mm: float | None = None, parcellation: Parcellation | None = None,
              device: str | torch.device = "cpu", callback: Progress | None = None,
              notes: list[str] | None = None) -> Measurement:
     """The atrophy map ``a`` (baseline / follow-up volume) whose simulation by the network ``model`` (a
     pretrained name or file; None: by dimension) reproduces ``followup`` (``(1, 1, *N)`` on the subject's
     grid, aligned), found by L-BFGS from ``initial`` (a map, e.g. :func:`~brainmech.measurement.measure`'s, taken
-    in the brain and clipped to 0.5-2; None: no change) within ``max_evaluations`` network evaluations. ``callback(evaluations, r2)`` follows
-    the search. The result's regional changes are the Jacobian integrals of the network's field.
+    in the brain and clipped to 0.5-2; None: no change) within about ``max_evaluations`` network evaluations
+    (a line search under way finishes; the report counts them).
+    ``image_sigma_mm``: the Gaussian (sd, mm) both images are compared through; None: by the pair's noise.
+    ``callback(evaluations, r2)`` follows the search. The result's regional changes are the Jacobian
+    integrals of the network's field.
     """
     if not (math.isfinite(control_spacing_mm) and control_spacing_mm > 0):
         raise InputError(f"control_spacing_mm= must be a number > 0, got {control_spacing_mm!r}")
     if not (math.isfinite(smoothness) and smoothness >= 0):
         raise InputError(f"smoothness= must be a number >= 0, got {smoothness!r}")
+    if image_sigma_mm is not None and not (math.isfinite(image_sigma_mm) and image_sigma_mm >= 0):
+        raise InputError(f"image_sigma_mm= must be a number >= 0 (or None: by the pair's noise), got {image_sigma_mm!r}")
     if not isinstance(max_evaluations, int) or max_evaluations < 1:
         raise InputError(f"max_evaluations= must be a whole number >= 1, got {max_evaluations!r}")
     if tuple(followup.shape) != tuple(subject.image.shape):
@@ -96,53 +114,83 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
     network.requires_grad_(False)
     device, shape, spacing = simulator.device, subject.shape, subject.spacing
     brain = subject.brain.to(device)
-    inside, probabilities, mask = brain.float(), subject.probabilities.to(device), fit_margin(subject).to(device)
-    baseline = subject.image.to(device).float()
+    probabilities, mask = subject.probabilities.to(device), fit_margin(subject).to(device)
+    # where each control field acts: solid tissue and CSF (partial volumes), each smooth in itself
+    fractions = torch.cat([solid_fraction(probabilities), channel(probabilities, Tissue.CSF)], 1)
+    baseline, observed = subject.image.to(device).float(), followup.to(device).float()
+    for image, what in ((baseline, "baseline"), (observed, "follow-up")):
+        if not float(image[brain].mean()) > 0 or not float(image[mask].var()) > 0:
+            raise InputError(f"the {what}'s intensities have no positive mean or no contrast in the brain; give the "
+                             "scan as acquired (not z-scored, not blank)")
     baseline = baseline / baseline[brain].mean()  # intensities of order 1; exp(b) takes the follow-up's scale
-    observed = followup.to(device).float()
     scale = observed[brain].mean()
     observed = observed / scale
     variance = observed[mask].var(unbiased=False)
     start_map = (torch.zeros_like(baseline) if initial is None else  # a registration's Jacobian has extreme edges
-                 initial.to(device).double().clamp(*EXTREME_ATROPHY).log().float() * inside)
-    log_a_control = interpolate(start_map, control_shape(shape, spacing, control_spacing_mm)).requires_grad_()
-    log_bias_control = baseline.new_zeros(1, 1, *control_shape(shape, spacing, BIAS_SPACING_MM)).requires_grad_()
+                 initial.to(device).double().clamp(*EXTREME_ATROPHY).log().float() * brain)
+    levels = [control_spacing_mm * 2 ** level for level in reversed(range(CONTROL_LEVELS))]
+    # tissue and CSF fields, both from the start map averaged onto the coarsest grid, refined level by level
+    log_a_control = restrict(start_map, control_shape(shape, spacing, levels[0])).repeat(1, 2, *[1] * len(shape))
+    log_bias_control = baseline.new_zeros(1, 1, *control_shape(shape, spacing, BIAS_SPACING_MM))
 
-    def simulated(log_a_control: Tensor, log_bias_control: Tensor) -> Tensor:
-        """exp(b) * baseline(y + u(y)), u the network's field for the map (intensities of order 1)."""
-        u = network((interpolate(log_a_control, shape) * inside).exp(), probabilities, spacing)
-        return interpolate(log_bias_control, shape).exp() * warp_image(baseline, u)
+    def log_atrophy(log_a_control: Tensor) -> Tensor:
+        """log a on the voxels: the tissue and CSF fields weighted by each voxel's fractions (0 in background)."""
+        return (resize(log_a_control, shape) * fractions).sum(1, keepdim=True)
 
+    noise = noise_level(baseline, matched_intensity(observed, baseline, brain), brain)  # on one intensity scale
+    if image_sigma_mm is None:
+        image_sigma_mm = NOISY_SIGMA_MM if noise > NOISY else 0.0
+    blur = lambda image: image  # noqa: E731
+    if image_sigma_mm > 0:
+        from monai.networks.layers import GaussianFilter
+
+        blur = GaussianFilter(subject.ndim, [image_sigma_mm / h for h in spacing]).to(device)
+    observed_compared = blur(observed)
     history: list[float] = []
-    optimizer = torch.optim.LBFGS([log_a_control, log_bias_control], lr=1.0, max_iter=max_evaluations,
-                                  max_eval=max_evaluations, history_size=20, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-12, tolerance_change=1e-14)
+    first: dict[str, Tensor] = {}  # the model of the follow-up at the start, for the fit's r2_start
 
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        model_image = simulated(log_a_control, log_bias_control)
-        mismatch = ((model_image - observed)[mask] ** 2).mean() / variance  # dimensionless: 1 - R^2
-        loss = mismatch + smoothness * roughness(log_a_control, shape, spacing)
-        loss.backward()
-        history.append(float(mismatch.detach()))
-        if callback is not None:
-            callback(len(history), 1.0 - history[-1])
-        return loss
+    def search(log_a_control: Tensor, log_bias_control: Tensor, evaluations: int) -> None:
+        """L-BFGS on both control grids (in place) for at most ``evaluations`` network evaluations."""
+        optimizer = torch.optim.LBFGS([log_a_control, log_bias_control], lr=1.0, max_iter=evaluations,
+                                      max_eval=evaluations, history_size=20, line_search_fn="strong_wolfe",
+                                      tolerance_grad=1e-12, tolerance_change=1e-14)
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            u = network(log_atrophy(log_a_control).exp(), probabilities, spacing)
+            model_image = resize(log_bias_control, shape).exp() * warp_image(baseline, u)  # exp(b) baseline(y + u)
+            mismatch = ((blur(model_image) - observed_compared)[mask] ** 2).mean() / variance  # dimensionless: 1 - R^2
+            loss = mismatch + smoothness * roughness(log_a_control, shape, spacing)
+            loss.backward()
+            first.setdefault("model", model_image.detach())
+            history.append(float(mismatch.detach()))
+            if callback is not None:
+                callback(len(history), 1.0 - history[-1])
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
 
     start = time.perf_counter()
-    with torch.enable_grad():
-        optimizer.step(closure)
+    for level, level_spacing_mm in enumerate(levels):  # coarse to fine: the large scales first
+        log_a_control = resize(log_a_control.detach(), control_shape(shape, spacing, level_spacing_mm))
+        log_a_control.requires_grad_()
+        log_bias_control.requires_grad_()
+        budget = max_evaluations - len(history) if level == len(levels) - 1 else max_evaluations // len(levels)
+        if budget > 0:
+            search(log_a_control, log_bias_control, budget)
     with torch.no_grad():
-        atrophy = (interpolate(log_a_control, shape) * inside).exp().float()
+        atrophy = log_atrophy(log_a_control).exp().float()
         u, _ = simulator.displace(subject, atrophy.cpu())  # exactly what simulate --method network does
-        reproduced = interpolate(log_bias_control, shape).exp() * warp_image(baseline, u) * scale
+        reproduced = resize(log_bias_control, shape).exp() * warp_image(baseline, u) * scale
     elapsed = time.perf_counter() - start
-    reproduced, followup_cpu = reproduced.cpu(), followup.float()
+    reproduced, followup_cpu = reproduced.cpu(), followup.detach().cpu().float()
     cpu_mask = mask.cpu()
     fit = {"r2_before": explained_variance(followup_cpu, matched_intensity(subject.image, followup_cpu, cpu_mask), cpu_mask),
-           "r2_start": 1.0 - history[0], "r2_after": explained_variance(followup_cpu, reproduced, cpu_mask),
-           "evaluations": len(history)}
-    settings = {"control_spacing_mm": control_spacing_mm, "smoothness": smoothness, "bias_spacing_mm": BIAS_SPACING_MM,
+           "r2_start": explained_variance(followup_cpu, first["model"].cpu() * float(scale), cpu_mask),
+           "r2_after": explained_variance(followup_cpu, reproduced, cpu_mask), "evaluations": len(history)}
+    settings = {"control_spacing_mm": control_spacing_mm, "control_levels": levels, "smoothness": smoothness,
+                "bias_spacing_mm": BIAS_SPACING_MM, "noise_estimate": noise, "image_sigma_mm": image_sigma_mm,
                 "max_evaluations": max_evaluations, "initial": "no change" if initial is None else "the given map",
                 "optimiser": "L-BFGS (strong Wolfe line search)"}
     return pair_result("estimate", subject, followup_cpu, atrophy, u, reproduced, fit=fit, settings=settings,

@@ -262,8 +262,7 @@ def series_png(years: list[float], curves: dict[str, tuple[list[float], list[flo
 
 
 def pair_png(baseline: Tensor, followup: Tensor, reproduced: Tensor, atrophy: Tensor, displacement_mm: Tensor,
-             brain: Tensor, *, affine: np.ndarray, title: str = "", atrophy_name: str = "a",
-             slice_index: int | None = None) -> bytes:
+             brain: Tensor, *, affine: np.ndarray, title: str = "", slice_index: int | None = None) -> bytes:
     """A 2 x 3 PNG of a baseline/follow-up pair and the atrophy found between them, on one slice along
     the third voxel axis (middle if ``slice_index`` is None), cropped to the brain.
 
@@ -299,7 +298,7 @@ def pair_png(baseline: Tensor, followup: Tensor, reproduced: Tensor, atrophy: Te
     panels = [
         (cut(baseline), "baseline", grey, "intensity"),
         (cut(followup), "follow-up", grey, "intensity"),
-        (np.ma.masked_where(~in_brain, cut(atrophy)), f"{atrophy_name} (> 1 loss)",
+        (np.ma.masked_where(~in_brain, cut(atrophy)), "a (> 1 loss)",
          dict(cmap="RdBu_r", vmin=1 - ratio_range, vmax=1 + ratio_range), "baseline / follow-up volume"),
         (cut(before), "follow-up - baseline (to explain)", difference, "intensity difference"),
         (cut(after), "follow-up - reproduced (left over)", difference, "intensity difference"),

@@ -26,6 +26,7 @@ import math
 import platform
 import tempfile
 import time
+from types import ModuleType
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,7 @@ POOR_FIT_R2 = 0.9  # below it, the field explains too little of the follow-up fo
 UNLIKE_PAIR_R2 = 0.5  # below it before any deformation, the scans hardly look like one subject in one space
 FIT_MARGIN_MM = 3.0  # the fit is judged over the brain grown by this margin (edges that move out of it)
 # rigid, then SyN with a smooth field (same-subject pairs): local cross-correlation of radius 2 voxels,
-# gradient step 0.2, update field smoothed by 3 voxels (sigma), total field not smoothed
+# gradient step 0.2, update field smoothed by a Gaussian of variance 3 voxels^2, total field not smoothed
 SYN_SETTINGS = {"syn_metric": "CC", "syn_sampling": 2, "grad_step": 0.2, "flow_sigma": 3.0, "total_sigma": 0.0,
                 "reg_iterations": (100, 70, 50)}
 
@@ -106,18 +107,18 @@ def regional_changes(subject: Subject, growth: Tensor, parcellation: Parcellatio
                      "followup_ml": round(followup * voxel_ml, 4),
                      "percent_change": round((followup / baseline - 1) * 100, 4) + 0.0})
 
+    brain = subject.brain
     if not labelled:
-        row("brain", "brain (intensity mask)", subject.brain)
-        return rows
-    p = subject.probabilities
+        row("brain", "brain (intensity mask)", brain)
+    p = subject.probabilities if labelled else subject.probabilities[:, :0]
     classes = list(Tissue)[1:p.shape[1]]
     for tissue in classes:
         row("tissue class", TISSUE_CLASSES[tissue], p[:, tissue:tissue + 1])
-    row("tissue class", "tissue", p[:, [int(t) for t in classes if t in SOLID_TISSUES]].sum(1, keepdim=True))
-    row("tissue class", "intracranial", p[:, [int(t) for t in classes]].sum(1, keepdim=True))
-    brain = subject.brain
-    for label in torch.unique(subject.labels[brain]).tolist():
-        row("label", str(label), (subject.labels == label) & brain)
+    if labelled:
+        row("tissue class", "tissue", p[:, [int(t) for t in classes if t in SOLID_TISSUES]].sum(1, keepdim=True))
+        row("tissue class", "intracranial", p[:, [int(t) for t in classes]].sum(1, keepdim=True))
+        for label in torch.unique(subject.labels[brain]).tolist():
+            row("label", str(label), (subject.labels == label) & brain)
     if parcellation is not None:
         for label in torch.unique(parcellation.labels[brain]).tolist():
             if label != 0:
@@ -236,11 +237,11 @@ def pair_result(method: str, subject: Subject, followup: Tensor, atrophy: Tensor
     rows = regional_changes(subject, growth, parcellation, labelled=labelled)
     tissue = subject.tissue if labelled else subject.brain
     warnings = []
-    if fit["r2_after"] < POOR_FIT_R2:
+    if not fit["r2_after"] >= POOR_FIT_R2:  # NaN too
         warnings.append(f"poor fit: the reproduced follow-up explains {fit['r2_after']:.0%} of the follow-up's variance "
                         f"in the brain (R^2 {fit['r2_after']:.3f}, below {POOR_FIT_R2}); the map cannot be trusted. "
                         "Are the scans the same subject, aligned, and is the change a volume change?")
-    if fit["r2_before"] < UNLIKE_PAIR_R2:
+    if not fit["r2_before"] >= UNLIKE_PAIR_R2:
         warnings.append(f"the baseline explains only {fit['r2_before']:.0%} of the follow-up before any deformation "
                         "(R^2): they do not look like one subject in one space (mirrored, another subject, not aligned)")
     brain = subject.brain
@@ -260,7 +261,7 @@ def pair_result(method: str, subject: Subject, followup: Tensor, atrophy: Tensor
 # --- registration (antspyx) --------------------------------------------------------------------------------
 
 
-def require_ants():
+def require_ants() -> ModuleType:
     """antspyx, or an :class:`InputError` that says how to install it."""
     if importlib.util.find_spec("ants") is None:
         raise InputError("measuring a pair needs antspyx (registration): pip install 'brainmech[measure]'")
@@ -269,17 +270,19 @@ def require_ants():
     return ants
 
 
-def register(baseline: Tensor, followup: Tensor, spacing: tuple[float, ...], *, seed: int = 0) -> Tensor:
+def register(baseline: Tensor, followup: Tensor, spacing: tuple[float, ...], *, seed: int = 1) -> Tensor:
     """The pull-back field ``u`` (voxels, ``(1, d, *N)``) with ``followup(y) ~ baseline(y + u(y))``: a rigid
     registration, then SyN (:data:`SYN_SETTINGS`), both by antspyx, composed into one displacement field.
 
     The images are given to ANTs on an axis-aligned grid of the voxel spacing (mm), so its field is in mm
     along the voxel axes; a Jacobian does not depend on that frame.
     """
+    if not isinstance(seed, int) or seed < 1:  # ANTs reads 0 as "no seed": the clock
+        raise InputError(f"seed= must be a whole number >= 1, got {seed!r}")
     ants = require_ants()
     ndim = len(spacing)
-    fixed = ants.from_numpy(followup[0, 0].double().numpy().astype(np.float32), spacing=tuple(spacing))
-    moving = ants.from_numpy(baseline[0, 0].double().numpy().astype(np.float32), spacing=tuple(spacing))
+    fixed = ants.from_numpy(followup[0, 0].float().numpy(), spacing=tuple(spacing))
+    moving = ants.from_numpy(baseline[0, 0].float().numpy(), spacing=tuple(spacing))
     with tempfile.TemporaryDirectory(prefix="brainmech-ants-") as folder:
         rigid = ants.registration(fixed, moving, type_of_transform="Rigid", random_seed=seed,
                                   outprefix=f"{folder}/rigid_")
@@ -323,13 +326,15 @@ def load_baseline(image_path: str | Path, labels_path: str | Path | None = None,
     return subject, False
 
 
-def measure(subject: Subject, followup: Tensor, *, parcellation: Parcellation | None = None, seed: int = 0,
+def measure(subject: Subject, followup: Tensor, *, parcellation: Parcellation | None = None, seed: int = 1,
             labelled: bool = True, notes: list[str] | None = None) -> Measurement:
     """Atrophy between ``subject``'s image (baseline) and ``followup`` (``(1, 1, *N)`` on its grid, e.g.
     from :func:`read_followup`) by registration (:func:`register`) and Jacobian integration.
 
     ``labelled=False``: the subject's labels are an intensity mask (:func:`brain_from_intensity`), so only
-    the brain's volume change is reported. ``seed`` seeds ANTs's sampling (the same seed, the same field).
+    the brain's volume change is reported (and a parcellation's regions). ``seed`` (>= 1) seeds ANTs's
+    sampling; ANTs gives the same field again with the same seed on one thread
+    (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1``), and nearly the same on several.
     """
     start = time.perf_counter()
     u = register(subject.image, followup, subject.spacing, seed=seed)
