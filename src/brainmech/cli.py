@@ -552,7 +552,8 @@ def _read_pair(baseline: Path, labels: Path | None, label_table: Path | None, fo
     subject.files["followup"] = str(followup)
     regions = load_parcellation(parcellation, subject, lut) if parcellation is not None else None
     subject.files.update({name: str(path) for name, path in (("parcellation", parcellation), ("lut", lut)) if path})
-    notes = [] if labelled else ["no labels: the brain is ANTs's intensity mask, so only its volume change is given"]
+    notes = [] if labelled else ["no labels: the brain is ANTs's intensity mask; only its volume change and the "
+                                 "parcellation's regions are given"]
     if note:
         console.print(f"note: {note}", highlight=False)
         notes.append(note)
@@ -613,8 +614,8 @@ def estimate_command(
     lut: Lut = None,
     model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d, their -cascade versions or a model.pt "
                                                       "(default: by dimension).")] = None,
-    init: Annotated[Init, typer.Option(help="Start from measure's map (antspyx), from no change, or auto: measure "
-                                            "when antspyx is installed.")] = Init.AUTO,
+    init: Annotated[Init, typer.Option(help="Start from measure's map (antspyx; minutes for a 2 mm volume), from no "
+                                            "change, or auto: measure when antspyx is installed.")] = Init.AUTO,
     evaluations: Annotated[int, typer.Option(min=1, max=100_000, help="Network evaluations of the search (each a "
                                                                       "forward and a backward pass).")] = 300,
     control_spacing_mm: Annotated[float, typer.Option(callback=bounded(above=0, at_most=100), help="Spacing of the "
@@ -659,8 +660,7 @@ def estimate_command(
 
         found = estimate(subject, followup_image, model=model, initial=initial, control_spacing_mm=control_spacing_mm,
                          smoothness=smoothness, max_evaluations=evaluations, image_sigma_mm=image_sigma_mm,
-                         parcellation=regions,
-                         device=device.value, callback=show, notes=notes)
+                         parcellation=regions, device=device.value, callback=show, notes=notes)
     if measured is not None:
         found.report.settings["initial"] = "measure's map (antspyx SyN)"
         found.report.timings["register_s"] = measured.report.timings["register_s"]
