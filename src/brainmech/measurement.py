@@ -92,7 +92,7 @@ def regional_changes(subject: Subject, growth: Tensor, parcellation: Parcellatio
     parcellation: baseline and follow-up volume (mL) and percent change (negative = loss), the follow-up
     volume by Jacobian integration of ``growth`` (follow-up / baseline volume at each baseline voxel,
     :func:`~brainmech.simulator.volume_growth`). Without labels (``labelled=False``) the subject's brain
-    is an intensity mask and only its row is given."""
+    is an intensity mask: its row and the parcellation's are given."""
     voxel_ml = math.prod(subject.spacing) / 1000.0
     g = growth.double()
     rows = []
@@ -108,17 +108,17 @@ def regional_changes(subject: Subject, growth: Tensor, parcellation: Parcellatio
                      "percent_change": round((followup / baseline - 1) * 100, 4) + 0.0})
 
     brain = subject.brain
-    if not labelled:
-        row("brain", "brain (intensity mask)", brain)
-    p = subject.probabilities if labelled else subject.probabilities[:, :0]
-    classes = list(Tissue)[1:p.shape[1]]
-    for tissue in classes:
-        row("tissue class", TISSUE_CLASSES[tissue], p[:, tissue:tissue + 1])
     if labelled:
+        p = subject.probabilities
+        classes = list(Tissue)[1:p.shape[1]]
+        for tissue in classes:
+            row("tissue class", TISSUE_CLASSES[tissue], p[:, tissue:tissue + 1])
         row("tissue class", "tissue", p[:, [int(t) for t in classes if t in SOLID_TISSUES]].sum(1, keepdim=True))
         row("tissue class", "intracranial", p[:, [int(t) for t in classes]].sum(1, keepdim=True))
         for label in torch.unique(subject.labels[brain]).tolist():
             row("label", str(label), (subject.labels == label) & brain)
+    else:
+        row("brain", "brain (intensity mask)", brain)
     if parcellation is not None:
         for label in torch.unique(parcellation.labels[brain]).tolist():
             if label != 0:
