@@ -43,10 +43,9 @@ from .mechanics import TISSUE_CLASSES, SOLID_TISSUES, Tissue, det_f_maps, to_mil
 from .metrics import folded_voxels
 from .scenarios import Parcellation
 from .simulator import ATROPHY_CONVENTION, volume_growth
-from .subject import Subject, as_tensor, load_subject, read_nifti, volume, write_outputs
+from .subject import MIN_COVERAGE, Subject, as_tensor, load_subject, on_subject_grid, read_nifti, volume, write_outputs
 from .version import __version__
 
-MIN_FOLLOWUP_COVERAGE = 0.95  # a follow-up on another grid must cover this share of the baseline's brain voxels
 POOR_FIT_R2 = 0.9  # below it, the field explains too little of the follow-up for its map to be trusted
 UNLIKE_PAIR_R2 = 0.5  # below it before any deformation, the scans hardly look like one subject in one space
 FIT_MARGIN_MM = 3.0  # the fit is judged over the brain grown by this margin (edges that move out of it)
@@ -62,28 +61,19 @@ def read_followup(path: str | Path, subject: Subject) -> tuple[Tensor, str | Non
     A follow-up on another voxel grid is resampled onto the baseline's by world coordinates (linear);
     one that does not cover the baseline's brain (another space, a cropped file) is refused.
     """
-    from nibabel.processing import resample_from_to
-
     image = read_nifti(path, "follow-up")
     array = volume(image)
     if not np.isfinite(array).all():
         raise InputError(f"follow-up {path} contains NaN or infinite values")
+    array, coverage = on_subject_grid(array, image.affine, subject, order=1)
     note = None
-    if array.shape != subject.file_shape or not np.allclose(image.affine, subject.affine, atol=1e-3):
-        source = nib.Nifti1Image(array, image.affine)
-        target = (subject.file_shape, subject.affine)
-        array = np.asarray(resample_from_to(source, target, order=1, cval=0.0).dataobj, dtype=np.float32)
-        inside = np.asarray(resample_from_to(nib.Nifti1Image(np.ones(source.shape, np.uint8), image.affine), target,
-                                             order=0, cval=0).dataobj) > 0
-        brain = subject.brain[0, 0].numpy().reshape(subject.file_shape)
-        coverage = float(inside[brain].mean()) if brain.any() else 0.0
-        if coverage < MIN_FOLLOWUP_COVERAGE:
+    if coverage is not None:
+        if coverage < MIN_COVERAGE:
             raise InputError(f"follow-up {path} covers {coverage:.0%} of the baseline's brain (it lies on another "
                              "grid and was resampled by world coordinates); register it to the baseline first")
         note = (f"the follow-up lies on another grid ({image.shape[:3]} voxels, its own affine) and was resampled "
                 "onto the baseline's by world coordinates (linear)")
-    tensor = torch.from_numpy(np.ascontiguousarray(array[..., 0] if subject.ndim == 2 else array))[None, None]
-    return tensor.float(), note
+    return as_tensor(np.asarray(array, dtype=np.float32)), note
 
 
 def regional_changes(subject: Subject, growth: Tensor, parcellation: Parcellation | None = None,

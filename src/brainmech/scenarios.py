@@ -37,10 +37,9 @@ from torch import Tensor
 from .atrophy import FWHM_PER_SIGMA
 from .errors import InputError
 from .mechanics import TISSUE_CLASSES
-from .subject import Subject, as_tensor, read_nifti, volume
+from .subject import MIN_COVERAGE, Subject, as_tensor, on_subject_grid, read_nifti, volume
 
 SCENARIO_FILES = "data/scenarios"  # named scenarios shipped in the package
-MIN_COVERAGE = 0.95  # a parcellation must cover this fraction of the subject's brain voxels
 LEVEL_TOLERANCE = 1e-6  # relative error of each region's yearly volume, after which the levels stop
 MAX_LEVEL_ITERATIONS = 200
 RESERVED_NAMES = {"other tissue", "csf", "intracranial"}  # rows every series has
@@ -333,21 +332,11 @@ def read_lookup_table(path: str | Path) -> dict[int, str]:
 def _on_subject_grid(image: nib.Nifti1Image, subject: Subject, what: str) -> np.ndarray:
     """Nearest-neighbour resampling of a label image onto the subject's grid, by world coordinates;
     refused when it does not cover the subject's brain (another space, or a cropped file)."""
-    from nibabel.processing import resample_from_to
-
-    image = nib.Nifti1Image(np.rint(volume(image)).astype(np.int32), image.affine)
-    target = (subject.file_shape, subject.affine)
-    if volume(image).shape == subject.file_shape and np.allclose(image.affine, subject.affine, atol=1e-3):
-        return volume(image).astype(np.int64)
-    labels = np.asarray(resample_from_to(image, target, order=0, cval=0).dataobj).astype(np.int64)
-    inside = np.asarray(resample_from_to(nib.Nifti1Image(np.ones(image.shape, np.uint8), image.affine), target,
-                                         order=0, cval=0).dataobj)
-    brain = subject.brain[0, 0].numpy().reshape(subject.file_shape)
-    coverage = float(inside[brain].mean())
-    if coverage < MIN_COVERAGE:
+    labels, coverage = on_subject_grid(np.rint(volume(image)).astype(np.int32), image.affine, subject, order=0)
+    if coverage is not None and coverage < MIN_COVERAGE:
         raise InputError(f"{what} covers {coverage:.0%} of the subject's brain; it must lie on the subject "
                          f"(the same space, a field of view that holds the brain): register it to the image first")
-    return labels
+    return labels.astype(np.int64)
 
 
 def load_parcellation(path: str | Path, subject: Subject, lut: str | Path | None = None) -> Parcellation:

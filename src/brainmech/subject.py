@@ -178,6 +178,26 @@ def check_same_grid(other: nib.Nifti1Image, shape: tuple[int, ...], affine: np.n
         raise InputError(f"{what} has a different affine (voxel-to-world geometry) than the image")
 
 
+MIN_COVERAGE = 0.95  # a file on another grid must cover this share of the subject's brain voxels
+
+
+def on_subject_grid(array: np.ndarray, affine: np.ndarray, subject: Subject, *, order: int) -> tuple[np.ndarray, float | None]:
+    """A 3D file volume (``array`` with its ``affine``) on ``subject``'s grid, resampled by world coordinates
+    (``order`` 0: nearest, 1: linear; 0 outside the file) when it lies on another, and the share of the
+    subject's brain voxels the file covers there (None: already on the grid). Callers refuse a coverage
+    below :data:`MIN_COVERAGE` in their own words."""
+    from nibabel.processing import resample_from_to
+
+    if array.shape == subject.file_shape and np.allclose(affine, subject.affine, atol=1e-3):
+        return array, None
+    target = (subject.file_shape, subject.affine)
+    resampled = np.asarray(resample_from_to(nib.Nifti1Image(array, affine), target, order=order, cval=0).dataobj)
+    inside = np.asarray(resample_from_to(nib.Nifti1Image(np.ones(array.shape, np.uint8), affine), target,
+                                         order=0, cval=0).dataobj) > 0
+    brain = subject.brain[0, 0].numpy().reshape(subject.file_shape)
+    return resampled, float(inside[brain].mean()) if brain.any() else 0.0
+
+
 def as_tensor(array: np.ndarray) -> Tensor:
     """``(1, 1, *N)`` tensor of a file volume, squeezing a length-1 third axis (2D)."""
     array = array[..., 0] if array.shape[2] == 1 else array
