@@ -18,12 +18,9 @@ Example::
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import io
 import json
 import math
-import platform
 import tempfile
 import time
 from types import ModuleType
@@ -42,9 +39,9 @@ from .figures import pair_png
 from .mechanics import TISSUE_CLASSES, SOLID_TISSUES, Tissue, det_f_maps, to_millimetres, vector_length
 from .metrics import folded_voxels
 from .scenarios import Parcellation
-from .simulator import ATROPHY_CONVENTION, volume_growth
-from .subject import MIN_COVERAGE, Subject, as_tensor, load_subject, on_subject_grid, read_nifti, volume, write_outputs
-from .version import __version__
+from .simulator import ATROPHY_CONVENTION, software_versions, volume_growth
+from .subject import (MIN_COVERAGE, Subject, as_tensor, load_subject, on_subject_grid, read_nifti, rows_csv, volume,
+                      write_outputs)
 
 POOR_FIT_R2 = 0.9  # below it, the field explains too little of the follow-up for its map to be trusted
 UNLIKE_PAIR_R2 = 0.5  # below it before any deformation, the scans hardly look like one subject in one space
@@ -167,11 +164,7 @@ class PairReport:
         return json.dumps(asdict(self), indent=2)
 
     def regions_csv(self) -> str:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(self.regions[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.regions)
-        return buffer.getvalue()
+        return rows_csv(self.regions)
 
 
 @dataclass
@@ -241,7 +234,7 @@ def pair_result(method: str, subject: Subject, followup: Tensor, atrophy: Tensor
         tissue_volume_percent=float(growth[tissue].mean() - 1) * 100, fit=fit,
         folded_voxels_brain=folded_voxels(det_f.minimum, brain), min_det_f_brain=float(det_f.minimum[brain].min()),
         max_displacement_mm=float(vector_length(to_millimetres(u, subject.spacing)).max()),
-        versions={"brainmech": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        versions=software_versions(),
         model=model, notes=notes, warnings=warnings, regions=rows)
     atrophy = det_f.mean if atrophy is None else atrophy
     return Measurement(subject=subject, followup=followup, atrophy=atrophy.detach().cpu().float(),

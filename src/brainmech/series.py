@@ -16,8 +16,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import math
 import time
@@ -35,7 +33,7 @@ from .figures import series_png
 from .scenarios import CsfMode, Prescription
 from .choices import Method, check_years, year_folder
 from .simulator import Simulation, Simulator, label_dtype, misses
-from .subject import Subject, write_outputs
+from .subject import Subject, rows_csv, write_outputs
 
 INTRACRANIAL = "intracranial"  # the row of the whole brain mask: the skull is fixed, its volume is kept
 PRESCRIBED_KINDS = ("region", "other tissue", "csf")  # zones given a rate (compensating CSF takes what is left)
@@ -97,12 +95,7 @@ class Series:
                 and misses(row["simulated_percent"], row["prescribed_percent"])]
 
     def csv(self) -> str:
-        rows = self.rows()
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return buffer.getvalue()
+        return rows_csv(self.rows())
 
     def figure(self) -> bytes:
         """Volume curves (prescribed dashed, simulated solid) and the time points on one slice through

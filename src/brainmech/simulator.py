@@ -10,8 +10,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import platform
@@ -33,7 +31,7 @@ from .mechanics import TISSUE_CLASSES, DetFMaps, Tissue, build_problem, solid_fr
 from .metrics import atrophy_mse, folded_voxels
 from .network import PRETRAINED, load_model
 from .solver import MAX_EVALUATIONS, Callback, SolverRecord, solve
-from .subject import Subject, write_outputs
+from .subject import Subject, rows_csv, write_outputs
 from .version import __version__
 
 
@@ -85,11 +83,7 @@ class Report:
 
     def volumes_csv(self) -> str:
         """``volumes.csv``: one row per tissue class and per label of the label map."""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(self.volumes[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.volumes)
-        return buffer.getvalue()
+        return rows_csv(self.volumes)
 
 
 @dataclass
@@ -316,7 +310,7 @@ class Simulator:
             max_displacement_mm=float(vector_length(to_millimetres(u, subject.spacing)).max()),
             brain_centre_voxel=centre,
             solver=[r.as_dict() for r in records] if self.method is not Method.NETWORK else None,
-            versions={"brainmech": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            versions=software_versions(),
             inputs=dict(subject.files),
             tissue_volume_percent={"prescribed": tissue_volume_percent(atrophy, subject),
                                    "simulated": float(growth[tissue].double().mean() - 1) * 100},  # Jacobian integration
@@ -353,6 +347,11 @@ class Simulator:
             warnings.append(f"{report.folded_voxels_brain} brain voxels fold (det F <= 0, smallest "
                             f"{report.min_det_f_brain:.3g}); {fix}")
         return warnings
+
+
+def software_versions() -> dict[str, str]:
+    """The versions a report records: brainmech, torch, Python."""
+    return {"brainmech": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def volume_growth(det_f: Tensor, u: Tensor) -> Tensor:

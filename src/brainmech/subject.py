@@ -8,7 +8,9 @@ write outputs with the input's geometry. User files are checked on reading: a ba
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -241,6 +243,15 @@ def load_subject(image_path: str | Path, labels_path: str | Path, label_table: s
                    affine=image_nii.affine.copy(), header=image_nii.header.copy(), name=Path(image_path).name.split(".")[0],
                    files={"image": str(image_path), "labels": str(labels_path),
                           **({"label_table": str(label_table)} if label_table is not None else {})})
+
+
+def rows_csv(rows: list[dict]) -> str:
+    """Table rows as CSV text (columns: the first row's keys; newline line ends), for the ``*.csv`` outputs."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 MANIFEST = "manifest.json"  # in every output folder: the files brainmech wrote there, with their sizes and SHA-256
