@@ -40,8 +40,8 @@ from .mechanics import TISSUE_CLASSES, SOLID_TISSUES, Tissue, det_f_maps, to_mil
 from .metrics import folded_voxels
 from .scenarios import Parcellation
 from .simulator import ATROPHY_CONVENTION, software_versions, volume_growth
-from .subject import (MIN_COVERAGE, Subject, as_tensor, load_subject, on_subject_grid, read_nifti, rows_csv, volume,
-                      write_outputs)
+from .subject import (DEFAULT_LABEL_TABLE, MIN_COVERAGE, Subject, as_tensor, load_subject, one_hot_tissue,
+                      on_subject_grid, read_image, rows_csv, subject_name, write_outputs)
 
 POOR_FIT_R2 = 0.9  # below it, the field explains too little of the follow-up for its map to be trusted
 UNLIKE_PAIR_R2 = 0.5  # below it before any deformation, the scans hardly look like one subject in one space
@@ -58,10 +58,7 @@ def read_followup(path: str | Path, subject: Subject) -> tuple[Tensor, str | Non
     A follow-up on another voxel grid is resampled onto the baseline's by world coordinates (linear);
     one that does not cover the baseline's brain (another space, a cropped file) is refused.
     """
-    image = read_nifti(path, "follow-up")
-    array = volume(image)
-    if not np.isfinite(array).all():
-        raise InputError(f"follow-up {path} contains NaN or infinite values")
+    image, array = read_image(path, "follow-up")
     array, coverage = on_subject_grid(array, image.affine, subject, order=1)
     note = None
     if coverage is not None:
@@ -277,14 +274,11 @@ def register(baseline: Tensor, followup: Tensor, spacing: tuple[float, ...], *, 
     return torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32))[None]
 
 
-def brain_from_intensity(subject: Subject) -> Subject:
-    """``subject`` (whose labels are unknown) with ANTs's intensity brain mask as its one tissue label (gm)."""
+def brain_from_intensity(image: Tensor) -> Tensor:
+    """Labels ``(1, 1, *N)`` of an unlabelled scan ``image``: ANTs's intensity brain mask as grey matter, 0 outside."""
     ants = require_ants()
-    mask = ants.get_mask(ants.from_numpy(subject.image[0, 0].numpy().astype(np.float32))).numpy() > 0
-    labels = torch.from_numpy(mask.astype(np.int64) * int(Tissue.GM))[None, None]
-    probabilities = F.one_hot(labels[:, 0], len(Tissue)).movedim(-1, 1).float()
-    return Subject(image=subject.image, labels=labels, probabilities=probabilities, affine=subject.affine,
-                   header=subject.header, name=subject.name, files=dict(subject.files))
+    mask = ants.get_mask(ants.from_numpy(image[0, 0].float().numpy())).numpy() > 0
+    return torch.from_numpy(mask.astype(np.int64) * int(Tissue.GM))[None, None]
 
 
 def load_baseline(image_path: str | Path, labels_path: str | Path | None = None,
@@ -294,19 +288,14 @@ def load_baseline(image_path: str | Path, labels_path: str | Path | None = None,
     (:func:`brain_from_intensity`)."""
     if labels_path is not None:
         return load_subject(image_path, labels_path, label_table), True
-    nifti = read_nifti(image_path, "baseline")
-    image = volume(nifti)
-    if not np.isfinite(image).all():
-        raise InputError(f"baseline {image_path} contains NaN or infinite values")
-    tensor = as_tensor(image)
-    unlabelled = Subject(image=tensor, labels=torch.zeros_like(tensor, dtype=torch.int64),
-                         probabilities=torch.zeros(1, len(Tissue), *tensor.shape[2:]), affine=nifti.affine.copy(),
-                         header=nifti.header.copy(), name=Path(image_path).name.split(".")[0],
-                         files={"image": str(image_path)})
-    subject = brain_from_intensity(unlabelled)
-    if not subject.brain.any():
+    nifti, array = read_image(image_path, "baseline")
+    image = as_tensor(array)
+    labels = brain_from_intensity(image)
+    if not labels.any():
         raise InputError(f"baseline {image_path}: ANTs's intensity mask is empty; pass --labels")
-    return subject, False
+    return Subject(image=image, labels=labels, probabilities=one_hot_tissue(labels, DEFAULT_LABEL_TABLE),
+                   affine=nifti.affine.copy(), header=nifti.header.copy(), name=subject_name(image_path),
+                   files={"image": str(image_path)}), False
 
 
 def measure(subject: Subject, followup: Tensor, *, parcellation: Parcellation | None = None, seed: int = 1,

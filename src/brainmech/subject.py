@@ -225,14 +225,25 @@ def read_label_table(source: str | Path | Mapping | None) -> dict[int, str]:
     return table
 
 
+def read_image(path: str | Path, what: str) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """An intensity NIfTI and its 3D float volume, refused (naming ``what``) when unreadable or not finite."""
+    image = read_nifti(path, what)
+    array = volume(image)
+    if not np.isfinite(array).all():
+        raise InputError(f"{what} {path} contains NaN or infinite values")
+    return image, array
+
+
+def subject_name(image_path: str | Path) -> str:
+    """A subject's name: its image file's name without extensions (``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``)."""
+    return Path(image_path).name.split(".")[0]
+
+
 def load_subject(image_path: str | Path, labels_path: str | Path, label_table: str | Path | None = None) -> Subject:
     """A user subject from an intensity NIfTI and a label NIfTI on the same grid."""
-    image_nii = read_nifti(image_path, "image")
+    image_nii, image = read_image(image_path, "image")
     labels_nii = read_nifti(labels_path, "label map")
-    image = volume(image_nii)
     check_same_grid(labels_nii, image.shape, image_nii.affine, f"label map {labels_path}")
-    if not np.isfinite(image).all():
-        raise InputError(f"image {image_path} contains NaN or infinite values")
     raw_labels = volume(labels_nii)
     labels = np.rint(raw_labels)
     if not np.array_equal(labels, raw_labels):
@@ -240,7 +251,7 @@ def load_subject(image_path: str | Path, labels_path: str | Path, label_table: s
     labels_tensor = as_tensor(labels.astype(np.int64))
     probabilities = tissue_probabilities(labels_tensor, read_label_table(label_table), f"label map {labels_path}")
     return Subject(image=as_tensor(image), labels=labels_tensor, probabilities=probabilities,
-                   affine=image_nii.affine.copy(), header=image_nii.header.copy(), name=Path(image_path).name.split(".")[0],
+                   affine=image_nii.affine.copy(), header=image_nii.header.copy(), name=subject_name(image_path),
                    files={"image": str(image_path), "labels": str(labels_path),
                           **({"label_table": str(label_table)} if label_table is not None else {})})
 
