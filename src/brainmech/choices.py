@@ -25,6 +25,10 @@ MAX_YEARS = 100  # the longest series: a series simulates one composed step a ye
 REFINE_EVALUATIONS = 30  # network+refine's default budget of solver energy evaluations (README benchmark)
 MAX_STAGES = 8  # the most U-Net stages a trained cascade may have (each costs a full U-Net pass)
 MAX_MINUTES = 1e6  # the longest --max-minutes a training run takes (about two years)
+# estimate's defaults (docs/measure.md; the README's validation table was measured with them)
+ESTIMATE_EVALUATIONS = 300  # network evaluations (forward and backward) of the L-BFGS search
+CONTROL_SPACING_MM = 2.0  # the map's control points (mm): coarser grids fit regional changes worse
+SMOOTHNESS = 0.03  # weight of mean |grad log a|^2 (mm^2): a prior against fine structure the image cannot see
 
 
 class Convention(str, enum.Enum):

@@ -38,7 +38,8 @@ from typer.core import TyperGroup
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
 from .allocator import retain_freed_memory
-from .choices import MAX_MINUTES, MAX_STAGES, MAX_YEARS, REFINE_EVALUATIONS, Convention, Dimension, Direction, Loss, Method, check_years
+from .choices import (CONTROL_SPACING_MM, ESTIMATE_EVALUATIONS, MAX_MINUTES, MAX_STAGES, MAX_YEARS, REFINE_EVALUATIONS,
+                      SMOOTHNESS, Convention, Dimension, Direction, Loss, Method, check_years)
 from .errors import InputError
 from .version import __version__
 
@@ -617,11 +618,11 @@ def estimate_command(
     init: Annotated[Init, typer.Option(help="Start from measure's map (antspyx; minutes for a 2 mm volume), from no "
                                             "change, or auto: measure when antspyx is installed.")] = Init.AUTO,
     evaluations: Annotated[int, typer.Option(min=1, max=100_000, help="Network evaluations of the search (each a "
-                                                                      "forward and a backward pass).")] = 300,
+                                                                      "forward and a backward pass).")] = ESTIMATE_EVALUATIONS,
     control_spacing_mm: Annotated[float, typer.Option(callback=bounded(above=0, at_most=100), help="Spacing of the "
-                                                      "map's control points (mm).")] = 2.0,
+                                                      "map's control points (mm).")] = CONTROL_SPACING_MM,
     smoothness: Annotated[float, typer.Option(callback=bounded(at_least=0), help="Weight of the map's roughness "
-                                              "(mean |grad log a|^2, mm^2) against the image mismatch.")] = 0.03,
+                                              "(mean |grad log a|^2, mm^2) against the image mismatch.")] = SMOOTHNESS,
     image_sigma_mm: Annotated[Optional[float], typer.Option(callback=bounded(at_least=0, at_most=100), help="Compare the "
                                                             "images through a Gaussian of this sd (mm; default: 1 "
                                                             "for a noisy pair, 0 for a clean one).")] = None,

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .choices import Method
+from .choices import CONTROL_SPACING_MM, ESTIMATE_EVALUATIONS, SMOOTHNESS, Method
 from .errors import InputError
 from .fields import resize, restrict, warp_image
 from .mechanics import Tissue, channel, solid_fraction
@@ -46,10 +46,7 @@ from .scenarios import Parcellation
 from .simulator import EXTREME_ATROPHY, Simulator, model_summary
 from .subject import Subject
 
-CONTROL_SPACING_MM = 2.0  # the map's control points (mm): coarser grids fit regional changes worse (README, "Measure")
 BIAS_SPACING_MM = 20.0  # the bias field's control points: a 40 mm grid cannot follow a 60 mm FWHM bias (README)
-SMOOTHNESS = 0.03  # weight of mean |grad log a|^2 (mm^2): a prior against fine structure the image cannot see
-MAX_EVALUATIONS = 300  # network evaluations (forward and backward) of the L-BFGS search
 NOISY = 0.015  # per-scan noise sd (of the brain's 99th-percentile intensity) above which the images are smoothed
 NOISY_SIGMA_MM = 1.0  # the Gaussian (sd, mm) both images are compared through when they are noisy
 CONTROL_LEVELS = 3  # control grids of 4, 2 and 1 times the control spacing, searched coarse to fine
@@ -85,7 +82,7 @@ def noise_level(baseline: Tensor, followup: Tensor, brain: Tensor) -> float:
 
 def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = None, initial: Tensor | None = None,
              control_spacing_mm: float = CONTROL_SPACING_MM, smoothness: float = SMOOTHNESS,
-             max_evaluations: int = MAX_EVALUATIONS, image_sigma_mm: float | None = None, parcellation: Parcellation | None = None,
+             max_evaluations: int = ESTIMATE_EVALUATIONS, image_sigma_mm: float | None = None, parcellation: Parcellation | None = None,
              device: str | torch.device = "cpu", callback: Progress | None = None,
              notes: list[str] | None = None) -> Measurement:
     """The atrophy map ``a`` (baseline / follow-up volume) whose simulation by the network ``model`` (a
