@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from brainmech import Simulator, estimate, load_mni, measure, random_atrophy, read_followup
 from brainmech.cli import app
 from brainmech.errors import InputError
-from brainmech.estimation import control_shape, noise_level, roughness
-from brainmech.fields import resize
-from brainmech.fields import warp_image
+from brainmech.estimation import ROUNDING_PER_MM, control_shape, noise_level, roughness, start_fields
+from brainmech.fields import resize, warp_image
+from brainmech.mechanics import Tissue
 from brainmech.measurement import regional_changes, require_ants
 from brainmech.subject import load_subject
 
@@ -57,7 +57,7 @@ def rows_by_name(measurement) -> dict[str, float]:
 # --- the parametrisation ---------------------------------------------------------------------------------
 
 
-def test_a_linear_log_a_is_carried_exactly_and_its_roughness_is_its_squared_gradient():
+def test_a_linear_log_a_is_carried_exactly_and_its_total_variation_is_its_slope():
     shape, spacing = (41, 31), (1.0, 2.0)
     control = control_shape(shape, spacing, 4.0)
     assert control == (11, 16)  # 40 mm / 4 mm + 1 and 60 mm / 4 mm + 1
@@ -65,7 +65,26 @@ def test_a_linear_log_a_is_carried_exactly_and_its_roughness_is_its_squared_grad
     slope = 0.003  # log a per mm
     field = resize(slope * x_mm, shape)
     assert torch.allclose(field[0, 0, :, 0], slope * torch.arange(41.0), atol=1e-6)
-    assert roughness(slope * x_mm, shape, spacing).item() == pytest.approx(slope**2, rel=1e-5)
+    rounded = (slope**2 + ROUNDING_PER_MM**2) ** 0.5 - ROUNDING_PER_MM  # |slope|, rounded near 0
+    assert roughness(slope * x_mm, shape, spacing).item() == pytest.approx(rounded, rel=1e-5)
+    assert roughness(-slope * x_mm, shape, spacing).item() == pytest.approx(rounded, rel=1e-5)
+    step = torch.where(x_mm < 20, 0.0, 0.05)  # a 5 % step between two regions costs its height, not its square
+    jump = ((0.05 / 4.0) ** 2 + ROUNDING_PER_MM**2) ** 0.5 - ROUNDING_PER_MM  # one 4 mm interval of ten
+    assert roughness(step, shape, spacing).item() == pytest.approx(jump / (control[0] - 1), rel=1e-5)
+
+
+def test_a_map_constant_in_each_class_starts_the_search_exactly(mni_slice):
+    """Shrinking tissue beside expanding CSF: the start fields keep each class's level on a coarse grid
+    (an average over classes would cancel them)."""
+    hard = torch.nn.functional.one_hot(mni_slice.probabilities.argmax(1), mni_slice.probabilities.shape[1])
+    fractions = hard.movedim(-1, 1).float()[:, int(Tissue.CSF):]
+    levels = torch.tensor([-0.04, 0.05, 0.02, 0.03])[:fractions.shape[1]]  # CSF grows; GM, WM (, DGM) shrink
+    levels = levels.reshape(1, -1, 1, 1)
+    log_a = (fractions * levels).sum(1, keepdim=True)
+    fields = start_fields(log_a, fractions, control_shape(mni_slice.shape, mni_slice.spacing, 8.0))
+    present = fractions.flatten(2).sum(2)[0] > 0
+    assert torch.allclose(fields[0, present], levels[0, present].expand_as(fields[0, present]), atol=1e-6)
+    assert torch.allclose((resize(fields, mni_slice.shape) * fractions).sum(1, keepdim=True), log_a, atol=1e-6)
 
 
 def test_regional_changes_of_a_uniform_growth_are_that_growth_everywhere(mni_slice):

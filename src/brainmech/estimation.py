@@ -1,15 +1,15 @@
 """Atrophy estimated through the simulator: the map whose simulated follow-up reproduces an observed one
 (docs/measure.md).
 
-The map is ``log a`` from two fields on a control grid (``control_spacing_mm`` apart, interpolated
-linearly to the voxels), one acting in tissue and one in CSF, weighted by each voxel's partial volumes
-(0 in the background), so that each is smooth in itself and the step between shrinking tissue and
-expanding CSF costs nothing. The follow-up is modelled as ``exp(b(y)) * baseline(y + u(y))`` with ``u``
+The map is ``log a`` from one field per tissue class (CSF, grey, white and deep grey matter) on a
+control grid (``control_spacing_mm`` apart, interpolated linearly to the voxels), weighted by each
+voxel's partial volumes (0 in the background), so that the steps between classes (shrinking tissue,
+expanding CSF; grey and white matter losing at different rates) cost nothing. The follow-up is modelled as ``exp(b(y)) * baseline(y + u(y))`` with ``u``
 the network's displacement for ``a`` (what ``simulate --method network`` does) and ``b`` a smooth log
 bias field on a coarse control grid (:data:`BIAS_SPACING_MM`; it also takes any global intensity scale).
 L-BFGS minimises, by gradients through the network,
 
-    mismatch + smoothness * mean |grad log a|^2          (the gradient in 1/mm, on the control grid)
+    mismatch + smoothness * mean |grad log a|            (total variation, 1/mm, on the control grid)
 
 where mismatch is the mean squared intensity error over the brain (grown by 3 mm) divided by the
 follow-up's variance there (``1 - mismatch``: the fit's R^2 of the compared images); noisy pairs (:func:`noise_level`) are
@@ -40,7 +40,7 @@ from torch import Tensor
 from .choices import CONTROL_SPACING_MM, ESTIMATE_EVALUATIONS, SMOOTHNESS, Method
 from .errors import InputError
 from .fields import resize, restrict, warp_image
-from .mechanics import Tissue, channel, solid_fraction
+from .mechanics import Tissue
 from .measurement import Measurement, explained_variance, fit_margin, matched_intensity, pair_result
 from .scenarios import Parcellation
 from .simulator import EXTREME_ATROPHY, Simulator, model_summary
@@ -49,6 +49,7 @@ from .subject import Subject
 BIAS_SPACING_MM = 20.0  # the bias field's control points: a 40 mm grid cannot follow a 60 mm FWHM bias (README)
 NOISY = 0.015  # per-scan noise sd (of the brain's 99th-percentile intensity) above which the images are smoothed
 NOISY_SIGMA_MM = 1.0  # the Gaussian (sd, mm) both images are compared through when they are noisy
+ROUNDING_PER_MM = 1e-3  # log a slopes (1/mm) below which the total variation is rounded to a square
 CONTROL_LEVELS = 3  # control grids of 4, 2 and 1 times the control spacing, searched coarse to fine
 Progress = Callable[[int, float], None]  # (evaluations so far, the fit's R^2 at the latest)
 
@@ -58,13 +59,26 @@ def control_shape(shape: tuple[int, ...], spacing: tuple[float, ...], spacing_mm
     return tuple(max(2, math.ceil((n - 1) * h / spacing_mm) + 1) for n, h in zip(shape, spacing))
 
 
+def start_fields(log_a: Tensor, fractions: Tensor, control: tuple[int, ...]) -> Tensor:
+    """Control fields ``(1, C, *control)`` that start the search from the map ``log_a`` ``(1, 1, *N)``: each field
+    the fraction-weighted average of ``log_a`` over its class near each control point (where the class is
+    absent, its mean over the class), so that shrinking tissue and expanding CSF do not cancel."""
+    weight = restrict(fractions, control)
+    class_mean = (log_a * fractions).flatten(2).sum(2) / fractions.flatten(2).sum(2).clamp_min(1e-12)
+    local = restrict(log_a * fractions, control) / weight.clamp_min(1e-3)
+    return torch.where(weight > 1e-3, local, class_mean[(...,) + (None,) * (log_a.ndim - 2)])
+
+
 def roughness(control: Tensor, shape: tuple[int, ...], spacing: tuple[float, ...]) -> Tensor:
-    """Mean squared gradient (1/mm^2) of a control grid spanning a voxel grid of ``shape`` and ``spacing``:
-    the sum over axes of the mean squared difference of neighbours over their distance."""
+    """Total variation (1/mm) of a control grid spanning a voxel grid of ``shape`` and ``spacing``: the sum
+    over axes of the mean |difference of neighbours over their distance|, Huber-rounded below
+    :data:`ROUNDING_PER_MM` so that it has a gradient at 0. It lets a map step between regions (a regional
+    change is piecewise constant) while it suppresses the fine structure noise would put into it."""
     total = control.new_zeros(())
     for axis, (n, h) in enumerate(zip(shape, spacing)):
         step_mm = (n - 1) * h / (control.shape[2 + axis] - 1)
-        total = total + (control.diff(dim=2 + axis) / step_mm).pow(2).mean()
+        slope = control.diff(dim=2 + axis) / step_mm  # log a per mm
+        total = total + ((slope.pow(2) + ROUNDING_PER_MM**2).sqrt() - ROUNDING_PER_MM).mean()
     return total
 
 
@@ -112,8 +126,7 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
     device, shape, spacing = simulator.device, subject.shape, subject.spacing
     brain = subject.brain.to(device)
     probabilities, mask = subject.probabilities.to(device), fit_margin(subject).to(device)
-    # where each control field acts: solid tissue and CSF (partial volumes), each smooth in itself
-    fractions = torch.cat([solid_fraction(probabilities), channel(probabilities, Tissue.CSF)], 1)
+    fractions = probabilities[:, int(Tissue.CSF):]  # where each control field acts: one per class, CSF to DGM
     baseline, observed = subject.image.to(device).float(), followup.to(device).float()
     for image, what in ((baseline, "baseline"), (observed, "follow-up")):
         if not float(image[brain].mean()) > 0 or not float(image[mask].var()) > 0:
@@ -126,12 +139,12 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
     start_map = (torch.zeros_like(baseline) if initial is None else  # a registration's Jacobian has extreme edges
                  initial.to(device).double().clamp(*EXTREME_ATROPHY).log().float() * brain)
     levels = [control_spacing_mm * 2 ** level for level in reversed(range(CONTROL_LEVELS))]
-    # tissue and CSF fields, both from the start map averaged onto the coarsest grid, refined level by level
-    log_a_control = restrict(start_map, control_shape(shape, spacing, levels[0])).repeat(1, 2, *[1] * len(shape))
+    # the class fields start from the start map on the coarsest grid and are refined level by level
+    log_a_control = start_fields(start_map, fractions, control_shape(shape, spacing, levels[0]))
     log_bias_control = baseline.new_zeros(1, 1, *control_shape(shape, spacing, BIAS_SPACING_MM))
 
     def log_atrophy(log_a_control: Tensor) -> Tensor:
-        """log a on the voxels: the tissue and CSF fields weighted by each voxel's fractions (0 in background)."""
+        """log a on the voxels: the class fields weighted by each voxel's fractions (0 in the background)."""
         return (resize(log_a_control, shape) * fractions).sum(1, keepdim=True)
 
     noise = noise_level(baseline, matched_intensity(observed, baseline, brain), brain)  # on one intensity scale
