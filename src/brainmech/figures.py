@@ -79,6 +79,40 @@ def _zoom_window(magnitude: np.ndarray, tissue: np.ndarray, brain: np.ndarray, h
     return window[0], window[1]
 
 
+def _slice_index(shape: tuple[int, ...], slice_index: int | None) -> int:
+    """The slice along the third voxel axis to show: ``slice_index`` (checked) or the middle one."""
+    depth = shape[2] if len(shape) == 3 else 1  # 2D: the affine's third voxel axis has the one slice 0
+    k = depth // 2 if slice_index is None else int(slice_index)
+    if not 0 <= k < depth:
+        raise InputError(f"slice_index={k} is outside the third voxel axis (0 to {depth - 1}); "
+                         "give an index inside it or slice_index=None for the middle")
+    return k
+
+
+def _panel(fig, axis, data: np.ndarray, name: str, style: dict, letters: dict[str, str], label: str | None = None,
+           extend: str = "neither"):
+    """One image panel: ``data`` drawn with ``style``, titled, the anatomical letters at its edges and a
+    colour bar named ``label`` (none if None)."""
+    shown = axis.imshow(data, origin="lower", interpolation="nearest", **style)
+    axis.set_title(name)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    _mark_edges(axis, letters)
+    if label:
+        fig.colorbar(shown, ax=axis, shrink=0.85, extend=extend).set_label(label)
+    return axis
+
+
+def _png(fig) -> bytes:
+    """The figure as PNG bytes (90 dpi); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def figure_png(image: Tensor, atrophy: Tensor, det_f: Tensor, displacement_mm: Tensor, followup: Tensor,
                brain: Tensor, *, affine: np.ndarray, tissue: Tensor, warped_tissue: Tensor, title: str = "",
                slice_index: int | None = None) -> bytes:
@@ -107,11 +141,7 @@ def figure_png(image: Tensor, atrophy: Tensor, det_f: Tensor, displacement_mm: T
 
     affine = np.asarray(affine, dtype=float)
     shape = tuple(image.shape[2:])
-    depth = shape[2] if len(shape) == 3 else 1  # 2D: the affine's third voxel axis has the one slice 0
-    k = depth // 2 if slice_index is None else int(slice_index)
-    if not 0 <= k < depth:
-        raise InputError(f"slice_index={k} is outside the third voxel axis (0 to {depth - 1}); "
-                         "give an index inside it or slice_index=None for the middle")
+    k = _slice_index(shape, slice_index)
     plane, world_axis, position = _slice_position(affine, (*shape[:2], 1), k)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)  # mm per voxel along each voxel axis
 
@@ -152,15 +182,7 @@ def figure_png(image: Tensor, atrophy: Tensor, det_f: Tensor, displacement_mm: T
     fig, axes = plt.subplots(2, 4, figsize=(17, 9), constrained_layout=True)
 
     def show(axis, data, name, style, label=None, extend="neither"):
-        shown = axis.imshow(data, origin="lower", interpolation="nearest", **style)
-        axis.set_title(name)
-        axis.set_xticks([])
-        axis.set_yticks([])
-        _mark_edges(axis, letters)
-        if label:
-            bar = fig.colorbar(shown, ax=axis, shrink=0.85, extend=extend)
-            bar.set_label(label)
-        return axis
+        return _panel(fig, axis, data, name, style, letters, label, extend)
 
     def boundaries(axis):  # tissue fraction = 0.5 before (baseline) and after (carried to the follow-up)
         for field, colour in ((tissue_now, colour_before), (tissue_then, colour_after)):
@@ -203,10 +225,7 @@ def figure_png(image: Tensor, atrophy: Tensor, det_f: Tensor, displacement_mm: T
     ranges = (f"in the brain: max |det F - a| = {error_max:.3g} (colour range +- {error_range:.3g}, its 99th "
               f"percentile); max |u| = {u_max:.2f} mm")
     fig.suptitle("\n".join(filter(None, [title, where, ranges])), fontsize="medium")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def series_png(years: list[float], curves: dict[str, tuple[list[float], list[float]]],
@@ -255,10 +274,7 @@ def series_png(years: list[float], curves: dict[str, tuple[list[float], list[flo
               "indicator carried through the field: partial volumes)"
               + (f"; orange: the {outline_name} boundary" if outline_name else ""))
     fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize="medium")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def pair_png(baseline: Tensor, followup: Tensor, reproduced: Tensor, atrophy: Tensor, displacement_mm: Tensor,
@@ -277,11 +293,7 @@ def pair_png(baseline: Tensor, followup: Tensor, reproduced: Tensor, atrophy: Te
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shape = tuple(baseline.shape[2:])
-    depth = shape[2] if len(shape) == 3 else 1
-    k = depth // 2 if slice_index is None else int(slice_index)
-    if not 0 <= k < depth:
-        raise InputError(f"slice_index={k} is outside the third voxel axis (0 to {depth - 1})")
+    k = _slice_index(tuple(baseline.shape[2:]), slice_index)
     in_brain = _axial_slice(brain, k) > 0
     crop = _brain_crop(in_brain)
     in_brain = in_brain[crop]
@@ -305,14 +317,6 @@ def pair_png(baseline: Tensor, followup: Tensor, reproduced: Tensor, atrophy: Te
         (cut(vector_length(displacement_mm)), "|u| displacement", dict(cmap="magma", vmin=0), "|u| (mm)"),
     ]
     for axis, (data, name, style, label) in zip(axes.flat, panels):
-        shown = axis.imshow(data, origin="lower", interpolation="nearest", **style)
-        axis.set_title(name)
-        axis.set_xticks([])
-        axis.set_yticks([])
-        _mark_edges(axis, letters)
-        fig.colorbar(shown, ax=axis, shrink=0.85).set_label(label)
+        _panel(fig, axis, data, name, style, letters, label)
     fig.suptitle(title, fontsize="medium")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
