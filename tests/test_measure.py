@@ -71,6 +71,8 @@ def test_a_linear_log_a_is_carried_exactly_and_its_total_variation_is_its_slope(
     step = torch.where(x_mm < 20, 0.0, 0.05)  # a 5 % step between two regions costs its height, not its square
     jump = ((0.05 / 4.0) ** 2 + ROUNDING_PER_MM**2) ** 0.5 - ROUNDING_PER_MM  # one 4 mm interval of ten
     assert roughness(step, shape, spacing).item() == pytest.approx(jump / (control[0] - 1), rel=1e-5)
+    fields = torch.cat([step, torch.zeros_like(step)], 1)  # a class absent from the image keeps a flat field
+    assert roughness(fields, shape, spacing).item() == pytest.approx(roughness(step, shape, spacing).item(), rel=1e-6)
 
 
 def test_a_map_constant_in_each_class_starts_the_search_exactly(mni_slice):

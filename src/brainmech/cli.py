@@ -621,8 +621,9 @@ def estimate_command(
                                                                       "forward and a backward pass).")] = ESTIMATE_EVALUATIONS,
     control_spacing_mm: Annotated[float, typer.Option(callback=bounded(above=0, at_most=100), help="Spacing of the "
                                                       "map's control points (mm).")] = CONTROL_SPACING_MM,
-    smoothness: Annotated[float, typer.Option(callback=bounded(at_least=0), help="Weight of the map's total "
-                                              "variation (mean |grad log a|, mm) against the image mismatch.")] = SMOOTHNESS,
+    smoothness: Annotated[float, typer.Option(callback=bounded(at_least=0), help="Weight (mm) of the map's total "
+                                              "variation (per class field and axis, mean |d log a/dx|) against "
+                                              "the image mismatch.")] = SMOOTHNESS,
     image_sigma_mm: Annotated[Optional[float], typer.Option(callback=bounded(at_least=0, at_most=100), help="Compare the "
                                                             "images through a Gaussian of this sd (mm; default: 1 "
                                                             "for a noisy pair, 0 for a clean one).")] = None,

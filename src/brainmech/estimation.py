@@ -1,15 +1,16 @@
 """Atrophy estimated through the simulator: the map whose simulated follow-up reproduces an observed one
 (docs/measure.md).
 
-The map is ``log a`` from one field per tissue class (CSF, grey, white and deep grey matter) on a
-control grid (``control_spacing_mm`` apart, interpolated linearly to the voxels), weighted by each
-voxel's partial volumes (0 in the background), so that the steps between classes (shrinking tissue,
-expanding CSF; grey and white matter losing at different rates) cost nothing. The follow-up is modelled as ``exp(b(y)) * baseline(y + u(y))`` with ``u``
-the network's displacement for ``a`` (what ``simulate --method network`` does) and ``b`` a smooth log
-bias field on a coarse control grid (:data:`BIAS_SPACING_MM`; it also takes any global intensity scale).
-L-BFGS minimises, by gradients through the network,
+The map is ``log a`` from one field per tissue class (CSF, grey and white matter, and deep grey matter
+where the labels have it) on a control grid (``control_spacing_mm`` apart, interpolated linearly to the
+voxels), weighted by each voxel's partial volumes (0 in the background), so that the steps between
+classes (shrinking tissue, expanding CSF; grey and white matter losing at different rates) cost
+nothing. The follow-up is modelled as ``exp(b(y)) * baseline(y + u(y))`` with ``u`` the network's
+displacement for ``a`` (what ``simulate --method network`` does) and ``b`` a smooth log bias field on a
+coarse control grid (:data:`BIAS_SPACING_MM`; it also takes any global intensity scale). L-BFGS
+minimises, by gradients through the network,
 
-    mismatch + smoothness * mean |grad log a|            (total variation, 1/mm, on the control grid)
+    mismatch + smoothness * sum over fields and axes of mean |d log a / dx_i|   (1/mm, :func:`roughness`)
 
 where mismatch is the mean squared intensity error over the brain (grown by 3 mm) divided by the
 follow-up's variance there (``1 - mismatch``: the fit's R^2 of the compared images); noisy pairs (:func:`noise_level`) are
@@ -49,7 +50,7 @@ from .subject import Subject
 BIAS_SPACING_MM = 20.0  # the bias field's control points: a 40 mm grid cannot follow a 60 mm FWHM bias (README)
 NOISY = 0.015  # per-scan noise sd (of the brain's 99th-percentile intensity) above which the images are smoothed
 NOISY_SIGMA_MM = 1.0  # the Gaussian (sd, mm) both images are compared through when they are noisy
-ROUNDING_PER_MM = 1e-3  # log a slopes (1/mm) below which the total variation is rounded to a square
+ROUNDING_PER_MM = 1e-3  # log a slopes (1/mm) below which the total variation is quadratic (smooth at 0)
 CONTROL_LEVELS = 3  # control grids of 4, 2 and 1 times the control spacing, searched coarse to fine
 Progress = Callable[[int, float], None]  # (evaluations so far, the fit's R^2 at the latest)
 
@@ -62,7 +63,8 @@ def control_shape(shape: tuple[int, ...], spacing: tuple[float, ...], spacing_mm
 def start_fields(log_a: Tensor, fractions: Tensor, control: tuple[int, ...]) -> Tensor:
     """Control fields ``(1, C, *control)`` that start the search from the map ``log_a`` ``(1, 1, *N)``: each field
     the fraction-weighted average of ``log_a`` over its class near each control point (where the class is
-    absent, its mean over the class), so that shrinking tissue and expanding CSF do not cancel."""
+    absent, its mean over the class; 0 for a class absent from the image), so that shrinking tissue and
+    expanding CSF do not cancel."""
     weight = restrict(fractions, control)
     class_mean = (log_a * fractions).flatten(2).sum(2) / fractions.flatten(2).sum(2).clamp_min(1e-12)
     local = restrict(log_a * fractions, control) / weight.clamp_min(1e-3)
@@ -70,15 +72,17 @@ def start_fields(log_a: Tensor, fractions: Tensor, control: tuple[int, ...]) -> 
 
 
 def roughness(control: Tensor, shape: tuple[int, ...], spacing: tuple[float, ...]) -> Tensor:
-    """Total variation (1/mm) of a control grid spanning a voxel grid of ``shape`` and ``spacing``: the sum
-    over axes of the mean |difference of neighbours over their distance|, Huber-rounded below
-    :data:`ROUNDING_PER_MM` so that it has a gradient at 0. It lets a map step between regions (a regional
-    change is piecewise constant) while it suppresses the fine structure noise would put into it."""
+    """Anisotropic total variation (1/mm) of control fields ``(1, C, *M)`` spanning a voxel grid of ``shape``
+    and ``spacing``: the sum over fields and axes of the mean |difference of neighbours over their
+    distance|, pseudo-Huber (sqrt(s^2 + r^2) - r) below :data:`ROUNDING_PER_MM` so that it has a gradient
+    at 0. Summed over fields, an empty class's flat field does not dilute the others'. It lets a map step
+    between regions (a regional change is piecewise constant) and suppresses the fine structure noise
+    would put into it."""
     total = control.new_zeros(())
     for axis, (n, h) in enumerate(zip(shape, spacing)):
         step_mm = (n - 1) * h / (control.shape[2 + axis] - 1)
         slope = control.diff(dim=2 + axis) / step_mm  # log a per mm
-        total = total + ((slope.pow(2) + ROUNDING_PER_MM**2).sqrt() - ROUNDING_PER_MM).mean()
+        total = total + ((slope.pow(2) + ROUNDING_PER_MM**2).sqrt() - ROUNDING_PER_MM).flatten(2).mean(2).sum()
     return total
 
 
@@ -200,6 +204,8 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
            "r2_start": explained_variance(followup_cpu, first["model"].cpu() * float(scale), cpu_mask),
            "r2_after": explained_variance(followup_cpu, reproduced, cpu_mask), "evaluations": len(history)}
     settings = {"control_spacing_mm": control_spacing_mm, "control_levels": levels, "smoothness": smoothness,
+                "prior": f"anisotropic total variation of {fractions.shape[1]} class fields (pseudo-Huber below "
+                         f"{ROUNDING_PER_MM} per mm)",
                 "bias_spacing_mm": BIAS_SPACING_MM, "noise_estimate": noise, "image_sigma_mm": image_sigma_mm,
                 "max_evaluations": max_evaluations, "initial": "no change" if initial is None else "the given map",
                 "optimiser": "L-BFGS (strong Wolfe line search)"}
