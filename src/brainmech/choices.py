@@ -28,7 +28,7 @@ MAX_MINUTES = 1e6  # the longest --max-minutes a training run takes (about two y
 # estimate's defaults (docs/measure.md; the README's validation table was measured with them)
 ESTIMATE_EVALUATIONS = 300  # network evaluations (forward and backward) of the L-BFGS search
 CONTROL_SPACING_MM = 2.0  # the map's control points (mm): coarser grids fit regional changes worse
-SMOOTHNESS = 0.01  # weight (mm) of the map's total variation (estimation.roughness): against fine structure
+SMOOTHNESS = 0.03  # weight (mm) of the tissue fields' total variation (estimation.roughness): against fine structure
 
 
 class Convention(str, enum.Enum):

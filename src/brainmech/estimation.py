@@ -10,9 +10,10 @@ displacement for ``a`` (what ``simulate --method network`` does) and ``b`` a smo
 coarse control grid (:data:`BIAS_SPACING_MM`; it also takes any global intensity scale). L-BFGS
 minimises, by gradients through the network,
 
-    mismatch + smoothness * sum over fields and axes of mean |d log a / dx_i|   (1/mm, :func:`roughness`)
+    mismatch + smoothness * (TV(tissue fields) + TV(CSF field) / 30)
 
-where mismatch is the mean squared intensity error over the brain (grown by 3 mm) divided by the
+with TV the sum over fields and axes of mean |d log a / dx_i| (1/mm, :func:`roughness`; the CSF field
+has a weak prior, :data:`CSF_PRIOR_RATIO`), and where mismatch is the mean squared intensity error over the brain (grown by 3 mm) divided by the
 follow-up's variance there (``1 - mismatch``: the fit's R^2 of the compared images); noisy pairs (:func:`noise_level`) are
 compared through a Gaussian of :data:`NOISY_SIGMA_MM`. The search runs coarse to fine over
 :data:`CONTROL_LEVELS` control grids. The pair must be aligned (one space): the map explains volume
@@ -51,6 +52,7 @@ BIAS_SPACING_MM = 20.0  # the bias field's control points: a 40 mm grid cannot f
 NOISY = 0.015  # per-scan noise sd (of the brain's 99th-percentile intensity) above which the images are smoothed
 NOISY_SIGMA_MM = 1.0  # the Gaussian (sd, mm) both images are compared through when they are noisy
 ROUNDING_PER_MM = 1e-3  # log a slopes (1/mm) below which the total variation is quadratic (smooth at 0)
+CSF_PRIOR_RATIO = 1 / 30  # the CSF field's prior against the tissue fields': a strong one kept tissue change short (docs/measure.md)
 CONTROL_LEVELS = 3  # control grids of 4, 2 and 1 times the control spacing, searched coarse to fine
 Progress = Callable[[int, float], None]  # (evaluations so far, the fit's R^2 at the latest)
 
@@ -174,7 +176,9 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
             u = network(log_atrophy(log_a_control).exp(), probabilities, spacing)
             model_image = resize(log_bias_control, shape).exp() * warp_image(baseline, u)  # exp(b) baseline(y + u)
             mismatch = ((blur(model_image) - observed_compared)[mask] ** 2).mean() / variance  # dimensionless: 1 - R^2
-            loss = mismatch + smoothness * roughness(log_a_control, shape, spacing)
+            csf, tissue = log_a_control[:, :1], log_a_control[:, 1:]  # the fields in fractions' order: CSF first
+            prior = roughness(tissue, shape, spacing) + CSF_PRIOR_RATIO * roughness(csf, shape, spacing)
+            loss = mismatch + smoothness * prior
             loss.backward()
             first.setdefault("model", model_image.detach())
             history.append(float(mismatch.detach()))
@@ -204,8 +208,8 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
            "r2_start": explained_variance(followup_cpu, first["model"].cpu() * float(scale), cpu_mask),
            "r2_after": explained_variance(followup_cpu, reproduced, cpu_mask), "evaluations": len(history)}
     settings = {"control_spacing_mm": control_spacing_mm, "control_levels": levels, "smoothness": smoothness,
-                "prior": f"anisotropic total variation of {fractions.shape[1]} class fields (pseudo-Huber below "
-                         f"{ROUNDING_PER_MM} per mm)",
+                "prior": f"anisotropic total variation of {fractions.shape[1] - 1} tissue fields and, weighted "
+                         f"{CSF_PRIOR_RATIO:.3g}, the CSF field (pseudo-Huber below {ROUNDING_PER_MM} per mm)",
                 "bias_spacing_mm": BIAS_SPACING_MM, "noise_estimate": noise, "image_sigma_mm": image_sigma_mm,
                 "max_evaluations": max_evaluations, "initial": "no change" if initial is None else "the given map",
                 "optimiser": "L-BFGS (strong Wolfe line search)"}
