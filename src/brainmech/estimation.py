@@ -10,12 +10,13 @@ displacement for ``a`` (what ``simulate --method network`` does) and ``b`` a smo
 coarse control grid (:data:`BIAS_SPACING_MM`; it also takes any global intensity scale). L-BFGS
 minimises, by gradients through the network,
 
-    mismatch + smoothness * (TV(tissue fields) + TV(CSF field) / 30)
+    mismatch + smoothness * (TV(tissue fields) + CSF_PRIOR_RATIO * TV(CSF field))
 
 with TV the sum over fields and axes of mean |d log a / dx_i| (1/mm, :func:`roughness`; the CSF field
-has a weak prior, :data:`CSF_PRIOR_RATIO`), and where mismatch is the mean squared intensity error over the brain (grown by 3 mm) divided by the
-follow-up's variance there (``1 - mismatch``: the fit's R^2 of the compared images); noisy pairs (:func:`noise_level`) are
-compared through a Gaussian of :data:`NOISY_SIGMA_MM`. The search runs coarse to fine over
+has a weak prior, :data:`CSF_PRIOR_RATIO`), and where mismatch is the mean squared intensity error over
+the brain (grown by 3 mm) divided by the follow-up's variance there (``1 - mismatch``: the fit's R^2 of
+the compared images); noisy pairs (:func:`noise_level`) are compared through a Gaussian of
+:data:`NOISY_SIGMA_MM`. The search runs coarse to fine over
 :data:`CONTROL_LEVELS` control grids. The pair must be aligned (one space): the map explains volume
 change, not head motion.
 
@@ -52,7 +53,7 @@ BIAS_SPACING_MM = 20.0  # the bias field's control points: a 40 mm grid cannot f
 NOISY = 0.015  # per-scan noise sd (of the brain's 99th-percentile intensity) above which the images are smoothed
 NOISY_SIGMA_MM = 1.0  # the Gaussian (sd, mm) both images are compared through when they are noisy
 ROUNDING_PER_MM = 1e-3  # log a slopes (1/mm) below which the total variation is quadratic (smooth at 0)
-CSF_PRIOR_RATIO = 1 / 30  # the CSF field's prior against the tissue fields': a strong one kept tissue change short (docs/measure.md)
+CSF_PRIOR_RATIO = 1 / 30  # the CSF field's prior against the tissue fields' (a strong one kept tissue change short)
 CONTROL_LEVELS = 3  # control grids of 4, 2 and 1 times the control spacing, searched coarse to fine
 Progress = Callable[[int, float], None]  # (evaluations so far, the fit's R^2 at the latest)
 
