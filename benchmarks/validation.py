@@ -34,7 +34,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from brainmech import Scenario, Simulator, estimate, measure, prescribe, retain_freed_memory
-from brainmech.choices import Dimension
+from brainmech.choices import ESTIMATE_EVALUATIONS, Dimension
 from brainmech.pseudo_subjects import EVALUATION_SEED, SHARP_PRIOR, PseudoSubjects
 from brainmech.scenarios import Parcellation
 from brainmech.subject import Subject
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--dimension", choices=["2d", "3d"], default="2d")
     parser.add_argument("--subjects", type=int, default=6)
     parser.add_argument("--methods", default="measure,estimate,estimate+measure", help="comma-separated")
-    parser.add_argument("--evaluations", type=int, default=300, help="estimate's network evaluations")
+    parser.add_argument("--evaluations", type=int, default=ESTIMATE_EVALUATIONS, help="estimate's network evaluations")
     parser.add_argument("--model", default=None, help="estimate's network (default: mni-2d / mni-3d)")
     parser.add_argument("--conditions", default="noiseless,noisy", help="comma-separated")
     parser.add_argument("--no-sharp", action="store_true", help="skip the sharp-map pair")

@@ -53,7 +53,7 @@ BIAS_SPACING_MM = 20.0  # the bias field's control points: a 40 mm grid cannot f
 NOISY = 0.015  # per-scan noise sd (of the brain's 99th-percentile intensity) above which the images are smoothed
 NOISY_SIGMA_MM = 1.0  # the Gaussian (sd, mm) both images are compared through when they are noisy
 ROUNDING_PER_MM = 1e-3  # log a slopes (1/mm) below which the total variation is quadratic (smooth at 0)
-CSF_PRIOR_RATIO = 1 / 30  # the CSF field's prior against the tissue fields' (a strong one kept tissue change short)
+CSF_PRIOR_RATIO = 0.1  # the CSF field's prior against the tissue fields' (a full one kept tissue change short)
 CONTROL_LEVELS = 3  # control grids of 4, 2 and 1 times the control spacing, searched coarse to fine
 Progress = Callable[[int, float], None]  # (evaluations so far, the fit's R^2 at the latest)
 
