@@ -149,13 +149,14 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="estimate's network (default: mni-2d / mni-3d)")
     parser.add_argument("--conditions", default="noiseless,noisy", help="comma-separated")
     parser.add_argument("--no-sharp", action="store_true", help="skip the sharp-map pair")
+    parser.add_argument("--seed", type=int, default=EVALUATION_SEED, help="pseudo-subjects' seed (another: pairs tuning never saw)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("validation-results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     retain_freed_memory()
     methods = args.methods.split(",")
-    dataset = PseudoSubjects.of_mni(Dimension(args.dimension), args.subjects + 1, EVALUATION_SEED, SHARP_PRIOR)
+    dataset = PseudoSubjects.of_mni(Dimension(args.dimension), args.subjects + 1, args.seed, SHARP_PRIOR)
     region_rows, pairs = [], []
     cases = [(index, "regional") for index in range(args.subjects)] + ([] if args.no_sharp else [(args.subjects, "sharp")])
     for index, kind in cases:
