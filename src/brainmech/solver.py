@@ -11,6 +11,7 @@ spends more, and at most one fewer).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -111,16 +112,21 @@ def minimise(
     u = (initial.detach().clone() if initial is not None else problem.atrophy.new_zeros(shape)).requires_grad_()
     with torch.no_grad():
         scale = problem.energy(u).abs().clamp_min(1e-12)  # L-BFGS sees an O(1) objective
-    optimiser = torch.optim.LBFGS([u], lr=1.0, max_iter=patience, history_size=20, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-9, tolerance_change=1e-12)
-    best: list[float] = []
+    new_optimiser = lambda: torch.optim.LBFGS([u], lr=1.0, max_iter=patience, history_size=20,  # noqa: E731
+                                             line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+    optimiser = new_optimiser()
+    best: list[float] = []  # the lowest energy so far, per evaluation (a non-finite one counts as +inf)
+    best_u = u.detach().clone()  # the field that gave it
 
     def closure() -> Tensor:
         optimiser.zero_grad()
         loss = problem.energy(u) / scale
         loss.backward()
         energy = float(loss.detach() * scale)
-        best.append(min(energy, best[-1]) if best else energy)
+        candidate = energy if math.isfinite(energy) else math.inf
+        if not best or candidate < best[-1]:
+            best_u.copy_(u.detach())
+        best.append(min(candidate, best[-1]) if best else candidate)
         record.level.append(level)
         record.seconds.append(time.perf_counter() - record.started)
         record.energy.append(energy)
@@ -140,6 +146,10 @@ def minimise(
         except _Stop:
             record.stopped = True
             return u.detach(), False
+        if not bool(torch.isfinite(u).all()):  # a line search thrown off at round-off: back to the best, restart
+            with torch.no_grad():
+                u.copy_(best_u)
+            optimiser = new_optimiser()
         if len(best) > patience and best[-patience - 1] - best[-1] <= rtol * abs(best[-1]):
             return u.detach(), True
     return u.detach(), False
