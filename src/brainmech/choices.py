@@ -26,7 +26,7 @@ REFINE_EVALUATIONS = 30  # network+refine's default budget of solver energy eval
 MAX_STAGES = 8  # the most U-Net stages a trained cascade may have (each costs a full U-Net pass)
 MAX_MINUTES = 1e6  # the longest --max-minutes a training run takes (about two years)
 # estimate's defaults (docs/measure.md; the README's validation table was measured with them)
-ESTIMATE_EVALUATIONS = 600  # network evaluations (forward and backward) of the L-BFGS search
+ESTIMATE_EVALUATIONS = 640  # network evaluations (forward and backward) of the L-BFGS search
 CONTROL_SPACING_MM = 2.0  # the map's control points (mm): coarser grids fit regional changes worse
 SMOOTHNESS = 0.15  # weight (mm) of the tissue fields' total variation (estimation.roughness): against fine structure
 

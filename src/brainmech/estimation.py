@@ -16,9 +16,10 @@ with TV the sum over fields and axes of mean |d log a / dx_i| (1/mm, :func:`roug
 has a weak prior, :data:`CSF_PRIOR_RATIO`), and where mismatch is the mean squared intensity error over
 the brain (grown by 3 mm) divided by the follow-up's variance there (``1 - mismatch``: the fit's R^2 of
 the compared images); noisy pairs (:func:`noise_level`) are compared through a Gaussian of
-:data:`NOISY_SIGMA_MM`. The search runs coarse to fine over
-:data:`CONTROL_LEVELS` control grids. The pair must be aligned (one space): the map explains volume
-change, not head motion.
+:data:`NOISY_SIGMA_MM`. The search runs coarse to fine over :data:`CONTROL_LEVELS` control grids,
+then moves each class field's level alone (:data:`OFFSET_EVALUATIONS`): a uniform shift is invisible
+to the prior and the slowest direction of the fine grid's search, which stopped with the tissue
+change short. The pair must be aligned (one space): the map explains volume change, not head motion.
 
 Example::
 
@@ -54,6 +55,7 @@ NOISY = 0.015  # per-scan noise sd (of the brain's 99th-percentile intensity) ab
 NOISY_SIGMA_MM = 1.0  # the Gaussian (sd, mm) both images are compared through when they are noisy
 ROUNDING_PER_MM = 1e-3  # log a slopes (1/mm) below which the total variation is quadratic (smooth at 0)
 CSF_PRIOR_RATIO = 0.1  # the CSF field's prior against the tissue fields' (a full one kept tissue change short)
+OFFSET_EVALUATIONS = 40  # of the budget (at most a tenth), for the last stage: each class field's level alone
 CONTROL_LEVELS = 3  # control grids of 4, 2 and 1 times the control spacing, searched coarse to fine
 Progress = Callable[[int, float], None]  # (evaluations so far, the fit's R^2 at the latest)
 
@@ -166,14 +168,16 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
     history: list[float] = []
     first: dict[str, Tensor] = {}  # the model of the follow-up at the start, for the fit's r2_start
 
-    def search(log_a_control: Tensor, log_bias_control: Tensor, evaluations: int) -> None:
-        """L-BFGS on both control grids (in place) for at most ``evaluations`` network evaluations."""
-        optimizer = torch.optim.LBFGS([log_a_control, log_bias_control], lr=1.0, max_iter=evaluations,
+    def search(parameters: list[Tensor], class_fields: Callable[[], Tensor], evaluations: int) -> None:
+        """L-BFGS on ``parameters`` (in place, the bias grid among them) for at most ``evaluations`` network
+        evaluations; ``class_fields()`` gives the class control fields from them."""
+        optimizer = torch.optim.LBFGS(parameters, lr=1.0, max_iter=evaluations,
                                       max_eval=evaluations, history_size=20, line_search_fn="strong_wolfe",
                                       tolerance_grad=1e-12, tolerance_change=1e-14)
 
         def closure() -> Tensor:
             optimizer.zero_grad()
+            log_a_control = class_fields()
             u = network(log_atrophy(log_a_control).exp(), probabilities, spacing)
             model_image = resize(log_bias_control, shape).exp() * warp_image(baseline, u)  # exp(b) baseline(y + u)
             mismatch = ((blur(model_image) - observed_compared)[mask] ** 2).mean() / variance  # dimensionless: 1 - R^2
@@ -191,13 +195,21 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
             optimizer.step(closure)
 
     start = time.perf_counter()
+    log_bias_control.requires_grad_()
+    offset_budget = min(OFFSET_EVALUATIONS, max_evaluations // 10)
+    level_budget = (max_evaluations - offset_budget) // len(levels)
     for level, level_spacing_mm in enumerate(levels):  # coarse to fine: the large scales first
         log_a_control = resize(log_a_control.detach(), control_shape(shape, spacing, level_spacing_mm))
         log_a_control.requires_grad_()
-        log_bias_control.requires_grad_()
-        budget = max_evaluations - len(history) if level == len(levels) - 1 else max_evaluations // len(levels)
+        budget = max_evaluations - offset_budget - len(history) if level == len(levels) - 1 else level_budget
         if budget > 0:
-            search(log_a_control, log_bias_control, budget)
+            search([log_a_control, log_bias_control], lambda: log_a_control, budget)
+    # each class's level alone: the slowest direction of the fine grid, which the prior does not see
+    offsets = log_a_control.new_zeros(1, log_a_control.shape[1], *(1,) * subject.ndim, requires_grad=True)
+    fields = log_a_control.detach()
+    if max_evaluations - len(history) > 0:
+        search([offsets, log_bias_control], lambda: fields + offsets, max_evaluations - len(history))
+    log_a_control = (fields + offsets).detach()
     with torch.no_grad():
         atrophy = log_atrophy(log_a_control).exp().float()
         u, _ = simulator.displace(subject, atrophy.cpu())  # exactly what simulate --method network does
