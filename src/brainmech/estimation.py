@@ -223,6 +223,7 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
     settings = {"control_spacing_mm": control_spacing_mm, "control_levels": levels, "smoothness": smoothness,
                 "prior": f"anisotropic total variation of {fractions.shape[1] - 1} tissue fields and, weighted "
                          f"{CSF_PRIOR_RATIO:.3g}, the CSF field (pseudo-Huber below {ROUNDING_PER_MM} per mm)",
+                "last_stage": f"each class field's level alone, {offset_budget} evaluations of the budget",
                 "bias_spacing_mm": BIAS_SPACING_MM, "noise_estimate": noise, "image_sigma_mm": image_sigma_mm,
                 "max_evaluations": max_evaluations, "initial": "no change" if initial is None else "the given map",
                 "optimiser": "L-BFGS (strong Wolfe line search)"}
