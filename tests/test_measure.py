@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from brainmech import Simulator, estimate, load_mni, measure, random_atrophy, read_followup
 from brainmech.cli import app
 from brainmech.errors import InputError
-from brainmech.estimation import ROUNDING_PER_MM, control_shape, noise_level, roughness, start_fields
+from brainmech.estimation import (ROUNDING_PER_MM, control_shape, filter_statistics, noise_level, resampled_noise_power,
+                                  roughness, start_fields)
 from brainmech.fields import resize, warp_image
 from brainmech.mechanics import Tissue
 from brainmech.measurement import regional_changes, require_ants
@@ -103,6 +104,28 @@ def test_noise_level_reads_the_noise_added_to_a_pair(mni_slice, solver_pair):
     assert noise_level(mni_slice.image, simulation.warped_image, mni_slice.brain) < 0.005  # the anatomy cancels
     level = noise_level(noisy(mni_slice.image), noisy(simulation.warped_image), mni_slice.brain)
     assert level == pytest.approx(0.03, rel=0.1)
+
+
+@pytest.mark.parametrize("sigma", [None, (1.0, 1.5), (0.6, 0.6, 0.8)])
+@pytest.mark.parametrize("shift", [(0.0, 0.0, 0.0), (0.3, 0.5, -0.2), (-1.25, 0.8, 2.5)])
+def test_resampled_noise_power_matches_the_variance_of_shifted_filtered_noise(sigma, shift):
+    """Against Monte Carlo: white noise resampled linearly at y + u (u a uniform shift) and filtered loses
+    variance at fractional shifts (without a filter: 1 - 2 t (1 - t) per axis, 1/2 per axis at half a voxel)."""
+    from monai.networks.layers import GaussianFilter
+
+    ndim = 2 if sigma is None or len(sigma) == 2 else 3
+    size, trim = (96, 12) if ndim == 2 else (40, 8)
+    blur = (lambda x: x) if sigma is None else GaussianFilter(ndim, list(sigma))  # noqa: E731
+    impulse = torch.zeros(1, 1, *(size,) * ndim)
+    impulse[(0, 0) + (size // 2,) * ndim] = 1.0
+    u = torch.tensor(shift[:ndim]).view(1, ndim, *(1,) * ndim).expand(1, ndim, *(size,) * ndim)
+    noise = torch.randn(32 if ndim == 2 else 8, 1, *(size,) * ndim, generator=torch.Generator().manual_seed(5))
+    inner = (...,) + (slice(trim, -trim),) * ndim
+    sampled = blur(warp_image(noise, u.expand(noise.shape[0], -1, *(size,) * ndim)))[inner].var()
+    predicted = resampled_noise_power(u, *filter_statistics(blur(impulse)))
+    assert predicted.shape == (1, 1, *(size,) * ndim)
+    assert float(predicted.std()) < 1e-6  # a uniform shift: one variance everywhere
+    assert float(predicted.mean()) == pytest.approx(float(sampled), rel=0.03)
 
 
 def test_noise_level_of_a_3d_pair_reads_its_planes():
