@@ -331,7 +331,10 @@ class Cohort:
                                            processes=True, dashboard_address=":0", silence_logs=40)
                 client = distributed.Client(cluster)
             try:
-                shared = client.scatter(self, broadcast=True)  # sent once to each worker, not with every task
+                # sent once to each worker, not with every task; under a fresh key (hash=False): an identical cohort
+                # scattered before on this client shares its content key, and a release of that one under way loses
+                # this one (dask/distributed#4612)
+                shared = client.scatter(self, broadcast=True, hash=False)
                 problem = client.submit(check_on_worker, shared, pure=False).result()
                 if problem:  # a device or model the workers cannot use would fail every subject alike
                     if created:
