@@ -206,10 +206,11 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
             optimizer.zero_grad()
             log_a_control = class_fields()
             u = network(log_atrophy(log_a_control).exp(), probabilities, spacing)
-            model_image = resize(log_bias_control, shape).exp() * warp_image(baseline, u)  # exp(b) baseline(y + u)
+            bias = resize(log_bias_control, shape).exp()
+            model_image = bias * warp_image(baseline, u)  # exp(b) baseline(y + u)
             mismatch = ((blur(model_image) - observed_compared)[mask] ** 2).mean() / variance  # dimensionless: 1 - R^2
             # the baseline's noise moves with the warp: its expected share of the mismatch, less at half-voxel shifts
-            carried = (resize(log_bias_control, shape).exp() ** 2 * resampled_noise_power(u, *compared_noise))[mask]
+            carried = (bias ** 2 * resampled_noise_power(u, *compared_noise))[mask]
             unbiased = mismatch - noise_variance * carried.mean() / variance
             csf, tissue = log_a_control[:, :1], log_a_control[:, 1:]  # the fields in fractions' order: CSF first
             prior = roughness(tissue, shape, spacing) + CSF_PRIOR_RATIO * roughness(csf, shape, spacing)
