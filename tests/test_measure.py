@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from brainmech import Simulator, estimate, load_mni, measure, random_atrophy, read_followup
 from brainmech.cli import app
 from brainmech.errors import InputError
-from brainmech.estimation import (ROUNDING_PER_MM, control_shape, filter_statistics, noise_level, resampled_noise_power,
-                                  roughness, start_fields)
+from brainmech.estimation import (ROUNDING_PER_MM, bias_roughness, control_shape, filter_statistics, noise_level,
+                                  resampled_noise_power, roughness, start_fields)
 from brainmech.fields import resize, warp_image
 from brainmech.mechanics import Tissue
 from brainmech.measurement import regional_changes, require_ants
@@ -104,6 +104,17 @@ def test_noise_level_reads_the_noise_added_to_a_pair(mni_slice, solver_pair):
     assert noise_level(mni_slice.image, simulation.warped_image, mni_slice.brain) < 0.005  # the anatomy cancels
     level = noise_level(noisy(mni_slice.image), noisy(simulation.warped_image), mni_slice.brain)
     assert level == pytest.approx(0.03, rel=0.1)
+
+
+@pytest.mark.parametrize("shape,spacing,control", [((91, 109), (1.0, 1.0), (6, 7)), ((40, 48, 36), (2.0, 1.5, 2.5), (5, 4, 6))])
+def test_bias_roughness_of_a_linear_log_bias_is_its_squared_gradient(shape, spacing, control):
+    """Exact on a plane: b = c + g . x (x in mm) has mean squared slope sum g_i^2 on any control grid; a
+    constant (a global intensity scale) costs nothing."""
+    gradient = torch.tensor([0.004, -0.0025, 0.001][: len(shape)], dtype=torch.float64)  # 1/mm
+    axes = [torch.linspace(0, (n - 1) * h, m, dtype=torch.float64) for n, h, m in zip(shape, spacing, control)]
+    plane = 0.3 + sum(g * x for g, x in zip(gradient, torch.meshgrid(*axes, indexing="ij")))
+    assert float(bias_roughness(plane[None, None], shape, spacing)) == pytest.approx(float(gradient.pow(2).sum()), rel=1e-9)
+    assert float(bias_roughness(torch.full((1, 1, *control), 0.3), shape, spacing)) == 0.0
 
 
 @pytest.mark.parametrize("sigma", [None, (1.0, 1.5), (0.6, 0.6, 0.8)])

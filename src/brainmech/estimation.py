@@ -11,19 +11,23 @@ coarse control grid (:data:`BIAS_SPACING_MM`; it also takes any global intensity
 minimises, by gradients through the network,
 
     mismatch - noise share + smoothness * (TV(tissue fields) + CSF_PRIOR_RATIO * TV(CSF field))
+        + BIAS_PRIOR_MM2 * bias roughness
 
 with TV the sum over fields and axes of mean |d log a / dx_i| (1/mm, :func:`roughness`; the CSF field
-has a weak prior, :data:`CSF_PRIOR_RATIO`), and where mismatch is the mean squared intensity error over
+has a weak prior, :data:`CSF_PRIOR_RATIO`), the bias roughness the mean squared slope of ``b``
+((1/mm)^2, :func:`bias_roughness`: left free, the bias field took up part of the tissue change), and
+where mismatch is the mean squared intensity error over
 the brain (grown by 3 mm) divided by the follow-up's variance there (``1 - mismatch``: the fit's R^2 of
 the compared images); noisy pairs (:func:`noise_level`) are compared through a Gaussian of
 :data:`NOISY_SIGMA_MM`. The baseline's noise moves with the warp, and linear resampling averages it most
 at half-voxel shifts, so the raw mismatch rewards them: the noise share is that expected part
 (:func:`resampled_noise_power`, from the pair's noise estimate), which took the noisy
 tissue change's shortfall down by about 0.02 points. The search runs coarse to fine over
-:data:`CONTROL_LEVELS` control grids, then moves each class field's level alone
-(:data:`OFFSET_EVALUATIONS`): a uniform shift is invisible to the prior and the slowest direction of
-the fine grid's search, which stopped with the tissue change short. The pair must be aligned (one
-space): the map explains volume change, not head motion.
+:data:`CONTROL_LEVELS` control grids, then adds to each class field a level and trend (multilinear from
+the grid's corners) with the prior off (:data:`TREND_EVALUATIONS`): a uniform shift is the slowest
+direction of the fine grid's search, and total variation takes contrast from the large scales, both of
+which left the noisy tissue change short; the data alone fix these few numbers. The pair must be
+aligned (one space): the map explains volume change, not head motion.
 
 Example::
 
@@ -55,11 +59,12 @@ from .simulator import EXTREME_ATROPHY, Simulator, model_summary
 from .subject import Subject
 
 BIAS_SPACING_MM = 20.0  # the bias field's control points: a 40 mm grid cannot follow a 60 mm FWHM bias (README)
+BIAS_PRIOR_MM2 = 30.0  # weight (mm^2) of the log bias field's mean squared slope (1/mm)^2: a smooth bias, not atrophy
 NOISY = 0.015  # per-scan noise sd (of the brain's 99th-percentile intensity) above which the images are smoothed
 NOISY_SIGMA_MM = 1.0  # the Gaussian (sd, mm) both images are compared through when they are noisy
 ROUNDING_PER_MM = 1e-3  # log a slopes (1/mm) below which the total variation is quadratic (smooth at 0)
 CSF_PRIOR_RATIO = 0.1  # the CSF field's prior against the tissue fields' (a full one kept tissue change short)
-OFFSET_EVALUATIONS = 40  # of the budget (at most a tenth), for the last stage: each class field's level alone
+TREND_EVALUATIONS = 64  # of the budget (at most a tenth), for the last stage: each class field's level and trend
 CONTROL_LEVELS = 3  # control grids of 4, 2 and 1 times the control spacing, searched coarse to fine
 Progress = Callable[[int, float], None]  # (evaluations so far, the fit's R^2 at the latest)
 
@@ -92,6 +97,18 @@ def roughness(control: Tensor, shape: tuple[int, ...], spacing: tuple[float, ...
         step_mm = (n - 1) * h / (control.shape[2 + axis] - 1)
         slope = control.diff(dim=2 + axis) / step_mm  # log a per mm
         total = total + ((slope.pow(2) + ROUNDING_PER_MM**2).sqrt() - ROUNDING_PER_MM).flatten(2).mean(2).sum()
+    return total
+
+
+def bias_roughness(log_bias_control: Tensor, shape: tuple[int, ...], spacing: tuple[float, ...]) -> Tensor:
+    """Membrane energy ((1/mm)^2) of a log bias control field ``(1, 1, *M)`` spanning a voxel grid of ``shape`` and
+    ``spacing``: the sum over axes of the mean squared slope of neighbours. Quadratic, so that it leaves the
+    long waves of an MR bias field nearly free and makes the 20 mm bumps that could mimic a region's atrophy
+    (its tissue darker, its CSF wider) cost."""
+    total = log_bias_control.new_zeros(())
+    for axis, (n, h) in enumerate(zip(shape, spacing)):
+        step_mm = (n - 1) * h / (log_bias_control.shape[2 + axis] - 1)
+        total = total + (log_bias_control.diff(dim=2 + axis) / step_mm).pow(2).mean()
     return total
 
 
@@ -195,9 +212,11 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
     history: list[float] = []
     first: dict[str, Tensor] = {}  # the model of the follow-up at the start, for the fit's r2_start
 
-    def search(parameters: list[Tensor], class_fields: Callable[[], Tensor], evaluations: int) -> None:
+    def search(parameters: list[Tensor], class_fields: Callable[[], Tensor], evaluations: int,
+               prior_weight: float) -> None:
         """L-BFGS on ``parameters`` (in place, the bias grid among them) for at most ``evaluations`` network
-        evaluations; ``class_fields()`` gives the class control fields from them."""
+        evaluations; ``class_fields()`` gives the class control fields from them, whose total variation
+        weighs ``prior_weight``."""
         optimizer = torch.optim.LBFGS(parameters, lr=1.0, max_iter=evaluations,
                                       max_eval=evaluations, history_size=20, line_search_fn="strong_wolfe",
                                       tolerance_grad=1e-12, tolerance_change=1e-14)
@@ -214,7 +233,7 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
             unbiased = mismatch - noise_variance * carried.mean() / variance
             csf, tissue = log_a_control[:, :1], log_a_control[:, 1:]  # the fields in fractions' order: CSF first
             prior = roughness(tissue, shape, spacing) + CSF_PRIOR_RATIO * roughness(csf, shape, spacing)
-            loss = unbiased + smoothness * prior
+            loss = unbiased + prior_weight * prior + BIAS_PRIOR_MM2 * bias_roughness(log_bias_control, shape, spacing)
             loss.backward()
             first.setdefault("model", model_image.detach())
             history.append(float(mismatch.detach()))
@@ -227,20 +246,22 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
 
     start = time.perf_counter()
     log_bias_control.requires_grad_()
-    offset_budget = min(OFFSET_EVALUATIONS, max_evaluations // 10)
-    level_budget = (max_evaluations - offset_budget) // len(levels)
+    trend_budget = min(TREND_EVALUATIONS, max_evaluations // 10)
+    level_budget = (max_evaluations - trend_budget) // len(levels)
     for level, level_spacing_mm in enumerate(levels):  # coarse to fine: the large scales first
         log_a_control = resize(log_a_control.detach(), control_shape(shape, spacing, level_spacing_mm))
         log_a_control.requires_grad_()
-        budget = max_evaluations - offset_budget - len(history) if level == len(levels) - 1 else level_budget
+        budget = max_evaluations - trend_budget - len(history) if level == len(levels) - 1 else level_budget
         if budget > 0:
-            search([log_a_control, log_bias_control], lambda: log_a_control, budget)
-    # each class's level alone: the slowest direction of the fine grid, which the prior does not see
-    offsets = log_a_control.new_zeros(1, log_a_control.shape[1], *(1,) * subject.ndim, requires_grad=True)
+            search([log_a_control, log_bias_control], lambda: log_a_control, budget, smoothness)
+    # each class field's level and trend (multilinear from the grid's corners), free of the prior: the slowest
+    # directions of the fine grid's search, and the large scale whose contrast total variation takes away
+    trends = log_a_control.new_zeros(1, log_a_control.shape[1], *(2,) * subject.ndim, requires_grad=True)
     fields = log_a_control.detach()
+    with_trends = lambda: fields + resize(trends, tuple(fields.shape[2:]))  # noqa: E731
     if max_evaluations - len(history) > 0:
-        search([offsets, log_bias_control], lambda: fields + offsets, max_evaluations - len(history))
-    log_a_control = (fields + offsets).detach()
+        search([trends, log_bias_control], with_trends, max_evaluations - len(history), 0.0)
+    log_a_control = with_trends().detach()
     with torch.no_grad():
         atrophy = log_atrophy(log_a_control).exp().float()
         u, _ = simulator.displace(subject, atrophy.cpu())  # exactly what simulate --method network does
@@ -255,8 +276,9 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
                 "prior": f"anisotropic total variation of {fractions.shape[1] - 1} tissue fields and, weighted "
                          f"{CSF_PRIOR_RATIO:.3g}, the CSF field (pseudo-Huber below {ROUNDING_PER_MM} per mm)",
                 "noise_share": "the baseline's resampled noise's expected share, subtracted from the mismatch",
-                "last_stage": f"each class field's level alone, {offset_budget} evaluations of the budget",
-                "bias_spacing_mm": BIAS_SPACING_MM, "noise_estimate": noise, "image_sigma_mm": image_sigma_mm,
+                "last_stage": f"each class field's level and trend, free of the prior, {trend_budget} evaluations "
+                              "of the budget",
+                "bias_spacing_mm": BIAS_SPACING_MM, "bias_prior_mm2": BIAS_PRIOR_MM2, "noise_estimate": noise, "image_sigma_mm": image_sigma_mm,
                 "max_evaluations": max_evaluations, "initial": "no change" if initial is None else "the given map",
                 "optimiser": "L-BFGS (strong Wolfe line search)"}
     return pair_result("estimate", subject, followup_cpu, atrophy, u, reproduced, fit=fit, settings=settings,
