@@ -3,6 +3,7 @@ recovered, conventions shared with simulate, bad pairs refused or reported."""
 
 import csv
 import json
+import math
 
 import nibabel as nib
 import numpy as np
@@ -115,6 +116,13 @@ def test_bias_roughness_of_a_linear_log_bias_is_its_squared_gradient(shape, spac
     plane = 0.3 + sum(g * x for g, x in zip(gradient, torch.meshgrid(*axes, indexing="ij")))
     assert float(bias_roughness(plane[None, None], shape, spacing)) == pytest.approx(float(gradient.pow(2).sum()), rel=1e-9)
     assert float(bias_roughness(torch.full((1, 1, *control), 0.3), shape, spacing)) == 0.0
+    # one interior node raised by delta: along axis i two differences of delta over the node step s_i, among
+    # (M_i - 1) * prod_{j != i} M_j; a mean of squares, not the square of a mean slope, so a bump costs
+    delta, steps = 0.05, [(n - 1) * h / (m - 1) for n, h, m in zip(shape, spacing, control)]
+    bump = torch.zeros(1, 1, *control, dtype=torch.float64)
+    bump[(0, 0) + tuple(m // 2 for m in control)] = delta
+    expected = sum(2 * delta**2 / s**2 / ((m - 1) * math.prod(control) / m) for s, m in zip(steps, control))
+    assert float(bias_roughness(bump, shape, spacing)) == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("sigma", [None, (1.0, 1.5), (0.6, 0.6, 0.8)])

@@ -14,8 +14,8 @@ minimises, by gradients through the network,
         + BIAS_PRIOR_MM2 * bias roughness
 
 with TV the sum over fields and axes of mean |d log a / dx_i| (1/mm, :func:`roughness`; the CSF field
-has a weak prior, :data:`CSF_PRIOR_RATIO`), the bias roughness the mean squared slope of ``b``
-((1/mm)^2, :func:`bias_roughness`: left free, the bias field took up part of the tissue change), and
+has a weak prior, :data:`CSF_PRIOR_RATIO`), the bias roughness the mean squared slope of ``b`` on
+its control grid, summed over axes ((1/mm)^2, :func:`bias_roughness`: left free, the bias field took up part of the tissue change), and
 where mismatch is the mean squared intensity error over
 the brain (grown by 3 mm) divided by the follow-up's variance there (``1 - mismatch``: the fit's R^2 of
 the compared images); noisy pairs (:func:`noise_level`) are compared through a Gaussian of
@@ -24,7 +24,7 @@ at half-voxel shifts, so the raw mismatch rewards them: the noise share is that 
 (:func:`resampled_noise_power`, from the pair's noise estimate), which took the noisy
 tissue change's shortfall down by about 0.02 points. The search runs coarse to fine over
 :data:`CONTROL_LEVELS` control grids, then adds to each class field a level and trend (multilinear from
-the grid's corners) with the prior off (:data:`TREND_EVALUATIONS`): a uniform shift is the slowest
+the grid's corners) with total variation off (:data:`TREND_EVALUATIONS`; the bias prior stays): a uniform shift is the slowest
 direction of the fine grid's search, and total variation takes contrast from the large scales, both of
 which left the noisy tissue change short; the data alone fix these few numbers. The pair must be
 aligned (one space): the map explains volume change, not head motion.
@@ -254,7 +254,7 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
         budget = max_evaluations - trend_budget - len(history) if level == len(levels) - 1 else level_budget
         if budget > 0:
             search([log_a_control, log_bias_control], lambda: log_a_control, budget, smoothness)
-    # each class field's level and trend (multilinear from the grid's corners), free of the prior: the slowest
+    # each class field's level and trend (multilinear from the grid's corners), free of total variation: the slowest
     # directions of the fine grid's search, and the large scale whose contrast total variation takes away
     trends = log_a_control.new_zeros(1, log_a_control.shape[1], *(2,) * subject.ndim, requires_grad=True)
     fields = log_a_control.detach()
@@ -276,9 +276,10 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
                 "prior": f"anisotropic total variation of {fractions.shape[1] - 1} tissue fields and, weighted "
                          f"{CSF_PRIOR_RATIO:.3g}, the CSF field (pseudo-Huber below {ROUNDING_PER_MM} per mm)",
                 "noise_share": "the baseline's resampled noise's expected share, subtracted from the mismatch",
-                "last_stage": f"each class field's level and trend, free of the prior, {trend_budget} evaluations "
-                              "of the budget",
-                "bias_spacing_mm": BIAS_SPACING_MM, "bias_prior_mm2": BIAS_PRIOR_MM2, "noise_estimate": noise, "image_sigma_mm": image_sigma_mm,
+                "last_stage": f"each class field's level and trend, free of total variation, {trend_budget} "
+                              "evaluations of the budget",
+                "bias_spacing_mm": BIAS_SPACING_MM, "bias_prior_mm2": BIAS_PRIOR_MM2, "noise_estimate": noise,
+                "image_sigma_mm": image_sigma_mm,
                 "max_evaluations": max_evaluations, "initial": "no change" if initial is None else "the given map",
                 "optimiser": "L-BFGS (strong Wolfe line search)"}
     return pair_result("estimate", subject, followup_cpu, atrophy, u, reproduced, fit=fit, settings=settings,
