@@ -15,8 +15,8 @@ minimises, by gradients through the network,
 
 with TV the sum over fields and axes of mean |d log a / dx_i| (1/mm, :func:`roughness`; the CSF field
 has a weak prior, :data:`CSF_PRIOR_RATIO`), the bias roughness the mean squared slope of ``b`` on
-its control grid, summed over axes ((1/mm)^2, :func:`bias_roughness`: left free, the bias field took up part of the tissue change), and
-where mismatch is the mean squared intensity error over
+its control grid, summed over axes ((1/mm)^2, :func:`bias_roughness`: left free, the bias field took up
+part of the tissue change), and where mismatch is the mean squared intensity error over
 the brain (grown by 3 mm) divided by the follow-up's variance there (``1 - mismatch``: the fit's R^2 of
 the compared images); noisy pairs (:func:`noise_level`) are compared through a Gaussian of
 :data:`NOISY_SIGMA_MM`. The baseline's noise moves with the warp, and linear resampling averages it most
@@ -24,10 +24,10 @@ at half-voxel shifts, so the raw mismatch rewards them: the noise share is that 
 (:func:`resampled_noise_power`, from the pair's noise estimate), which took the noisy
 tissue change's shortfall down by about 0.02 points. The search runs coarse to fine over
 :data:`CONTROL_LEVELS` control grids, then adds to each class field a level and trend (multilinear from
-the grid's corners) with total variation off (:data:`TREND_EVALUATIONS`; the bias prior stays): a uniform shift is the slowest
-direction of the fine grid's search, and total variation takes contrast from the large scales, both of
-which left the noisy tissue change short; the data alone fix these few numbers. The pair must be
-aligned (one space): the map explains volume change, not head motion.
+the grid's corners) with total variation off (:data:`TREND_EVALUATIONS`; the bias prior stays): a
+uniform shift is the slowest direction of the fine grid's search, and total variation takes contrast
+from the large scales, both of which left the noisy tissue change short; the data alone fix these few
+numbers. The pair must be aligned (one space): the map explains volume change, not head motion.
 
 Example::
 
@@ -85,6 +85,13 @@ def start_fields(log_a: Tensor, fractions: Tensor, control: tuple[int, ...]) -> 
     return torch.where(weight > 1e-3, local, class_mean[(...,) + (None,) * (log_a.ndim - 2)])
 
 
+def control_slopes(control: Tensor, shape: tuple[int, ...], spacing: tuple[float, ...]) -> list[Tensor]:
+    """Per axis, the differences of neighbouring nodes of control fields ``(1, C, *M)`` spanning a voxel grid of
+    ``shape`` and ``spacing``, over their distance (field units per mm; the nodes align with the grid's corners)."""
+    return [control.diff(dim=2 + axis) / ((n - 1) * h / (control.shape[2 + axis] - 1))
+            for axis, (n, h) in enumerate(zip(shape, spacing))]
+
+
 def roughness(control: Tensor, shape: tuple[int, ...], spacing: tuple[float, ...]) -> Tensor:
     """Anisotropic total variation (1/mm) of control fields ``(1, C, *M)`` spanning a voxel grid of ``shape``
     and ``spacing``: the sum over fields and axes of the mean |difference of neighbours over their
@@ -92,24 +99,16 @@ def roughness(control: Tensor, shape: tuple[int, ...], spacing: tuple[float, ...
     at 0. Summed over fields, an empty class's flat field does not dilute the others'. It lets a map step
     between regions (a regional change is piecewise constant) and suppresses the fine structure noise
     would put into it."""
-    total = control.new_zeros(())
-    for axis, (n, h) in enumerate(zip(shape, spacing)):
-        step_mm = (n - 1) * h / (control.shape[2 + axis] - 1)
-        slope = control.diff(dim=2 + axis) / step_mm  # log a per mm
-        total = total + ((slope.pow(2) + ROUNDING_PER_MM**2).sqrt() - ROUNDING_PER_MM).flatten(2).mean(2).sum()
-    return total
+    return sum(((slope.pow(2) + ROUNDING_PER_MM**2).sqrt() - ROUNDING_PER_MM).flatten(2).mean(2).sum()
+               for slope in control_slopes(control, shape, spacing))  # slope: log a per mm
 
 
 def bias_roughness(log_bias_control: Tensor, shape: tuple[int, ...], spacing: tuple[float, ...]) -> Tensor:
-    """Membrane energy ((1/mm)^2) of a log bias control field ``(1, 1, *M)`` spanning a voxel grid of ``shape`` and
-    ``spacing``: the sum over axes of the mean squared slope of neighbours. Quadratic, so that it leaves the
-    long waves of an MR bias field nearly free and makes the 20 mm bumps that could mimic a region's atrophy
-    (its tissue darker, its CSF wider) cost."""
-    total = log_bias_control.new_zeros(())
-    for axis, (n, h) in enumerate(zip(shape, spacing)):
-        step_mm = (n - 1) * h / (log_bias_control.shape[2 + axis] - 1)
-        total = total + (log_bias_control.diff(dim=2 + axis) / step_mm).pow(2).mean()
-    return total
+    """Membrane energy ((1/mm)^2) of a log bias control field ``(1, 1, *M)`` spanning a voxel grid of ``shape``
+    and ``spacing``: the sum over axes of the mean squared slope of neighbours. Quadratic, so that it leaves
+    the long waves of an MR bias field nearly free and makes the 20 mm bumps that could mimic a region's
+    atrophy (its tissue darker, its CSF wider) cost."""
+    return sum(slope.pow(2).mean() for slope in control_slopes(log_bias_control, shape, spacing))
 
 
 def filter_statistics(impulse_response: Tensor) -> tuple[float, list[float]]:
