@@ -23,6 +23,8 @@ class Method(str, enum.Enum):
 
 MAX_YEARS = 100  # the longest series: a series simulates one composed step a year
 REFINE_EVALUATIONS = 30  # network+refine's default budget of solver energy evaluations (README benchmark)
+REFINE_GRID_MM = 2.0  # network+refine spends its budget on a grid of about this spacing (the networks' own)...
+FINE_REFINE_EVALUATIONS = 10  # ...and, on a finer subject, this many more on the subject's grid (multilevel)
 MAX_STAGES = 8  # the most U-Net stages a trained cascade may have (each costs a full U-Net pass)
 MAX_MINUTES = 1e6  # the longest --max-minutes a training run takes (about two years)
 # estimate's defaults (docs/measure.md; the README's validation table was measured with them)

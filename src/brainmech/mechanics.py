@@ -280,6 +280,36 @@ class Problem:
         """Total energy L(u) summed over the batch, a scalar in mu*mm^3."""
         return self.energy_terms(u)["total"].sum()
 
+    def energy_and_gradient(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """L(u) summed over the batch (mu*mm^3) and dL/du (``u``'s shape, mu*mm^3 per voxel of displacement),
+        with memory bounded at any grid size: the elastic term slab by slab (:func:`grid_gradients`' slabs,
+        each differentiated on its own and its gradient added into place), the penalties on the whole
+        field. The same sums as :meth:`energy` ("nodal" scheme); no index arrays and no graph of the
+        whole grid, so a 1 mm brain costs a few copies of ``u`` rather than gigabytes."""
+        if self.scheme != "nodal":
+            raise ValueError("energy_and_gradient sums the nodal scheme; use energy() for 'central'")
+        u = u.detach()
+        gradient = torch.zeros_like(u)
+        materials = [f[:, 0] for f in (self.atrophy, self.mu, self.bulk)]  # (B, *N)
+        active = ((self.mu > 0) | (self.bulk > 0)).flatten(3).any(-1).any(0)[0]  # (planes,): W can be non-zero
+        weight = point_weight(self.scheme, self.ndim) * self.voxel_volume
+        elastic = u.new_zeros(())
+        for first, last in slab_planes(u):
+            if not active[first:last + 1].any():  # void cells: W = 0 exactly
+                continue
+            with torch.enable_grad():
+                part = u[:, :, first:last + 1].clone().requires_grad_()
+                total = sum(neo_hookean_density(F, *(f[:, first:last + 1][(slice(None), *nodes)] for f in materials)).sum()
+                            for F, nodes in _slab_gradients(part, self.spacing, self.scheme)) * weight
+                gradient[:, :, first:last + 1] += torch.autograd.grad(total, part)[0]
+            elastic = elastic + total.detach()
+        with torch.enable_grad():
+            whole = u.clone().requires_grad_()
+            penalties = self._with_penalties(whole, whole.new_zeros(()))
+            penalty = (penalties["background"] + penalties["centre"]).sum()
+            gradient += torch.autograd.grad(penalty, whole)[0]
+        return elastic + penalty.detach(), gradient
+
 
 def grid_gradients(u: Tensor, spacing: tuple[float, ...], scheme: str = "nodal") -> Iterator[tuple[Tensor, tuple[slice, ...]]]:
     """Every quadrature point of ``scheme`` over the whole grid, by slicing: yields ``(F, nodes)``.
@@ -298,8 +328,7 @@ def grid_gradients(u: Tensor, spacing: tuple[float, ...], scheme: str = "nodal")
     planes = u.shape[2]
     slab = max(1, SLAB_POINTS // math.prod(u.shape[3:]))  # planes per slab
     if scheme == "nodal":  # the cells between planes [first, last] read those planes only
-        for first in range(0, max(planes - 1, 1), slab):
-            last = min(first + slab, planes - 1)
+        for first, last in slab_planes(u):
             for F, nodes in _slab_gradients(u[:, :, first:last + 1], spacing, scheme):
                 yield F, (slice(nodes[0].start + first, nodes[0].stop + first), *nodes[1:])
         return
@@ -309,6 +338,16 @@ def grid_gradients(u: Tensor, spacing: tuple[float, ...], scheme: str = "nodal")
         low, high = max(first - 1, 0), min(stop + 1, planes)
         for F, nodes in _slab_gradients(u[:, :, low:high], spacing, scheme):
             yield F[:, :, :, first - low:stop - low], (slice(first, stop), *nodes[1:])
+
+
+def slab_planes(u: Tensor) -> Iterator[tuple[int, int]]:
+    """The nodal scheme's slabs of ``u (B, d, *N)``: first and last plane (inclusive) of the first spatial axis,
+    about :data:`SLAB_POINTS` voxels each; consecutive slabs share their boundary plane, and the cells
+    between a slab's planes read those planes only."""
+    planes = u.shape[2]
+    slab = max(1, SLAB_POINTS // math.prod(u.shape[3:]))
+    for first in range(0, max(planes - 1, 1), slab):
+        yield first, min(first + slab, planes - 1)
 
 
 def _slab_gradients(u: Tensor, spacing: tuple[float, ...],

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .atrophy import FWHM_PER_SIGMA
 from .errors import InputError
+from .fields import bounding_box
 from .mechanics import TISSUE_CLASSES
 from .subject import MIN_COVERAGE, Subject, as_tensor, on_subject_grid, read_nifti, volume
 
@@ -517,10 +518,11 @@ def _zones(scenario: Scenario, subject: Subject, parcellation: Parcellation | No
     return zones
 
 
-def _smooth_in(field: np.ndarray, mask: np.ndarray, sigma: list[float]) -> np.ndarray:
-    """Gaussian smoothing within ``mask`` (normalised: the outside neither leaks in nor pulls to zero)."""
-    weight = gaussian_filter(mask.astype(np.float64), sigma, mode="nearest")
-    return np.where(mask, gaussian_filter(field * mask, sigma, mode="nearest") / np.maximum(weight, 1e-12), 0.0)
+def _smooth_in(field: np.ndarray, mask: np.ndarray, sigma: list[float], weight: np.ndarray) -> np.ndarray:
+    """Gaussian smoothing within ``mask`` (normalised by ``weight``, the smoothed mask: the outside neither
+    leaks in nor pulls to zero)."""
+    smoothed = gaussian_filter((field * mask).astype(np.float32), sigma, mode="nearest")
+    return np.where(mask, smoothed.astype(np.float64) / np.maximum(weight, 1e-12), 0.0)  # sums in float64
 
 
 def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwhm_mm: float) -> np.ndarray:
@@ -533,15 +535,20 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
     change lies between the two. Smoothing only within tissue was measured to miss every region's target
     on the MNI brain (README): the boundary voxels' tissue fraction, the only part with bulk stiffness
     under brain-only, was then told to shrink against the CSF around it."""
-    masks = [z.mask[0, 0].numpy() for z in zones]
+    sigma = [fwhm_mm / FWHM_PER_SIGMA / h for h in spacing]
+    # the smoothing is exact on the brain's box widened by the Gaussian's reach (scipy truncates at 4 sigma)
+    box = bounding_box(brain, [int(4.0 * s + 0.5) + 1 for s in sigma])
+    masks = [z.mask[0, 0][box].numpy() for z in zones]
     targets = np.array([z.voxels * (1.0 + z.percent_per_year / 100.0) for z in zones])  # follow-up voxels
     levels = -np.log1p(np.array([z.percent_per_year for z in zones]) / 100.0)  # log a = -log(1 + p/100)
-    inside = brain[0, 0].numpy()
-    sigma = [fwhm_mm / FWHM_PER_SIGMA / h for h in spacing]
+    inside = brain[0, 0][box].numpy()
+    weight = gaussian_filter(inside.astype(np.float32), sigma, mode="nearest") if fwhm_mm > 0 else None
 
     def field(values: np.ndarray) -> np.ndarray:
-        sharp = sum(level * mask for level, mask in zip(values, masks))
-        return _smooth_in(sharp, inside, sigma) if fwhm_mm > 0 else sharp
+        sharp = np.zeros(inside.shape)
+        for level, mask in zip(values, masks):
+            sharp[mask] = level
+        return _smooth_in(sharp, inside, sigma, weight) if fwhm_mm > 0 else sharp
 
     def error_of(log_a: np.ndarray) -> np.ndarray:  # > 0: too little loss in the zone
         return np.log(np.array([np.exp(-log_a[mask]).sum() for mask in masks]) / targets)
@@ -559,7 +566,9 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
         best, best_error = log_a, error
     for value, mask in zip(best_error, masks):
         best[mask] += value
-    return np.where(inside, best, 0.0)
+    full = np.zeros(brain.shape[2:])
+    full[box] = np.where(inside, best, 0.0)
+    return full
 
 
 def prescribe(scenario: Scenario, subject: Subject, parcellation: Parcellation | None = None,

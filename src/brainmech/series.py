@@ -153,8 +153,9 @@ class Series:
             point_images, point_extra = point.simulation.outputs()
             if parcellation is not None:
                 dtype = label_dtype(parcellation.labels)
-                point_images["parcellation.nii.gz"] = self.subject.to_nifti(parcellation.labels, dtype=dtype)
-                point_images["warped_parcellation.nii.gz"] = self.subject.to_nifti(point.warped_parcellation, dtype=dtype)
+                point_images["parcellation.nii.gz"] = lambda: self.subject.to_nifti(parcellation.labels, dtype=dtype)
+                point_images["warped_parcellation.nii.gz"] = (
+                    lambda p=point: self.subject.to_nifti(p.warped_parcellation, dtype=dtype))
             images.update({f"{folder}/{name}": image for name, image in point_images.items()})
             extra.update({f"{folder}/{name}": content for name, content in point_extra.items()})
         extra["series.csv"] = self.csv().encode()

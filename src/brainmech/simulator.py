@@ -23,15 +23,15 @@ import torch
 from torch import Tensor
 
 from .atrophy import tissue_volume_percent
-from .choices import REFINE_EVALUATIONS, Method
+from .choices import FINE_REFINE_EVALUATIONS, REFINE_EVALUATIONS, REFINE_GRID_MM, Method
 from .errors import InputError
-from .fields import compose, invert, warp_image, warp_labels_and_volumes
+from .fields import bounding_box, compose, invert, warp_image, warp_labels_and_volumes, warp_where_it_moves
 from .figures import figure_png
 from .mechanics import TISSUE_CLASSES, DetFMaps, Tissue, build_problem, solid_fraction, to_millimetres, vector_length
 from .metrics import atrophy_mse, folded_voxels
 from .network import PRETRAINED, load_model
-from .solver import MAX_EVALUATIONS, Callback, SolverRecord, solve
-from .subject import Subject, rows_csv, write_outputs
+from .solver import Callback, SolverRecord, solve
+from .subject import ImageSource, Subject, rows_csv, write_outputs
 from .version import __version__
 
 
@@ -58,7 +58,7 @@ class Report:
     shape: list[int]
     spacing_mm: list[float]
     brain_only: bool
-    timings: dict[str, float]  # simulate_s (finding u), warp_s (image, labels, partial volumes)
+    timings: dict[str, float]  # simulate_s (finding u), warp_s (image, labels, partial volumes), network_s (its forward passes, the simulator's total so far)
     energy: dict[str, float]  # elastic, background, centre, total: of the final field on the baseline problem
     energy_note: str  # which problem ``energy`` belongs to
     mse_atrophy_tissue: float  # mean (det F - a)^2 over tissue, det F the voxel mean (docs/conventions.md)
@@ -117,18 +117,20 @@ class Simulation:
         """Write every output (docs/outputs.md) into ``out_dir`` with the subject's geometry and a manifest."""
         return write_outputs(*self.outputs(figure=figure), out_dir, overwrite=overwrite)
 
-    def outputs(self, *, figure: bool = True) -> tuple[dict[str, nib.Nifti1Image], dict[str, bytes]]:
-        """The output files (docs/outputs.md) by name: NIfTI images (the subject's geometry) and the other files' bytes."""
+    def outputs(self, *, figure: bool = True) -> tuple[dict[str, ImageSource], dict[str, bytes]]:
+        """The output files (docs/outputs.md) by name: functions that build each NIfTI image (the subject's
+        geometry) when it is written, and the other files' bytes."""
         subject = self.subject
-        images = {
-            "warped_image.nii.gz": subject.to_nifti(self.warped_image),
-            "warped_labels.nii.gz": subject.to_nifti(self.warped_labels, dtype=label_dtype(self.warped_labels)),
-            "det_f.nii.gz": subject.to_nifti(self.det_f),
-            "atrophy.nii.gz": subject.to_nifti(self.atrophy),
-            "displacement.nii.gz": subject.displacement_to_itk(self.displacement),
+        images: dict[str, ImageSource] = {
+            "warped_image.nii.gz": lambda: subject.to_nifti(self.warped_image),
+            "warped_labels.nii.gz": lambda: subject.to_nifti(self.warped_labels, dtype=label_dtype(self.warped_labels)),
+            "det_f.nii.gz": lambda: subject.to_nifti(self.det_f),
+            "atrophy.nii.gz": lambda: subject.to_nifti(self.atrophy),
+            "displacement.nii.gz": lambda: subject.displacement_to_itk(self.displacement),
         }
         for tissue in list(Tissue)[1:self.warped_probabilities.shape[1]]:
-            images[f"warped_pv_{TISSUE_CLASSES[tissue]}.nii.gz"] = subject.to_nifti(self.warped_probabilities[:, tissue:tissue + 1])
+            images[f"warped_pv_{TISSUE_CLASSES[tissue]}.nii.gz"] = (
+                lambda t=tissue: subject.to_nifti(self.warped_probabilities[:, t:t + 1]))
         extra = {"report.json": self.report.to_json().encode(), "volumes.csv": self.report.volumes_csv().encode()}
         if figure:
             extra["figure.png"] = self.figure()
@@ -161,7 +163,10 @@ class Simulator:
         rtol: the solver's stopping tolerance (relative energy decrease over its patience window).
         refine_evaluations: network+refine's budget of energy evaluations per step (the default
             brings the shipped models within a few percent of the solver's energy; raise it to
-            approach the solver's minimum).
+            approach the solver's minimum). On a subject finer than about 2 mm it is spent on a grid of
+            about 2 mm (:func:`refine_levels`), and :data:`~brainmech.choices.FINE_REFINE_EVALUATIONS`
+            more on the subject's own grid finish it (a multilevel polish: a 1 mm evaluation costs eight
+            2 mm ones).
         device: where the physics runs (``"cpu"``, ``"cuda"``).
         callback: sees every solver energy evaluation (:class:`~brainmech.solver.EnergyEvaluation`: progress
             bars, monitoring) and stops the solve by returning True; its ``count`` restarts at each step.
@@ -200,6 +205,7 @@ class Simulator:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"device='{device}' but this torch build sees no CUDA GPU; use device='cpu'")
         self._networks: dict[int, tuple[torch.nn.Module, dict]] = {}
+        self.network_seconds = 0.0  # spent in the network's forward passes so far (reports' timings)
 
     @classmethod
     def pretrained(cls, name: str = "mni-3d", **kwargs) -> Simulator:
@@ -218,12 +224,20 @@ class Simulator:
         u, record = None, None
         if self.method is not Method.SOLVER:
             network, _ = self.network(len(spacing))
+            start = time.perf_counter()
             with torch.no_grad():
                 u = network(atrophy, probabilities, spacing)
-        if self.method is not Method.NETWORK:
+            self.network_seconds += time.perf_counter() - start
+        if self.method is Method.SOLVER:
             problem = build_problem(probabilities, atrophy, spacing, brain_only=self.brain_only)
-            budget = self.refine_evaluations if self.method is Method.NETWORK_REFINE else MAX_EVALUATIONS
-            result = solve(problem, initial=u, rtol=self.rtol, max_evaluations=budget, callback=self.callback)
+            result = solve(problem, rtol=self.rtol, callback=self.callback)
+            u, record = result.displacement, result.record
+        elif self.method is Method.NETWORK_REFINE:
+            problem = build_problem(probabilities, atrophy, spacing, brain_only=self.brain_only)
+            levels = refine_levels(spacing)
+            fine_budget = self.refine_evaluations if levels == 1 else FINE_REFINE_EVALUATIONS
+            result = solve(problem, initial=u, levels=levels, rtol=self.rtol, max_evaluations=fine_budget,
+                           coarse_evaluations=self.refine_evaluations if levels > 1 else None, callback=self.callback)
             u, record = result.displacement, result.record
         return u, record
 
@@ -256,18 +270,18 @@ class Simulator:
                simulate_s: float) -> Simulation:
         """The :class:`Simulation` of a field ``u`` (voxels) found for ``atrophy`` in ``len(records)`` steps:
         warped image, labels and partial volumes, det F maps and the report."""
-        timings = {"simulate_s": simulate_s}
+        timings = {"simulate_s": simulate_s, **({"network_s": self.network_seconds} if self.method is not Method.SOLVER else {})}
         probabilities, atrophy_here = subject.probabilities.to(self.device), atrophy.to(self.device)
         problem = build_problem(probabilities, atrophy_here, subject.spacing, brain_only=self.brain_only)
         energy_terms, det_f = problem.report_terms(u)  # one sliced pass: no 1 mm index arrays
         start = time.perf_counter()
         warped_image = warp_image(subject.image.to(self.device), u)
         warped_labels, label_voxels = warp_labels_and_volumes(subject.labels.to(self.device), u)
-        warped_probabilities = warp_image(probabilities, u).clamp(0, 1)  # interpolation round-off: 1 + 1e-7
+        warped_probabilities = warp_where_it_moves(probabilities, u).clamp(0, 1)  # interpolation round-off: 1 + 1e-7
         timings["warp_s"] = time.perf_counter() - start
         cpu = lambda t: t.detach().cpu()  # noqa: E731
         u, det_f, warped_probabilities = cpu(u), DetFMaps(*map(cpu, det_f)), cpu(warped_probabilities)
-        growth = volume_growth(det_f.mean, u).float()  # summed in float64 where it is used
+        growth = volume_growth(det_f.mean, u, subject.brain).float()  # summed in float64 where it is used
         report = self._report(subject, atrophy, u, det_f, growth, energy_terms, problem.centre[0].tolist(), timings,
                               records)
         report.volumes = volume_rows(subject, atrophy, warped_probabilities, label_voxels, brain_only=self.brain_only)
@@ -281,7 +295,7 @@ class Simulator:
                 records: list[SolverRecord | None]) -> Report:
         """The :class:`Report` of a final field ``u`` (voxels, CPU), its det F maps and volume growth."""
         # the moved frame: a(y + u(y)) and the tissue mask carried to the follow-up, in one warp
-        carried = warp_image(torch.cat([atrophy, subject.tissue.to(atrophy.dtype)], 1), u)
+        carried = warp_where_it_moves(torch.cat([atrophy, subject.tissue.to(atrophy.dtype)], 1), u)
         followup_atrophy, followup_tissue = carried.split(1, 1)
         brain, tissue = subject.brain, subject.tissue
         steps = len(records)
@@ -349,16 +363,31 @@ class Simulator:
         return warnings
 
 
+def refine_levels(spacing: tuple[float, ...]) -> int:
+    """Grids of network+refine's multilevel polish: 1 at about 2 mm (:data:`REFINE_GRID_MM`), 2 at 1 or 0.8 mm
+    (the coarse one near 2 mm, where the budget converges the long waves at an eighth of the cost)."""
+    return 1 + max(0, round(math.log2(REFINE_GRID_MM / min(spacing))))
+
+
 def software_versions() -> dict[str, str]:
     """The versions a report records: brainmech, torch, Python."""
     return {"brainmech": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
-def volume_growth(det_f: Tensor, u: Tensor) -> Tensor:
+def volume_growth(det_f: Tensor, u: Tensor, within: Tensor | None = None) -> Tensor:
     """Follow-up / baseline volume at each baseline voxel: ``1 / det F`` taken where the point went (det F
     lives on the follow-up grid, so it is carried back through the inverse field). Summed over a baseline
-    region, it is the region's follow-up volume by Jacobian integration (voxels)."""
-    return warp_image(1.0 / det_f.double(), invert(u.double()))
+    region, it is the region's follow-up volume by Jacobian integration (voxels).
+
+    ``within`` (bool ``(1, 1, *N)``, e.g. the brain) limits the work to its box: the inverse field at a
+    point reads ``u`` within ``max |u|`` of it only, so the values there are exact; outside the box widened
+    by that reach the map holds 1 (not computed)."""
+    if within is None:
+        return warp_image(1.0 / det_f.double(), invert(u.double()))
+    box = (slice(None), slice(None), *bounding_box(within, math.ceil(float(u.abs().amax())) + 2))
+    growth = torch.ones_like(det_f, dtype=torch.float64)
+    growth[box] = volume_growth(det_f[box], u[box])
+    return growth
 
 
 def misses(simulated_percent: float, prescribed_percent: float) -> bool:
@@ -403,14 +432,19 @@ def volume_rows(subject: Subject, atrophy: Tensor, warped_probabilities: Tensor,
     inside = [int(t) for t in classes]
     rows.append(row("tissue class", "intracranial", p[:, inside].sum(),
                     None if brain_only else (p[:, inside].sum(1) / a[:, 0]).sum(), float(warped[:, inside].sum())))
-    labels = subject.labels
-    for label, followup in sorted(label_voxels.items()):
-        indicator = labels == label
-        tissue = TISSUE_CLASSES[int(p[:, :, indicator[0, 0]].sum(-1).argmax())]
+    labels = subject.labels.flatten()
+    values = torch.tensor(sorted(label_voxels), dtype=labels.dtype)
+    index = torch.searchsorted(values, labels)  # each voxel's label, as its row: one pass for every label
+    per_label = lambda weights: torch.zeros(len(values), dtype=torch.float64).index_add_(0, index, weights)  # noqa: E731
+    voxels = per_label(torch.ones_like(labels, dtype=torch.float64))
+    class_sums = torch.stack([per_label(p[0, k].flatten()) for k in range(p.shape[1])], 1)  # (labels, K)
+    inverse_atrophy = per_label(1 / a.flatten())
+    for row_index, (label, followup) in enumerate(zip(values.tolist(), (label_voxels[v] for v in values.tolist()))):
+        tissue = TISSUE_CLASSES[int(class_sums[row_index].argmax())]
         if tissue == "background":
             continue
-        prescribed = None if brain_only and tissue == "csf" else (1 / a[indicator]).sum()
-        rows.append(row(f"label ({tissue})", str(label), indicator.sum(), prescribed, followup))
+        prescribed = None if brain_only and tissue == "csf" else inverse_atrophy[row_index]
+        rows.append(row(f"label ({tissue})", str(label), voxels[row_index], prescribed, followup))
     return rows
 
 

@@ -19,11 +19,14 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from .fields import refine_field, restrict, voxel_ratio
+from .fields import bounding_box, coarsen_field, refine_field, restrict, voxel_ratio
 from .mechanics import Problem, potential_flow
 
 MIN_COARSE_SIZE = 24  # the pyramid stops before any axis gets shorter than this
 MAX_EVALUATIONS = 2000  # per level: a safety net, far above what the rtol rule needs
+HISTORY_SIZE = 20  # L-BFGS correction pairs kept on a small grid
+HISTORY_BYTES = 2**30  # at most this much L-BFGS history (two vectors per pair): a 1 mm brain keeps ~10 pairs
+SLICED_VOXELS = 2**21  # grids above this many voxels evaluate the energy slab by slab (bounded memory)
 
 
 @dataclass
@@ -57,8 +60,15 @@ class EnergyEvaluation:
     level: int  # pyramid level of the grid evaluated (0: the finest)
     count: int  # evaluations so far, all levels, this one included
     energy: float  # total energy, mu*mm^3
-    displacement: Tensor  # a copy of the field evaluated (voxels; this level's grid)
     seconds: float  # since the solve started
+    field: Tensor  # a copy of the field evaluated on the solved box (voxels; this level's grid)
+    box: Box | None = None  # where that box lies in the problem's grid (level 0), None: the whole grid
+
+    @property
+    def displacement(self) -> Tensor:
+        """The field evaluated (voxels; this level's grid; level 0: the problem's whole grid, 0 outside the
+        solved box, as the solver returns it)."""
+        return self.field if self.box is None or self.level != 0 else self.box.paste(self.field)
 
 
 #: Called after every energy evaluation (progress, monitoring); returning True stops the solve there.
@@ -67,6 +77,41 @@ Callback = Callable[[EnergyEvaluation], "bool | None"]
 
 class _Stop(Exception):
     """Raised inside the L-BFGS closure when the callback asks to stop."""
+
+
+@dataclass(frozen=True)
+class Box:
+    """The part of a grid that the solver works on: the cells with material, widened by ``MARGIN`` nodes.
+
+    Outside it a node is a corner of no cell with material, so the energy holds it by the background
+    penalty alone and its minimiser is u = 0 exactly: solving on the box and putting 0 elsewhere is
+    the same answer for the price of the brain's box (less than half a 1 mm head's grid)."""
+
+    slices: tuple[slice, ...]
+    shape: tuple[int, ...]  # the whole grid's
+
+    MARGIN = 2
+
+    @classmethod
+    def of(cls, problem: Problem) -> Box:
+        material = (problem.mu > 0) | (problem.bulk > 0)
+        return cls(bounding_box(material, cls.MARGIN), tuple(problem.atrophy.shape[2:]))
+
+    def crop(self, field: Tensor) -> Tensor:
+        return field[(slice(None), slice(None), *self.slices)]
+
+    def paste(self, field: Tensor) -> Tensor:
+        """``field`` (on the box) on the whole grid, 0 elsewhere."""
+        whole = field.new_zeros(*field.shape[:2], *self.shape)
+        whole[(slice(None), slice(None), *self.slices)] = field
+        return whole
+
+    def problem(self, problem: Problem) -> Problem:
+        """``problem`` restricted to the box (the centre moved into its coordinates)."""
+        start = torch.tensor([s.start for s in self.slices], dtype=problem.centre.dtype, device=problem.centre.device)
+        return replace(problem, atrophy=self.crop(problem.atrophy), mu=self.crop(problem.mu),
+                       bulk=self.crop(problem.bulk), background=self.crop(problem.background),
+                       centre=problem.centre - start)
 
 
 def coarsen(problem: Problem) -> Problem:
@@ -103,6 +148,7 @@ def minimise(
     record: SolverRecord | None = None,
     level: int = 0,
     callback: Callback | None = None,
+    box: Box | None = None,
 ) -> tuple[Tensor, bool]:
     """L-BFGS on one grid from ``initial`` (zero displacement by default), appending to ``record``;
     returns the displacement and whether the rtol rule (not max_evaluations) stopped it. When
@@ -110,9 +156,12 @@ def minimise(
     record = record if record is not None else SolverRecord()
     shape = (problem.atrophy.shape[0], problem.ndim, *problem.atrophy.shape[2:])
     u = (initial.detach().clone() if initial is not None else problem.atrophy.new_zeros(shape)).requires_grad_()
+    sliced = problem.scheme == "nodal" and math.prod(shape[2:]) > SLICED_VOXELS
     with torch.no_grad():
-        scale = problem.energy(u).abs().clamp_min(1e-12)  # L-BFGS sees an O(1) objective
-    new_optimiser = lambda: torch.optim.LBFGS([u], lr=1.0, max_iter=patience, history_size=20,  # noqa: E731
+        scale = problem.energy_and_gradient(u)[0] if sliced else problem.energy(u)
+        scale = scale.abs().clamp_min(1e-12)  # L-BFGS sees an O(1) objective
+    history = max(5, min(HISTORY_SIZE, HISTORY_BYTES // (2 * u.numel() * u.element_size())))
+    new_optimiser = lambda: torch.optim.LBFGS([u], lr=1.0, max_iter=patience, history_size=history,  # noqa: E731
                                              line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
     optimiser = new_optimiser()
     best: list[float] = []  # the lowest energy so far, per evaluation (a non-finite one counts as +inf)
@@ -120,8 +169,12 @@ def minimise(
 
     def closure() -> Tensor:
         optimiser.zero_grad()
-        loss = problem.energy(u) / scale
-        loss.backward()
+        if sliced:  # the gradient slab by slab, handed to L-BFGS as u.grad
+            total, gradient = problem.energy_and_gradient(u)
+            loss, u.grad = total / scale, gradient / scale
+        else:
+            loss = problem.energy(u) / scale
+            loss.backward()
         energy = float(loss.detach() * scale)
         candidate = energy if math.isfinite(energy) else math.inf
         if not best or candidate < best[-1]:
@@ -131,8 +184,8 @@ def minimise(
         record.seconds.append(time.perf_counter() - record.started)
         record.energy.append(energy)
         if callback is not None and callback(EnergyEvaluation(level=level, count=len(record.energy), energy=energy,
-                                                              displacement=u.detach().clone(),
-                                                              seconds=record.seconds[-1])):
+                                                              seconds=record.seconds[-1], field=u.detach().clone(),
+                                                              box=box)):
             raise _Stop
         return loss
 
@@ -163,34 +216,56 @@ def solve(
     rtol: float = 1e-4,
     patience: int = 10,
     max_evaluations: int = MAX_EVALUATIONS,
+    coarse_evaluations: int | None = None,
     callback: Callback | None = None,
 ) -> SolverResult:
     """Minimise ``problem``'s energy, coarse to fine over ``levels`` grids (None: as many as fit).
 
-    Without ``initial`` the coarsest level starts from the potential flow (:func:`potential_flow`);
-    with ``initial`` (e.g. a network prediction, ``network+refine``) only the finest level is solved.
+    Without ``initial`` the coarsest level starts from the potential flow (:func:`potential_flow`).
+    With ``initial`` (e.g. a network prediction, ``network+refine``) only the finest level is solved,
+    unless ``coarse_evaluations`` is given: then ``initial`` is restricted to each of the ``levels``
+    grids, the coarsest is solved first, and each finer level starts from its own restriction of
+    ``initial`` plus the coarser level's correction, interpolated (a multilevel correction: the
+    coarse grid converges the long waves where an evaluation costs an eighth, the fine grid keeps
+    ``initial``'s detail); each coarse level spends at most ``coarse_evaluations``.
     Coarse levels stop at ``10 * rtol``: they only prepare the start of the next. ``callback`` sees
     every evaluation (:class:`EnergyEvaluation`) and stops the solve by returning True; the result is then
     the field it was last shown, on the finest grid.
+
+    Only the box of the grid with material is solved (:class:`Box`); the field is 0 outside it (the
+    energy's minimiser there). Large grids evaluate the energy slab by slab
+    (:meth:`~brainmech.mechanics.Problem.energy_and_gradient`) and keep a shorter L-BFGS history, so
+    memory stays a few copies of the field.
 
     Example::
 
         stop_below = lambda evaluation: evaluation.level == 0 and evaluation.energy < 12.0
         result = solve(problem, callback=stop_below)
     """
-    problems = [problem] if initial is not None else pyramid(problem, levels)
+    box = Box.of(problem)
+    problem = box.problem(problem)
+    multilevel = initial is None or coarse_evaluations is not None
+    problems = pyramid(problem, levels) if multilevel else [problem]
     record = SolverRecord(converged=True)
-    u = initial if initial is not None else potential_flow(problems[-1].atrophy, problems[-1].spacing)
+    if initial is None:
+        starts, u = None, potential_flow(problems[-1].atrophy, problems[-1].spacing)
+    else:
+        starts = [box.crop(initial)]
+        for coarse in problems[1:]:
+            starts.append(coarsen_field(starts[-1], tuple(coarse.atrophy.shape[2:])))
+        u = starts[-1]
     for level in reversed(range(len(problems))):
         level_problem = problems[level]
-        if u.shape[2:] != level_problem.atrophy.shape[2:]:
-            u = refine_field(u, tuple(level_problem.atrophy.shape[2:]))
+        shape = tuple(level_problem.atrophy.shape[2:])
+        if u.shape[2:] != shape:  # a coarse level's answer starts the next: interpolated, or as a correction
+            u = refine_field(u, shape) if starts is None else starts[level] + refine_field(u - starts[level + 1], shape)
+        budget = max_evaluations if level == 0 or initial is None else coarse_evaluations
         u, converged = minimise(level_problem, u, rtol=rtol if level == 0 else 10 * rtol, patience=patience,
-                                max_evaluations=max_evaluations, record=record, level=level, callback=callback)
+                                max_evaluations=budget, record=record, level=level, callback=callback, box=box)
         record.converged = record.converged and converged
         if record.stopped:
             record.converged = False
             if level > 0:
                 u = refine_field(u, tuple(problem.atrophy.shape[2:]))
             break
-    return SolverResult(displacement=u, record=record)
+    return SolverResult(displacement=box.paste(u), record=record)

@@ -346,11 +346,29 @@ def written_by_brainmech(folder: Path) -> dict[str, dict]:
     return unchanged
 
 
-def write_outputs(images: dict[str, nib.Nifti1Image], extra: dict[str, bytes], out_dir: str | Path,
+#: A NIfTI output: the image, or a function that builds it when it is written (a series holds one at a time).
+ImageSource = nib.Nifti1Image | Callable[[], nib.Nifti1Image]
+WRITER_THREADS = 4  # gzip compression releases the GIL: the images of an output folder compress in parallel
+
+
+def save_images(images: Mapping[str, ImageSource], folder: Path) -> None:
+    """Save each image (built first where it is a function) as ``folder / name``, several at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def save(item: tuple[str, ImageSource]) -> None:
+        name, image = item
+        nib.save(image() if callable(image) else image, folder / name)
+
+    with ThreadPoolExecutor(max_workers=min(WRITER_THREADS, os.cpu_count() or 1)) as pool:
+        list(pool.map(save, images.items()))  # list: the first error is raised here
+
+
+def write_outputs(images: Mapping[str, ImageSource], extra: dict[str, bytes], out_dir: str | Path,
                   *, overwrite: bool = False) -> Path:
     """Write every output into ``out_dir`` with a ``manifest.json``, files and folders with the user's umask.
 
-    A new ``out_dir`` appears whole or not at all: the files are written into a temporary sibling folder
+    ``images`` are NIfTI images or functions that build them (built and compressed a few at a time, in
+    threads). A new ``out_dir`` appears whole or not at all: the files are written into a temporary sibling folder
     that is renamed into place. An existing ``out_dir`` is refused unless ``overwrite``; then each file
     is replaced atomically, the files the previous run listed in its manifest (and that are unchanged
     since) and this one does not write are removed, and nothing else in the folder is touched (the
@@ -370,8 +388,7 @@ def write_outputs(images: dict[str, nib.Nifti1Image], extra: dict[str, bytes], o
     try:
         for name in names:
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
-        for name, image in images.items():
-            nib.save(image, staging / name)
+        save_images(images, staging)
         for name, content in extra.items():
             (staging / name).write_bytes(content)
         (staging / MANIFEST).write_bytes(manifest(staging, names))
