@@ -5,8 +5,9 @@ import torch
 
 from brainmech.fields import refine_field
 from brainmech.mechanics import (Problem, _inverse_laplacian_eigenvalues, _NeumannPoissonDCT, _solve_by_mirror_fft,
-                                 build_problem, det_f_maps, potential_flow)
-from brainmech.solver import coarsen, solve
+                                 build_problem, det_f_maps, potential_flow, solid_fraction)
+from brainmech import solver
+from brainmech.solver import Box, coarsen, solve
 from brainmech.subject import load_subject
 
 
@@ -137,3 +138,39 @@ def test_a_callback_sees_every_evaluation_and_stops_the_solve(subject_files):
     assert float(problem.energy(result.displacement)) == pytest.approx(last.energy, rel=1e-6)
     full = solve(problem)  # without a callback it goes on to its stopping rule
     assert len(full.record.energy) > len(seen) and full.record.converged
+
+
+def test_only_the_box_with_material_is_solved_and_the_field_is_zero_beyond_it(subject_files, monkeypatch):
+    """Beyond the box of cells with material a node feels the background penalty alone, so u = 0 there is
+    the minimiser; the slab-by-slab energy (large grids) reaches the same minimum as the gathered one."""
+    subject = load_subject(subject_files["image"], subject_files["labels"])
+    padded = torch.nn.functional.pad(subject.probabilities, (4, 4, 4, 4, 4, 4))
+    padded[:, 0][padded.sum(1) == 0] = 1.0  # a wider field of view: background all round
+    atrophy = torch.where(solid_fraction(padded) > 0.5, 1.04, 1.0)
+    problem = build_problem(padded, atrophy, subject.spacing)
+    box = Box.of(problem)
+    assert all(s.stop - s.start < n for s, n in zip(box.slices, padded.shape[2:]))
+    result = solve(problem, rtol=1e-6)
+    outside = torch.ones_like(result.displacement, dtype=torch.bool)
+    outside[(slice(None), slice(None), *box.slices)] = False
+    assert result.displacement[outside].abs().max() == 0
+    monkeypatch.setattr(solver, "SLICED_VOXELS", 0)  # every grid slab by slab
+    sliced = solve(problem, rtol=1e-6)
+    gathered_energy, sliced_energy = float(problem.energy(result.displacement)), float(problem.energy(sliced.displacement))
+    assert sliced_energy == pytest.approx(gathered_energy, rel=1e-3)
+
+
+def test_a_multilevel_polish_spends_its_coarse_and_fine_budgets_and_lowers_the_energy(subject_files):
+    """network+refine on a fine subject: the start restricted to the coarse grid, its correction solved there
+    (``coarse_evaluations``), then the fine grid from the start plus that correction (``max_evaluations``)."""
+    subject = load_subject(subject_files["image"], subject_files["labels"])
+    atrophy = torch.where(subject.tissue, 1.04, 1.0)
+    problem = build_problem(subject.probabilities, atrophy, subject.spacing)
+    start = potential_flow(atrophy, subject.spacing)
+    result = solve(problem, initial=start, levels=2, max_evaluations=6, coarse_evaluations=9)
+    levels = result.record.level
+    assert levels == sorted(levels, reverse=True) and set(levels) == {0, 1}
+    assert 8 <= levels.count(1) <= 9 and 5 <= levels.count(0) <= 6
+    fine_only = solve(problem, initial=start, max_evaluations=6)
+    assert set(fine_only.record.level) == {0}  # without coarse_evaluations the start is polished where it is
+    assert float(problem.energy(result.displacement)) < float(problem.energy(start))

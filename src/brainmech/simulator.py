@@ -30,7 +30,7 @@ from .figures import figure_png
 from .mechanics import TISSUE_CLASSES, DetFMaps, Tissue, build_problem, solid_fraction, to_millimetres, vector_length
 from .metrics import atrophy_mse, folded_voxels
 from .network import PRETRAINED, load_model
-from .solver import Callback, SolverRecord, solve
+from .solver import MIN_COARSE_SIZE, Callback, SolverRecord, solve
 from .subject import ImageSource, Subject, rows_csv, write_outputs
 from .version import __version__
 
@@ -234,7 +234,7 @@ class Simulator:
             u, record = result.displacement, result.record
         elif self.method is Method.NETWORK_REFINE:
             problem = build_problem(probabilities, atrophy, spacing, brain_only=self.brain_only)
-            levels = refine_levels(spacing)
+            levels = refine_levels(spacing, tuple(atrophy.shape[2:]))
             fine_budget = self.refine_evaluations if levels == 1 else FINE_REFINE_EVALUATIONS
             result = solve(problem, initial=u, levels=levels, rtol=self.rtol, max_evaluations=fine_budget,
                            coarse_evaluations=self.refine_evaluations if levels > 1 else None, callback=self.callback)
@@ -363,10 +363,16 @@ class Simulator:
         return warnings
 
 
-def refine_levels(spacing: tuple[float, ...]) -> int:
-    """Grids of network+refine's multilevel polish: 1 at about 2 mm (:data:`REFINE_GRID_MM`), 2 at 1 or 0.8 mm
-    (the coarse one near 2 mm, where the budget converges the long waves at an eighth of the cost)."""
-    return 1 + max(0, round(math.log2(REFINE_GRID_MM / min(spacing))))
+def refine_levels(spacing: tuple[float, ...], shape: tuple[int, ...]) -> int:
+    """Grids of network+refine's multilevel polish: the subject's, then halvings while the voxels (their
+    geometric mean) stay finer than about :data:`REFINE_GRID_MM` (the networks' own grid) and every axis
+    keeps :data:`~brainmech.solver.MIN_COARSE_SIZE` nodes: 1 at 2 mm, 2 at 1 or 0.8 mm, where the budget
+    converges the long waves at an eighth of the cost."""
+    mean_spacing = math.prod(spacing) ** (1.0 / len(spacing))
+    halvings = max(0, round(math.log2(REFINE_GRID_MM / mean_spacing)))
+    while halvings and min(shape) < MIN_COARSE_SIZE * 2**halvings:
+        halvings -= 1
+    return 1 + halvings
 
 
 def software_versions() -> dict[str, str]:
