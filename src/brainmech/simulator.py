@@ -438,7 +438,7 @@ def volume_rows(subject: Subject, atrophy: Tensor, warped_probabilities: Tensor,
     inside = [int(t) for t in classes]
     rows.append(row("tissue class", "intracranial", p[:, inside].sum(),
                     None if brain_only else (p[:, inside].sum(1) / a[:, 0]).sum(), float(warped[:, inside].sum())))
-    labels = subject.labels.flatten()
+    labels = subject.labels.reshape(-1).contiguous()
     values = torch.tensor(sorted(label_voxels), dtype=labels.dtype)
     index = torch.searchsorted(values, labels)  # each voxel's label, as its row: one pass for every label
     per_label = lambda weights: torch.zeros(len(values), dtype=torch.float64).index_add_(0, index, weights)  # noqa: E731
