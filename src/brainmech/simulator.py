@@ -368,6 +368,8 @@ def refine_levels(spacing: tuple[float, ...], shape: tuple[int, ...]) -> int:
     geometric mean) stay finer than about :data:`REFINE_GRID_MM` (the networks' own grid) and every axis
     keeps :data:`~brainmech.solver.MIN_COARSE_SIZE` nodes: 1 at 2 mm, 2 at 1 or 0.8 mm, where the budget
     converges the long waves at an eighth of the cost."""
+    if len(spacing) == 2:  # the 2D networks are trained on 1 mm slices: their grid is the subject's
+        return 1
     mean_spacing = math.prod(spacing) ** (1.0 / len(spacing))
     halvings = max(0, round(math.log2(REFINE_GRID_MM / mean_spacing)))
     while halvings and min(shape) < MIN_COARSE_SIZE * 2**halvings:
