@@ -77,7 +77,7 @@ def _warp_labels(labels: Tensor, u: Tensor, volumes: bool) -> tuple[Tensor, dict
     and only where the nodes disagree (a boundary).
     """
     outside = labels.reshape(-1)[0]
-    box = (slice(None), slice(None), *bounding_box(labels != outside, math.ceil(float(u.detach().abs().amax())) + 2))
+    box = (slice(None), slice(None), *bounding_box(labels != outside, sampling_reach(u)))
     if labels[box].numel() < labels.numel():  # beyond the labelled box every sample reads ``outside`` alone
         warped_box, volume_of = _warp_labels(labels[box], u[box], volumes)
         warped = labels.clone()
@@ -144,6 +144,12 @@ def bounding_box(mask: Tensor, margin: int | tuple[int, ...] = 0) -> tuple[slice
     return tuple(box)
 
 
+def sampling_reach(u: Tensor) -> int:
+    """Voxels a warp by ``u`` can read away from each point: the largest displacement component, rounded
+    up, plus the interpolation's neighbour and one for safety."""
+    return math.ceil(float(u.detach().abs().amax())) + 2 if u.numel() else 2
+
+
 def warp_where_it_moves(volume: Tensor, u: Tensor, outside: Tensor | None = None) -> Tensor:
     """:func:`warp_image` computed only where the result can differ from ``volume``: the voxels within
     ``max |u| + 2`` of where ``volume`` differs from its ``outside`` value (per channel, ``(C,)``; default
@@ -153,8 +159,7 @@ def warp_where_it_moves(volume: Tensor, u: Tensor, outside: Tensor | None = None
     if outside is None:
         outside = volume.reshape(*volume.shape[:2], -1)[0, :, 0]
     content = (volume != outside.reshape(1, -1, *([1] * (volume.ndim - 2)))).any(1, keepdim=True)
-    reach = math.ceil(float(u.detach().abs().amax())) + 2 if u.numel() else 2
-    box = (slice(None), slice(None), *bounding_box(content, reach))
+    box = (slice(None), slice(None), *bounding_box(content, sampling_reach(u)))
     warped = volume.clone()
     warped[box] = warp_image(volume[box], u[box])
     return warped

@@ -25,7 +25,8 @@ from torch import Tensor
 from .atrophy import tissue_volume_percent
 from .choices import FINE_REFINE_EVALUATIONS, REFINE_EVALUATIONS, REFINE_GRID_MM, Method
 from .errors import InputError
-from .fields import bounding_box, compose, invert, warp_image, warp_labels_and_volumes, warp_where_it_moves
+from .fields import (bounding_box, compose, invert, sampling_reach, warp_image, warp_labels_and_volumes,
+                     warp_where_it_moves)
 from .figures import figure_png
 from .mechanics import TISSUE_CLASSES, DetFMaps, Tissue, build_problem, solid_fraction, to_millimetres, vector_length
 from .metrics import atrophy_mse, folded_voxels
@@ -392,7 +393,7 @@ def volume_growth(det_f: Tensor, u: Tensor, within: Tensor | None = None) -> Ten
     by that reach the map holds 1 (not computed)."""
     if within is None:
         return warp_image(1.0 / det_f.double(), invert(u.double()))
-    box = (slice(None), slice(None), *bounding_box(within, math.ceil(float(u.abs().amax())) + 2))
+    box = (slice(None), slice(None), *bounding_box(within, sampling_reach(u)))
     growth = torch.ones_like(det_f, dtype=torch.float64)
     growth[box] = volume_growth(det_f[box], u[box])
     return growth
