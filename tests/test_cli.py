@@ -297,8 +297,8 @@ def test_version():
 
 
 def test_outputs_hold_partial_volumes_and_a_volume_table_that_sum_to_them(subject_files, tmp_path):
-    out = tmp_path / "out"
-    result = simulate(subject_files, out, "--method", "network")
+    out = tmp_path / "out"  # as labelled: the phantom's CSF label is then the CSF class (auto adds sulcal CSF)
+    result = simulate(subject_files, out, "--method", "network", "--intracranial", "labels")
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in csv.DictReader((out / "volumes.csv").open())}
     voxel_ml = abs(np.linalg.det(nib.load(subject_files["image"]).affine[:3, :3])) / 1000
@@ -312,7 +312,8 @@ def test_outputs_hold_partial_volumes_and_a_volume_table_that_sum_to_them(subjec
     assert float(rows["gm"]["prescribed_percent"]) == pytest.approx(((1 / atrophy[grey]).mean() - 1) * 100, abs=1e-3)
     report = json.loads((out / "report.json").read_text())
     assert report["inputs"] == {"image": str(subject_files["image"]), "labels": str(subject_files["labels"]),
-                                "atrophy": str(subject_files["atrophy"]), "convention": "ratio"}
+                                "atrophy": str(subject_files["atrophy"]), "convention": "ratio",
+                                "intracranial": "as labelled"}
     assert report["model"]["name"] == "mni-3d" and "command" not in report["model"]  # the history stays in the card
 
 

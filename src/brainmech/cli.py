@@ -186,6 +186,68 @@ Steps = Annotated[int, typer.Option(min=1, max=1000, help="Simulate in this many
 DeviceOption = Annotated[Device, typer.Option(help="Where the physics runs.")]
 
 
+def _check_label_table(value: str | None) -> str | None:
+    """``--label-table``: a file that exists, or a shipped table's name (checked before any work)."""
+    from .subject import LABEL_TABLE_NAMES, shipped_label_table
+
+    if value is None or shipped_label_table(value) is not None or Path(value).is_file():
+        return value
+    raise typer.BadParameter(f"{value} is neither a file nor a shipped table ({', '.join(LABEL_TABLE_NAMES)})")
+
+
+def _check_intracranial(value: str | None) -> str | None:
+    """``--intracranial``: a mode or a mask file that exists (checked before any work)."""
+    from .subject import INTRACRANIAL_MODES
+
+    if value is None or value.strip().lower() in INTRACRANIAL_MODES or Path(value).is_file():
+        return value
+    raise typer.BadParameter(f"{value} is neither {', '.join(INTRACRANIAL_MODES)} nor a NIfTI mask file")
+
+
+def label_table_option(what: str = "the label map"):
+    """The ``--label-table`` option of the commands that read ``what``."""
+    return typer.Option(callback=_check_label_table, help=f"The tissue class of each value of {what}: a YAML "
+                        "'label: tissue class' table (ranges 'low-high: class' allowed) or a shipped table, "
+                        "freesurfer (aliases aseg, aparc+aseg, aparc.a2009s+aseg, synthseg, wmparc: FreeSurfer's "
+                        "label ids).")
+
+
+def _intracranial_mode(intracranial: str | None, data: Path | None) -> str:
+    """``train --intracranial``: a mode for every subject of ``--data`` (a mask file belongs to one subject)."""
+    from .subject import INTRACRANIAL_MODES
+
+    if intracranial is None:
+        return "auto"
+    if data is None:
+        raise InputError("--intracranial describes the label maps of --data; pass --data")
+    if intracranial.strip().lower() not in INTRACRANIAL_MODES:
+        raise InputError(f"--intracranial for a folder of subjects is one of {', '.join(INTRACRANIAL_MODES)}, not "
+                         f"{intracranial!r} (a mask file belongs to one subject)")
+    return intracranial.strip().lower()
+
+
+LabelTable = Annotated[Optional[str], label_table_option()]
+Intracranial = Annotated[Optional[str], typer.Option(callback=_check_intracranial, help="The intracranial space, "
+                         "whose voxels the labels call background become CSF: auto (default: derive when less than "
+                         "half of the labelled brain's outer layer is CSF, as in a FreeSurfer aseg), labels (as "
+                         "labelled), derive (from the labelled brain: dilation, closing, holes filled) or a NIfTI "
+                         "mask on the image grid (nonzero = intracranial).")]
+
+
+def _load_subject(image: Path, labels: Path, label_table: str | None, intracranial: str | None):
+    """A user subject (:func:`~brainmech.subject.load_subject`; ``intracranial`` None: auto)."""
+    from .subject import load_subject
+
+    return load_subject(image, labels, label_table, intracranial or "auto")
+
+
+def _say_intracranial(subject) -> None:
+    """One line on what the subject's intracranial space is (none for a subject without labels), printed once
+    every input is checked (bad input stays one ``error:`` line)."""
+    if "intracranial" in subject.files:
+        console.print(f"intracranial space: {subject.files['intracranial']}", highlight=False)
+
+
 def _progress() -> Progress:
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                     transient=True)
@@ -276,6 +338,7 @@ def _run_series(simulator, subject, scenario, parcellation, years: list[float], 
     from .series import simulate_series
 
     prescription = prescribe(scenario, subject, parcellation, seed=seed)
+    _say_intracranial(subject)
     for zone in prescription.zones:
         console.print(f"  {zone.name} ({zone.kind}, {zone.voxels} voxels): {zone.percent_per_year:+.2f} % a year",
                       highlight=False)
@@ -381,7 +444,8 @@ def simulate(
                                                         "(follow-up/baseline) or percent (change, <0 = loss).")] = Convention.RATIO,
     expect: Annotated[Optional[Direction], typer.Option(help="Warn if the map's tissue mean says the other direction "
                                                              "(a sign or convention mistake).")] = None,
-    label_table: Annotated[Optional[Path], input_file("YAML 'label: tissue class' table for other labellings.")] = None,
+    label_table: LabelTable = None,
+    intracranial: Intracranial = None,
     brain_only: Annotated[bool, typer.Option(help="Prescribe the map in tissue only; CSF volume is free to compensate.")] = False,
     method: Annotated[Method, typer.Option(help="How the displacement is found (network alone: faster, misses "
                                                 "multi-year maps).")] = DEFAULT_METHOD,
@@ -410,12 +474,11 @@ def simulate(
     from .atrophy import describe, direction_warning, load_atrophy
     from .scenarios import Scenario, load_parcellation
     from .simulator import Simulator
-    from .subject import load_subject
 
     chosen = Scenario.load(scenario) if scenario is not None else None
     simulator = Simulator(method, model=model, steps=steps, brain_only=brain_only,
                           refine_evaluations=refine_evaluations, device=device.value)
-    subject = load_subject(image, labels, label_table)
+    subject = _load_subject(image, labels, label_table, intracranial)
     if method is not Method.SOLVER:
         simulator.network(subject.ndim)  # a bad model file fails here, before any work or output
     if chosen is not None:
@@ -424,6 +487,7 @@ def simulate(
         _run_series(simulator, subject, chosen, regions, years or [1.0], seed, out, overwrite, strict)
         return
     atrophy_map = load_atrophy(atrophy, subject, convention)
+    _say_intracranial(subject)
     console.print(f"atrophy map ({convention.value}): {describe(atrophy_map, subject)}", highlight=False)
     warning = direction_warning(atrophy_map, subject, expect)
     _warn([warning] if warning else [], strict=False)  # before the work: --strict judges the result
@@ -454,7 +518,11 @@ def cohort(
                                                           "(tcp://host:8786) or scheduler file (JSON).")] = None,
     lut: Annotated[Optional[Path], input_file("Names of the parcellations' labels: FreeSurfer LUT or CSV/TSV "
                                               "'id name' (default: FreeSurfer's aseg names).")] = None,
-    label_table: Annotated[Optional[Path], input_file("YAML 'label: tissue class' table for the label maps.")] = None,
+    label_table: Annotated[Optional[str], label_table_option("the subjects' label maps")] = None,
+    intracranial: Annotated[Optional[str], typer.Option(help="The subjects' intracranial space, whose voxels the "
+                                                        "labels call background become CSF: auto (default: derive "
+                                                        "when less than half of a labelled brain's outer layer is "
+                                                        "CSF), labels or derive.")] = None,
     resolution: Annotated[Optional[int], typer.Option(min=1, max=2, help="With --mni-pseudo: the MNI brain's resolution "
                                                                        "(mm; default 2).")] = None,
     method: Annotated[Method, typer.Option(help="How the displacement is found.")] = DEFAULT_METHOD,
@@ -472,6 +540,9 @@ def cohort(
         raise InputError("give the subjects with --subjects subjects.csv or with --mni-pseudo N, not both and not neither")
     if scheduler is not None and workers is not None:
         raise InputError("--workers starts a local cluster; --scheduler uses an existing one: give one of the two")
+    if mni_pseudo is not None and intracranial is not None:
+        raise InputError("--intracranial describes your subjects' label maps (--subjects); pseudo-subjects of the MNI "
+                         "brain have its CSF")
     if subjects is not None and resolution is not None:
         raise InputError("--resolution is the MNI brain's, for --mni-pseudo; your subjects keep their own grids")
     if years is not None:
@@ -485,6 +556,7 @@ def cohort(
     plan = Cohort(cohort_subjects, Scenario.load(scenario), years=years or [1.0], out=out, seed=seed,
                   method=method, model=model, steps=steps, refine_evaluations=refine_evaluations, device=device.value,
                   threads_per_worker=threads_per_worker, label_table=label_table, lut=lut,
+                  intracranial=intracranial or "auto",
                   resolution=resolution or 2, overwrite=overwrite)
     plan.check_folder()  # the workers' device and model are checked on a worker, before any output (Cohort.run)
     client = connect(scheduler) if scheduler is not None else None
@@ -537,8 +609,8 @@ PairOverwrite = Annotated[bool, typer.Option(help="Write into an existing output
                                                   "yours kept).")]
 
 
-def _read_pair(baseline: Path, labels: Path | None, label_table: Path | None, followup: Path,
-               parcellation: Path | None, lut: Path | None):
+def _read_pair(baseline: Path, labels: Path | None, label_table: str | None, intracranial: str | None,
+               followup: Path, parcellation: Path | None, lut: Path | None):
     """The baseline subject (and whether it is labelled), the follow-up on its grid, the parcellation and
     the notes on what was done to the inputs."""
     from .measurement import load_baseline, read_followup
@@ -548,7 +620,9 @@ def _read_pair(baseline: Path, labels: Path | None, label_table: Path | None, fo
         raise InputError("--lut names the labels of a --parcellation; pass both")
     if label_table is not None and labels is None:
         raise InputError("--label-table describes the values of --labels; pass both")
-    subject, labelled = load_baseline(baseline, labels, label_table)
+    if intracranial is not None and labels is None:
+        raise InputError("--intracranial completes the brain of --labels; pass both")
+    subject, labelled = load_baseline(baseline, labels, label_table, intracranial or "auto")
     followup_image, note = read_followup(followup, subject)
     subject.files["followup"] = str(followup)
     regions = load_parcellation(parcellation, subject, lut) if parcellation is not None else None
@@ -582,7 +656,8 @@ def measure_command(
     out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
     labels: Annotated[Optional[Path], input_file("Tissue labels of the baseline (0 bg, 1 CSF, 2 GM, 3 WM, 4 DGM); "
                                                  "without: ANTs's intensity brain mask, brain volume only.")] = None,
-    label_table: Annotated[Optional[Path], input_file("YAML 'label: tissue class' table for other labellings.")] = None,
+    label_table: LabelTable = None,
+    intracranial: Intracranial = None,
     parcellation: RegionsOption = None,
     lut: Lut = None,
     seed: Annotated[int, typer.Option(min=1, help="Seed of ANTs's sampling (the same field again with the same seed "
@@ -597,10 +672,11 @@ def measure_command(
 
     _refuse_existing(out, overwrite)
     require_ants()
-    subject, labelled, followup_image, regions, notes = _read_pair(baseline, labels, label_table, followup,
-                                                                   parcellation, lut)
+    subject, labelled, followup_image, regions, notes = _read_pair(baseline, labels, label_table, intracranial,
+                                                                   followup, parcellation, lut)
     with console.status("registering the pair (antspyx: rigid, then SyN)"):
         measurement = measure(subject, followup_image, parcellation=regions, seed=seed, labelled=labelled, notes=notes)
+    _say_intracranial(subject)  # after the work: the follow-up's checks are measure's
     _report_pair(measurement, out, overwrite, strict)
 
 
@@ -610,7 +686,8 @@ def estimate_command(
     labels: Annotated[Path, input_file("Tissue labels of the baseline (0 bg, 1 CSF, 2 GM, 3 WM, 4 DGM).")],
     followup: Followup,
     out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
-    label_table: Annotated[Optional[Path], input_file("YAML 'label: tissue class' table for other labellings.")] = None,
+    label_table: LabelTable = None,
+    intracranial: Intracranial = None,
     parcellation: RegionsOption = None,
     lut: Lut = None,
     model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d, their -cascade versions or a model.pt "
@@ -644,7 +721,8 @@ def estimate_command(
     if init is Init.MEASURE:
         require_ants()
     use_measure = init is Init.MEASURE or (init is Init.AUTO and importlib.util.find_spec("ants") is not None)
-    subject, _, followup_image, regions, notes = _read_pair(baseline, labels, label_table, followup, parcellation, lut)
+    subject, _, followup_image, regions, notes = _read_pair(baseline, labels, label_table, intracranial, followup,
+                                                            parcellation, lut)
     Simulator("network", model=model, device=device.value).network(subject.ndim)  # a bad model fails before any work
     initial, measured = None, None
     if use_measure:
@@ -666,6 +744,7 @@ def estimate_command(
     if measured is not None:
         found.report.settings["initial"] = "measure's map (antspyx SyN)"
         found.report.timings["register_s"] = measured.report.timings["register_s"]
+    _say_intracranial(subject)
     _report_pair(found, out, overwrite, strict)
 
 
@@ -674,7 +753,8 @@ def atrophy_map(
     out: Annotated[Path, typer.Option(help="Output NIfTI file (.nii.gz).")],
     image: Annotated[Optional[Path], input_file("Subject image (default: the MNI template).")] = None,
     labels: Annotated[Optional[Path], input_file("Subject label map (with --image).")] = None,
-    label_table: Annotated[Optional[Path], input_file("YAML 'label: tissue class' table.")] = None,
+    label_table: LabelTable = None,
+    intracranial: Intracranial = None,
     resolution: Annotated[int, typer.Option(min=1, max=2, help="MNI resolution (mm) when no --image is given.")] = 2,
     seed: Annotated[int, typer.Option(min=0, help="Random seed: the same seed gives the same map.")] = 0,
     tissue_percent: Annotated[float, typer.Option(callback=bounded(above=-50, below=100), help="Mean tissue volume change per year in percent (<0 = loss; -50 < p < 100).")] = -1.0,
@@ -691,17 +771,21 @@ def atrophy_map(
 
     from .atrophy import describe, random_atrophy, tissue_volume_percent
     from .mni import load_mni
-    from .subject import load_subject, write_image
+    from .subject import write_image
 
     if (image is None) != (labels is None):
         raise InputError("pass both --image and --labels, or neither (for the MNI template)")
+    if image is None and (label_table is not None or intracranial is not None):
+        raise InputError("--label-table and --intracranial describe --labels; pass --image and --labels (the MNI "
+                         "template has its own)")
     _refuse_existing(out, overwrite, folder=False)
-    subject = load_mni(resolution) if image is None else load_subject(image, labels, label_table)
+    subject = load_mni(resolution) if image is None else _load_subject(image, labels, label_table, intracranial)
     yearly = random_atrophy(subject, seed=seed, tissue_percent=tissue_percent, spread_percent=spread_percent,
                             fwhm_mm=fwhm_mm, compensate_csf=compensate_csf)
     atrophy = yearly**years  # each voxel's yearly change compounded: a = (1 + p/100) ** -years
     if not torch.isfinite(atrophy).all() or (atrophy <= 0).any():
         raise InputError(f"--years {years:g} compounds the map beyond float range; give fewer years or a smaller change")
+    _say_intracranial(subject)
     write_image(subject.to_nifti(atrophy), out, overwrite=overwrite)
     uniform = ((1 + tissue_percent / 100) ** years - 1) * 100
     console.print(f"made a map of {describe(atrophy, subject)} over {years:g} year(s); {tissue_percent:+g} %/yr "
@@ -718,7 +802,10 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1, help="Cases per step.")] = 4,
     learning_rate: Annotated[float, typer.Option(callback=bounded(above=0), help="Adam learning rate (cosine decay to 1/20 of it).")] = 2e-3,
     data: Annotated[Optional[Path], typer.Option(exists=True, file_okay=False, help="Your subjects: DATA/images/NAME.nii.gz + DATA/labels/NAME.nii.gz (default: MNI pseudo-subjects).")] = None,
-    label_table: Annotated[Optional[Path], input_file("YAML 'label: tissue class' table for --data.")] = None,
+    label_table: Annotated[Optional[str], label_table_option("--data's label maps")] = None,
+    intracranial: Annotated[Optional[str], typer.Option(help="--data's intracranial space, whose voxels the labels "
+                                                        "call background become CSF: auto (default), labels or "
+                                                        "derive.")] = None,
     validation_cases: Annotated[int, typer.Option(min=1, help="Held-out pseudo-subjects for validation.")] = 4,
     validate_every: Annotated[int, typer.Option(min=1, help="Validate and checkpoint every this many steps.")] = 250,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the training cases and their order (validation cases are "
@@ -741,7 +828,8 @@ def train(
         raise InputError(f"--devices must be a number or 'auto', got {devices!r}")
     path = run_training(out, dimension=dimension, max_steps=max_steps, batch_size=batch_size,
                         learning_rate=learning_rate, data=str(data) if data else None,
-                        label_table=str(label_table) if label_table else None, validation_cases=validation_cases,
+                        label_table=label_table, intracranial=_intracranial_mode(intracranial, data),
+                        validation_cases=validation_cases,
                         validate_every=validate_every, seed=seed, accelerator=accelerator.value,
                         devices=int(devices) if devices.isdigit() else devices, num_nodes=num_nodes, workers=workers,
                         resume=resume, init_from=init_from, stages=stages, loss=loss,

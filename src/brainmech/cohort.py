@@ -37,7 +37,8 @@ import numpy as np
 
 from .choices import Method, check_years
 from .errors import InputError
-from .subject import MANIFEST, read_label_table, write_file, written_by_brainmech
+from .subject import (INTRACRANIAL_MODES, MANIFEST, read_label_table, shipped_label_table, write_file,
+                      written_by_brainmech)
 from .version import __version__
 
 if TYPE_CHECKING:  # imported where used: the command line's help stays free of torch
@@ -177,7 +178,10 @@ class Cohort:
         method, model, steps, refine_evaluations, device: as :class:`~brainmech.simulator.Simulator`'s.
         threads_per_worker: torch threads of each subject's task. Results are bit-identical for the same
             value whatever the number of workers (a different thread count changes the last bits).
-        label_table, lut: the subjects' label table (YAML) and their parcellations' lookup table (files only).
+        label_table, lut: the subjects' label table (YAML, or a shipped table's name such as ``"freesurfer"``)
+            and their parcellations' lookup table (a file).
+        intracranial: the subjects' intracranial space, ``"auto"``, ``"labels"`` or ``"derive"``
+            (:func:`~brainmech.subject.with_intracranial`; a mask file is per subject, so none here).
         resolution: the MNI brain's resolution for pseudo-subjects (mm).
         overwrite: recompute every subject of a dataset made with other settings (otherwise refused).
 
@@ -197,6 +201,7 @@ class Cohort:
     threads_per_worker: int = 1
     label_table: str | None = None
     lut: str | None = None
+    intracranial: str = "auto"
     resolution: int = 2
     overwrite: bool = False
 
@@ -211,7 +216,8 @@ class Cohort:
         object.__setattr__(self, "method", Method(self.method))
         for name in ("label_table", "lut", "model"):
             value = getattr(self, name)
-            if value is not None and not (name == "model" and value in PRETRAINED):
+            if value is not None and not (name == "model" and value in PRETRAINED) and not (
+                    name == "label_table" and shipped_label_table(value) is not None):
                 if not Path(value).is_file():
                     raise InputError(f"{name}= file not found: {value}")
                 object.__setattr__(self, name, str(Path(value).absolute()))
@@ -226,6 +232,13 @@ class Cohort:
         ids = [s.id for s in self.subjects]
         if len(set(ids)) != len(ids):
             raise InputError("subject ids must be unique")
+        if str(self.intracranial).strip().lower() not in INTRACRANIAL_MODES:
+            raise InputError(f"a cohort's intracranial= is one of {', '.join(INTRACRANIAL_MODES)}, not "
+                             f"{self.intracranial!r} (a mask file belongs to one subject)")
+        object.__setattr__(self, "intracranial", str(self.intracranial).strip().lower())
+        if self.pseudo and self.intracranial != "auto":
+            raise InputError("intracranial= describes your subjects' label maps; pseudo-subjects of the MNI brain "
+                             "have its CSF")
         if self.pseudo and (self.label_table is not None or self.lut is not None):
             raise InputError("label_table= and lut= describe your subjects' files; pseudo-subjects of the MNI brain "
                              "have brainmech's labels and the scenario's atlas")
@@ -270,7 +283,8 @@ class Cohort:
                 "refine_evaluations": self.refine_evaluations if self.method is Method.NETWORK_REFINE else None,
                 "device": self.device, "threads_per_worker": self.threads_per_worker,
                 "resolution_mm": self.resolution if self.pseudo else None,
-                "label_table": _checksum_of(self.label_table), "lut": _checksum_of(self.lut)}
+                "label_table": _table_checksum(self.label_table), "lut": _checksum_of(self.lut),
+                "intracranial": self.intracranial}
 
     def check_folder(self) -> None:
         """Refuse, writing nothing, a dataset folder this run must not write into: a file, a folder of other
@@ -429,7 +443,7 @@ class Cohort:
         from .subject import load_subject
 
         if subject.pseudo_index is None:
-            loaded = load_subject(subject.image, subject.labels, self.label_table)
+            loaded = load_subject(subject.image, subject.labels, self.label_table, self.intracranial)
             parcellation = (load_parcellation(subject.parcellation, loaded, self.lut)
                             if subject.parcellation is not None and self.scenario.needs_parcellation else None)
             return replace(loaded, name=f"sub-{subject.id}"), parcellation
@@ -621,6 +635,12 @@ def available_cores() -> int:
 
 def _series_name(subject_id: str, extension: str) -> str:
     return f"sub-{subject_id}_{SERIES_SUFFIX}.{extension}"
+
+
+def _table_checksum(label_table: str | None) -> str | None:
+    """SHA-256 of a label table: a file's content, or the shipped table's that a name stands for."""
+    shipped = shipped_label_table(label_table)
+    return hashlib.sha256(shipped.read_bytes()).hexdigest() if shipped is not None else _checksum_of(label_table)
 
 
 def _checksum_of(path: str | None) -> str | None:

@@ -282,12 +282,12 @@ def brain_from_intensity(image: Tensor) -> Tensor:
 
 
 def load_baseline(image_path: str | Path, labels_path: str | Path | None = None,
-                  label_table: str | Path | None = None) -> tuple[Subject, bool]:
+                  label_table: str | Path | None = None, intracranial: str | Path = "auto") -> tuple[Subject, bool]:
     """The baseline subject and whether it has tissue labels: with ``labels_path`` as
-    :func:`~brainmech.subject.load_subject`; without, its brain is ANTs's intensity mask
-    (:func:`brain_from_intensity`)."""
+    :func:`~brainmech.subject.load_subject` (``label_table``, ``intracranial``); without, its brain is ANTs's
+    intensity mask (:func:`brain_from_intensity`)."""
     if labels_path is not None:
-        return load_subject(image_path, labels_path, label_table), True
+        return load_subject(image_path, labels_path, label_table, intracranial), True
     nifti, array = read_image(image_path, "baseline")
     image = as_tensor(array)
     labels = brain_from_intensity(image)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.resources
 import io
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -26,9 +29,35 @@ import yaml
 from torch import Tensor
 
 from .errors import InputError
-from .mechanics import TISSUE_CLASSES, Tissue, brain_mask, tissue_mask
+from .mechanics import TISSUE_CLASSES, Tissue, brain_mask, outer_layer, tissue_mask
 
 DEFAULT_LABEL_TABLE = {int(t): t.name.lower() for t in Tissue}  # 0 background, 1 csf, 2 gm, 3 wm, 4 dgm
+LABEL_TABLE_FILES = "data/label_tables"  # label tables shipped in the package
+# shipped label tables by the names label_table= takes: FreeSurfer's segmentations share its LUT's ids
+LABEL_TABLE_NAMES = {"freesurfer": "freesurfer", "aseg": "freesurfer", "aparc+aseg": "freesurfer",
+                     "aparc.a2009s+aseg": "freesurfer", "synthseg": "freesurfer", "wmparc": "freesurfer"}
+MAX_RANGE_LABELS = 2**20  # a label table's range may span at most this many ids
+LOOKUP_LABELS = 2**24  # one_hot_tissue indexes a lookup array over label ranges up to this span, else searches
+
+# the intracranial space (docs/conventions.md, "Sulcal CSF")
+INTRACRANIAL_MODES = ("auto", "labels", "derive")  # or a NIfTI mask
+# Radii of the morphology that derives the intracranial space from a labelled brain, validated on the MNI152
+# brain (its CSF known: its tissue, GM + WM > 0.5, labelled as FreeSurfer would, against its brain mask) and
+# on a FreeSurfer aparc+aseg of the same T1 (benchmarks/freesurfer_subject.py; the MNI mask as truth).
+# Dice and derived / true volume, (dilation, closing) in mm:
+#                    MNI 1 mm        MNI 2 mm        FS 0.8 mm       FS 1 mm         FS 2 mm
+#   as labelled      0.958 0.919     0.957 0.918     0.859 0.756     0.859 0.756     0.859 0.756
+#   (1, 3)           0.993 1.005     0.978 1.045     0.963 0.941     0.965 0.946     0.976 0.987
+#   (1.5, 3)         0.986 1.028     0.978 1.045     0.971 0.966     0.973 0.970     0.976 0.987
+#   (2, 2)           0.977 1.047     0.979 1.042     0.976 0.998     0.975 0.986     0.972 0.977
+#   (2, 3)           0.976 1.050     0.978 1.045     0.977 1.003     0.977 0.993     0.976 0.987
+#   (2, 5)           0.974 1.054     0.976 1.049     0.977 1.010     0.978 0.999     0.977 0.993
+#   (3, 3)           0.949 1.107     0.957 1.089     0.969 1.056     0.971 1.050     0.975 1.031
+# (2, 3) has the best worst case and the same volume at every resolution; 1 mm fits the MNI brain's tight mask at
+# 1 mm best but is half a voxel at 2 mm and leaves 5-6 % of the FreeSurfer subject's intracranial space out
+# (benchmarks/sulcal_csf.py).
+DILATION_MM = 2.0
+CLOSING_MM = 3.0
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])  # ITK's world frame flips x and y of NIfTI's RAS
 
 
@@ -47,7 +76,8 @@ class Subject:
     affine: np.ndarray
     header: nib.Nifti1Header
     name: str = "subject"
-    files: dict[str, str] = field(default_factory=dict)  # the files it was read from (as given), for reports
+    files: dict[str, str] = field(default_factory=dict)  # the files it was read from (as given) and how its
+    # intracranial space was found (``intracranial``), for reports
 
     @property
     def ndim(self) -> int:
@@ -119,13 +149,32 @@ def _image_like(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header)
 
 
 def one_hot_tissue(labels: Tensor, table: dict[int, str]) -> Tensor:
-    """Tissue probabilities ``(1, K, *N)`` from integer labels through a label -> class table."""
+    """Tissue probabilities ``(1, K, *N)`` from integer labels through a label -> class table (a label the
+    table does not name gets no class: all zeros). One lookup per voxel, however many labels the table has."""
     classes = sorted({TISSUE_CLASSES.index(c) for c in table.values()} | {Tissue.BACKGROUND, Tissue.CSF, Tissue.GM, Tissue.WM})
     count = max(classes) + 1
-    probabilities = torch.zeros((1, count, *labels.shape[2:]), dtype=torch.float32)
-    for label, tissue in table.items():
-        probabilities[:, TISSUE_CLASSES.index(tissue)] += (labels[:, 0] == label).float()
-    return probabilities
+    tissue = tissue_classes(labels[:, 0], table)
+    channels = torch.arange(count, dtype=tissue.dtype, device=tissue.device).reshape(1, count, *[1] * (labels.ndim - 2))
+    return (tissue[:, None] == channels).float()
+
+
+def tissue_classes(labels: Tensor, table: dict[int, str]) -> Tensor:
+    """Each voxel's tissue class (:class:`Tissue` value; -1 for a label the table does not name), same shape as
+    the integer ``labels``: a lookup array over the labels' range, or a sorted search where that is too wide."""
+    labels = labels.long()
+    keys = torch.tensor(sorted(table), dtype=torch.long, device=labels.device)
+    values = torch.tensor([TISSUE_CLASSES.index(table[k]) for k in sorted(table)], dtype=torch.int8,
+                          device=labels.device)
+    if labels.numel() == 0 or keys.numel() == 0:
+        return torch.full_like(labels, -1, dtype=torch.int8)
+    low, high = int(labels.min()), int(labels.max())
+    if high - low < LOOKUP_LABELS:
+        lookup = torch.full((high - low + 1,), -1, dtype=torch.int8, device=labels.device)
+        inside = (keys >= low) & (keys <= high)
+        lookup[keys[inside] - low] = values[inside]
+        return lookup[labels - low]
+    position = torch.searchsorted(keys, labels).clamp_max(keys.numel() - 1)
+    return torch.where(keys[position] == labels, values[position], torch.tensor(-1, dtype=torch.int8))
 
 
 def label_values(labels: Tensor) -> list[int]:
@@ -207,22 +256,99 @@ def as_tensor(array: np.ndarray) -> Tensor:
 
 
 def read_label_table(source: str | Path | Mapping | None) -> dict[int, str]:
-    """Label -> tissue class table from YAML (``{label: background|csf|gm|wm|dgm}``) or a dictionary of the
-    same; None: the default labels (0 background, 1 CSF, 2 GM, 3 WM, 4 deep GM)."""
+    """Label -> tissue class table: ``{label: background|csf|gm|wm|dgm}`` from YAML or a dictionary of the same, or
+    a shipped table by name (a string: ``freesurfer``, or its aliases ``aseg``, ``aparc+aseg``,
+    ``aparc.a2009s+aseg``, ``synthseg``, ``wmparc``: :data:`LABEL_TABLE_NAMES`); None: the default labels (0
+    background, 1 CSF, 2 GM, 3 WM, 4 deep GM).
+
+    A key ``low-high`` (``1000-1035: gm``) covers both ends; a range that runs backwards, or two entries
+    that name one label, are refused.
+    """
     if source is None:
         return dict(DEFAULT_LABEL_TABLE)
-    what = "label_table=" if isinstance(source, Mapping) else f"label table {source}"
+    shipped = shipped_label_table(source)
+    what = ("label_table=" if isinstance(source, Mapping) else
+            f"label table {source}" if shipped is None else f"the shipped label table {source}")
     try:
-        table = source if isinstance(source, Mapping) else yaml.safe_load(Path(source).read_text())
-        table = {int(label): str(tissue).lower() for label, tissue in table.items()}
+        if isinstance(source, Mapping):
+            entries = source
+        else:
+            text = shipped.read_text() if shipped is not None else Path(source).read_text()
+            entries = yaml.load(text, Loader=_UniqueKeyLoader)
+        if not isinstance(entries, Mapping):
+            raise ValueError(f"found {type(entries).__name__}")
+        table = _expand_ranges({key: str(tissue).lower() for key, tissue in entries.items()}, what)
     except FileNotFoundError:
-        raise InputError(f"label table file not found: {source}") from None
+        raise InputError(f"label table file not found: {source}; give a YAML file or a shipped table "
+                         f"({', '.join(LABEL_TABLE_NAMES)})") from None
+    except _DuplicateLabel as error:
+        raise InputError(f"{what} lists label {error.label} twice (line {error.line}); give each label one "
+                         "entry") from None
+    except InputError:
+        raise
     except Exception as error:
         raise InputError(f"cannot read {what}: expected 'label: tissue class' entries ({error})".splitlines()[0]) from None
     unknown = sorted({t for t in table.values() if t not in TISSUE_CLASSES})
     if unknown:
         raise InputError(f"{what} names unknown tissue classes {unknown}; use {list(TISSUE_CLASSES)}")
     return table
+
+
+def shipped_label_table(source: object):
+    """The shipped table file (an importlib resource) that a name such as ``freesurfer`` or ``aseg`` stands for,
+    or None when ``source`` is no such name (a path, a mapping; a :class:`~pathlib.Path` is always a file)."""
+    if not isinstance(source, str) or source.strip().lower() not in LABEL_TABLE_NAMES:
+        return None
+    name = LABEL_TABLE_NAMES[source.strip().lower()]
+    return importlib.resources.files("brainmech").joinpath(f"{LABEL_TABLE_FILES}/{name}.yaml")
+
+
+class _DuplicateLabel(Exception):
+    def __init__(self, label: object, line: int):
+        super().__init__(f"label {label} twice")
+        self.label, self.line = label, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a mapping key written twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int)):
+                if key in seen:
+                    raise _DuplicateLabel(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+RANGE = re.compile(r"\s*(-?\d+)\s*-\s*(-?\d+)\s*")  # a label table key 'low-high'
+
+
+def _expand_ranges(entries: Mapping, what: str) -> dict[int, str]:
+    """``{label or 'low-high': class}`` -> ``{label: class}``, every range expanded (both ends included); a
+    backwards range, one wider than :data:`MAX_RANGE_LABELS`, or two entries naming one label are refused."""
+    spans = []  # (low, high, the key as written)
+    for key in entries:
+        match = RANGE.fullmatch(key) if isinstance(key, str) else None
+        if match:
+            low, high = int(match[1]), int(match[2])
+            if low > high:
+                raise InputError(f"{what} has the range {key!r} that runs backwards; write it low-high "
+                                 f"('{high}-{low}: {entries[key]}')")
+            if high - low >= MAX_RANGE_LABELS:
+                raise InputError(f"{what} has the range {key!r} of {high - low + 1} labels; a range spans at most "
+                                 f"{MAX_RANGE_LABELS}")
+        else:
+            low = high = int(key)  # a label: an integer (or its text); anything else is reported by the caller
+        spans.append((low, high, key))
+    spans.sort(key=lambda span: span[:2])
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start <= end:
+            raise InputError(f"{what} gives label {start} twice: the entries {first!r} and {second!r} overlap; give "
+                             f"each label one entry")
+    return {label: entries[key] for low, high, key in spans for label in range(low, high + 1)}
 
 
 def read_image(path: str | Path, what: str) -> tuple[nib.Nifti1Image, np.ndarray]:
@@ -239,8 +365,14 @@ def subject_name(image_path: str | Path) -> str:
     return Path(image_path).name.split(".")[0]
 
 
-def load_subject(image_path: str | Path, labels_path: str | Path, label_table: str | Path | None = None) -> Subject:
-    """A user subject from an intensity NIfTI and a label NIfTI on the same grid."""
+def load_subject(image_path: str | Path, labels_path: str | Path, label_table: str | Path | Mapping | None = None,
+                 intracranial: str | Path = "auto") -> Subject:
+    """A user subject from an intensity NIfTI and a label NIfTI on the same grid.
+
+    ``label_table``: see :func:`read_label_table` (a YAML file, a mapping, or a shipped table's name such as
+    ``"freesurfer"``). ``intracranial``: the intracranial space, whose voxels the labels call background
+    become CSF (:func:`with_intracranial`): ``"auto"`` (default), ``"labels"``, ``"derive"`` or a NIfTI mask.
+    """
     image_nii, image = read_image(image_path, "image")
     labels_nii = read_nifti(labels_path, "label map")
     check_same_grid(labels_nii, image.shape, image_nii.affine, f"label map {labels_path}")
@@ -250,10 +382,142 @@ def load_subject(image_path: str | Path, labels_path: str | Path, label_table: s
         raise InputError(f"label map {labels_path} has non-integer values; pass integer tissue labels")
     labels_tensor = as_tensor(labels.astype(np.int64))
     probabilities = tissue_probabilities(labels_tensor, read_label_table(label_table), f"label map {labels_path}")
-    return Subject(image=as_tensor(image), labels=labels_tensor, probabilities=probabilities,
-                   affine=image_nii.affine.copy(), header=image_nii.header.copy(), name=subject_name(image_path),
-                   files={"image": str(image_path), "labels": str(labels_path),
-                          **({"label_table": str(label_table)} if label_table is not None else {})})
+    subject = Subject(image=as_tensor(image), labels=labels_tensor, probabilities=probabilities,
+                      affine=image_nii.affine.copy(), header=image_nii.header.copy(), name=subject_name(image_path),
+                      files={"image": str(image_path), "labels": str(labels_path),
+                             **({"label_table": str(label_table)} if label_table is not None else {})})
+    return with_intracranial(subject, intracranial)
+
+
+def derive_intracranial(brain: np.ndarray, spacing: tuple[float, ...], *, dilation_mm: float = DILATION_MM,
+                        closing_mm: float = CLOSING_MM) -> np.ndarray:
+    """The intracranial space of a labelled brain by morphology: a boolean array like ``brain`` (bool, 2D or 3D,
+    ``spacing`` the voxel size in mm per axis).
+
+    The brain is dilated by ``dilation_mm`` (the subarachnoid CSF over the gyri; at least one voxel along
+    every axis, so that the result's outer layer is CSF at any voxel size), closed with a ball of
+    ``closing_mm`` (sulci up to about twice that wide close), and its holes are filled. Balls are
+    Euclidean distances in mm (``scipy.ndimage.distance_transform_edt`` with the spacing), so the radii
+    mean the same at 0.8, 1 or 2 mm. Beyond the grid's edge lies background, as around the brain: nothing is
+    closed towards an edge, and a brain cut by the field of view keeps its dilation up to the cut. Besides
+    cavities the brain encloses, nothing farther than ``max(dilation_mm, largest voxel size) + closing_mm``
+    from the brain is added, and a convex brain gains only its dilation.
+    """
+    from scipy import ndimage
+
+    brain = np.asarray(brain, dtype=bool)
+    if not brain.any():
+        return brain.copy()
+    h = np.asarray(spacing, dtype=np.float64)
+    # work in the brain's bounding box with a margin of background that the dilation and closing cannot reach
+    # (padded beyond the grid's edge, so that the closing meets background there as everywhere else)
+    margin = np.ceil((max(dilation_mm, float(h.max())) + closing_mm) / h).astype(int) + 2
+    box, padding = [], []
+    for axis, size in enumerate(brain.shape):
+        occupied = np.flatnonzero(brain.any(axis=tuple(a for a in range(brain.ndim) if a != axis)))
+        low, high = occupied[0] - margin[axis], occupied[-1] + margin[axis] + 1
+        box.append(slice(max(low, 0), min(high, size)))
+        padding.append((max(-low, 0), max(high - size, 0)))
+    core = np.pad(brain[tuple(box)], padding)
+    grown = core | ndimage.binary_dilation(core, ndimage.generate_binary_structure(core.ndim, 1))
+    grown |= _within(core, dilation_mm, h)
+    closed = ~_within(~_within(grown, closing_mm, h), closing_mm, h)  # erosion of the dilation: the closing
+    filled = ndimage.binary_fill_holes(closed | grown)
+    intracranial = np.zeros_like(brain)
+    unpadded = tuple(slice(before, n - after) for (before, after), n in zip(padding, filled.shape))
+    intracranial[tuple(box)] = filled[unpadded]
+    return intracranial
+
+
+def _within(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Voxels within ``radius_mm`` (Euclidean, voxel centres) of ``mask``: its dilation by a ball."""
+    from scipy import ndimage
+
+    if radius_mm <= 0 or not mask.any() or mask.all():
+        return mask.copy()
+    return ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
+
+
+def outer_csf_share(probabilities: Tensor) -> float | None:
+    """The share of CSF (mean CSF probability) in the brain's outer layer (:func:`~brainmech.mechanics.outer_layer`),
+    from probabilities ``(1, K, *N)``; None for a brain without one (it fills the grid, or there is none)."""
+    layer = outer_layer(brain_mask(probabilities))[0, 0]
+    if not layer.any():
+        return None
+    return float(probabilities[0, Tissue.CSF][layer].double().mean())
+
+
+def with_intracranial(subject: Subject, intracranial: str | Path = "auto") -> Subject:
+    """The subject with its intracranial space filled: voxels inside it that the labels call background become CSF
+    in ``probabilities`` (``labels`` keep the user's values); ``files["intracranial"]`` says what was done.
+
+    ``intracranial``:
+
+    - ``"labels"``: the labelled brain as it is;
+    - ``"derive"``: the space derived from the labelled brain by morphology (:func:`derive_intracranial`,
+      :data:`DILATION_MM`, :data:`CLOSING_MM`): a FreeSurfer aseg labels only the ventricles as CSF, and its
+      sulcal and subarachnoid CSF is background;
+    - a NIfTI mask on the image grid (nonzero = intracranial; a path, or a string that is no mode), holding at
+      least 95 % of the labelled brain;
+    - ``"auto"``: derive when less than half of the labelled brain's outer layer is CSF (its surface is solid
+      tissue, so the labels have no sulcal CSF), otherwise as labelled.
+    """
+    mode = intracranial.strip().lower() if isinstance(intracranial, str) else None
+    if mode not in INTRACRANIAL_MODES:
+        return _with_mask(subject, Path(intracranial))
+    if mode == "labels":
+        return replace(subject, files={**subject.files, "intracranial": "as labelled"})
+    auto = ""
+    if mode == "auto":
+        share = outer_csf_share(subject.probabilities)
+        if share is None or share >= 0.5:
+            seen = "the labelled brain fills the grid" if share is None else \
+                f"{share:.0%} of the labelled brain's outer layer is CSF"
+            return replace(subject, files={**subject.files, "intracranial": f"as labelled (auto: {seen})"})
+        auto = f"auto: {share:.0%} of the labelled brain's outer layer is CSF; "
+    brain = subject.brain[0, 0].numpy()
+    space = torch.from_numpy(derive_intracranial(brain, subject.spacing))
+    probabilities, added_ml = _fill_with_csf(subject, space)
+    note = (f"derived from the labels ({auto}dilation {DILATION_MM:g} mm, closing {CLOSING_MM:g} mm, holes filled): "
+            f"+{added_ml:.1f} mL sulcal CSF")
+    return replace(subject, probabilities=probabilities, files={**subject.files, "intracranial": note})
+
+
+def _with_mask(subject: Subject, path: Path) -> Subject:
+    """:func:`with_intracranial` with a mask file, checked: on the image grid, holding the labelled brain."""
+    fix = "resample it onto the image grid (nearest neighbour), or pass intracranial='derive'"
+    if not path.is_file():
+        raise InputError(f"intracranial= takes {', '.join(INTRACRANIAL_MODES)} or a NIfTI mask file; {str(path)!r} is "
+                         f"neither (file not found)")
+    nifti = read_nifti(path, "intracranial mask")
+    mask = volume(nifti)
+    if mask.shape != subject.file_shape:
+        raise InputError(f"intracranial mask {path} has shape {mask.shape} but the image has {subject.file_shape}; "
+                         f"{fix}")
+    if not np.allclose(nifti.affine, subject.affine, atol=1e-3):
+        raise InputError(f"intracranial mask {path} has a different affine (voxel-to-world geometry) than the image; "
+                         f"{fix}")
+    space = as_tensor(np.nan_to_num(mask) != 0)[0, 0]
+    brain = subject.brain[0, 0]
+    missed = float((brain & ~space).sum()) / max(int(brain.sum()), 1)
+    if missed > 1 - MIN_COVERAGE:
+        raise InputError(f"intracranial mask {path} leaves out {missed:.0%} of the labelled brain (at most "
+                         f"{1 - MIN_COVERAGE:.0%}); pass this subject's mask on the image grid, or "
+                         "intracranial='derive'")
+    probabilities, added_ml = _fill_with_csf(subject, space)
+    return replace(subject, probabilities=probabilities,
+                   files={**subject.files, "intracranial": f"mask {path}: +{added_ml:.1f} mL sulcal CSF"})
+
+
+def _fill_with_csf(subject: Subject, space: Tensor) -> tuple[Tensor, float]:
+    """The subject's probabilities with the background of the voxels in ``space`` (bool ``*N``) moved to CSF,
+    and the CSF added (mL; in 2D per mm of slice)."""
+    probabilities = subject.probabilities.clone()
+    added = space & ~subject.brain[0, 0]
+    background = probabilities[0, Tissue.BACKGROUND][added]
+    probabilities[0, Tissue.CSF][added] += background
+    probabilities[0, Tissue.BACKGROUND][added] = 0.0
+    return probabilities, float(background.double().sum()) * math.prod(subject.spacing) / 1000
 
 
 def rows_csv(rows: list[dict]) -> str:

@@ -43,8 +43,8 @@ class SubjectFolder(Dataset):
     draws a new random atrophy map per subject (``epoch`` is advanced by the data module)."""
 
     def __init__(self, folder: str | Path, seed: int, label_table: str | Path | None = None,
-                 prior: AtrophyPrior | PriorMixture = AtrophyPrior()):
-        self.subjects = [load_subject(path, Path(folder) / "labels" / path.name, label_table)
+                 prior: AtrophyPrior | PriorMixture = AtrophyPrior(), intracranial: str = "auto"):
+        self.subjects = [load_subject(path, Path(folder) / "labels" / path.name, label_table, intracranial)
                          for path in folder_images(folder)]
         self.seed, self.prior, self.epoch = seed, prior, 0
 
@@ -66,7 +66,7 @@ class CaseDataModule(L.LightningDataModule):
 
     def __init__(self, dimension: str = "2d", data: str | None = None, cases: int = 256, validation_cases: int = 4,
                  batch_size: int = 4, seed: int = 0, reference_solves: bool = True, workers: int = 0,
-                 label_table: str | None = None, sharp_fraction: float = 0.0):
+                 label_table: str | None = None, sharp_fraction: float = 0.0, intracranial: str = "auto"):
         super().__init__()
         self.save_hyperparameters()
         self.dimension = Dimension(dimension)
@@ -77,7 +77,7 @@ class CaseDataModule(L.LightningDataModule):
         h = self.hparams
         template = load_mni(self.dimension.resolution_mm)
         prior = training_prior(h.sharp_fraction)
-        self.train_set = (SubjectFolder(h.data, h.seed, h.label_table, prior) if h.data
+        self.train_set = (SubjectFolder(h.data, h.seed, h.label_table, prior, h.intracranial) if h.data
                           else PseudoSubjects(template, h.cases, h.seed, self.dimension.ndim, prior))
         validation = PseudoSubjects(template, h.validation_cases, VALIDATION_SEED, self.dimension.ndim)
         self.validation_set = [validation[i] for i in range(len(validation))]
@@ -213,7 +213,7 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
           devices: int | str = 1, num_nodes: int = 1, workers: int = 0, resume: str | Path | None = None,
           init_from: str | Path | None = None, stages: int | None = None, loss: Loss | str = Loss.RELATIVE,
           max_minutes: float | None = None, sharp_fraction: float = 0.0, reference_solves: bool = True,
-          progress: bool = True) -> Path:
+          progress: bool = True, intracranial: str = "auto") -> Path:
     """Train (or resume) a network; writes ``out/checkpoints/`` (``last.ckpt``, and ``best.ckpt``: the
     lowest validated energy gap, or loss without reference solves), CSV logs in ``out/logs/`` and the
     final ``out/model.pt`` with its model card ``out/model.json``. Returns the path of ``model.pt``.
@@ -228,6 +228,7 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
     Validation cases are the same for every seed (:data:`VALIDATION_SEED`).
     ``sharp_fraction``: share of the training maps drawn from the sharp prior (few-voxel features, 5-10 %
     spread; :data:`~brainmech.pseudo_subjects.SHARP_PRIOR`), the rest from the default one.
+    ``label_table``, ``intracranial``: how ``data``'s label maps are read (:func:`~brainmech.subject.load_subject`).
     ``max_minutes``: stop training after this long (lightning's ``max_time``: the training loop with its
     validations, over resumed runs too; the setup's reference solves and the final validation come on
     top), the learning rate decayed by then; then validate and write the model: a leg with a fixed time
@@ -258,7 +259,7 @@ def train(out: str | Path, *, dimension: Dimension | str = Dimension.TWO_D, max_
     L.seed_everything(seed + resumed_step, workers=True, verbose=False)  # a resumed run draws new cases
     out = Path(out)
     datamodule = CaseDataModule(dimension.value, data, cases, validation_cases, batch_size, seed, reference_solves,
-                                workers, label_table, sharp_fraction)
+                                workers, label_table, sharp_fraction, intracranial)
     resolution = float(dimension.resolution_mm) if data is None else folder_resolution(data)
     if resume:  # the checkpoint's network and frozen stages: its weights and optimiser state fit those alone
         network, frozen = resumed_network(checkpoint, resume, dimension, stages, sharp_fraction)
