@@ -9,6 +9,7 @@ import stat
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from brainmech.errors import InputError
 from brainmech.subject import MANIFEST, write_image, write_outputs
@@ -122,3 +123,21 @@ def test_a_uniform_3_percent_tissue_loss_shows_in_the_written_partial_volumes(tm
     assert percent == pytest.approx(-3.0, abs=0.2)
     hard = (nib.load(out / "warped_labels.nii.gz").get_fdata() >= 2).sum()
     assert (hard / float(tissue.sum()) - 1) * 100 > -2.0  # what hard labels at 2 mm show
+
+
+def test_the_figure_is_drawn_where_the_tissue_changes_and_coloured_by_the_tissue_not_the_csf():
+    from brainmech.figures import colour_ranges, tissue_slice
+
+    tissue = torch.zeros(1, 1, 12, 10, 16)
+    tissue[..., 2:10, 2:8, 2:14] = 1.0
+    brain = torch.zeros_like(tissue, dtype=torch.bool)
+    brain[..., 1:11, 1:9, 1:15] = True  # tissue wrapped in CSF
+    atrophy = torch.ones_like(tissue)
+    atrophy[brain & (tissue == 0)] = 0.5  # the CSF doubles
+    atrophy[tissue == 1] = 1.01  # -1 % tissue
+    atrophy[..., 4:6, 3:5, 11] = 1.2  # and a focal loss on slice 11
+    assert tissue_slice(atrophy, tissue) == 11
+    assert tissue_slice(torch.full_like(tissue, 1.01), tissue * (torch.arange(16) == 5)) == 5  # the most tissue
+    ratio, error, difference = colour_ranges(atrophy, torch.zeros_like(atrophy), torch.zeros_like(atrophy), tissue, brain)
+    assert ratio == pytest.approx(0.01, abs=1e-6)  # the 99th percentile in tissue: neither the CSF's 0.5 nor the focus
+    assert error == 1e-4 and difference == 1e-6  # floors of an exact simulation

@@ -171,6 +171,9 @@ def test_a_multilevel_polish_spends_its_coarse_and_fine_budgets_and_lowers_the_e
     levels = result.record.level
     assert levels == sorted(levels, reverse=True) and set(levels) == {0, 1}
     assert 8 <= levels.count(1) <= 9 and 5 <= levels.count(0) <= 6
+    coarse_only = solve(problem, initial=start, levels=2, max_evaluations=0, coarse_evaluations=9)
+    assert set(coarse_only.record.level) == {1}  # no fine budget: the interpolated correction is the answer
+    assert float(problem.energy(coarse_only.displacement)) < float(problem.energy(start))
     fine_only = solve(problem, initial=start, max_evaluations=6)
     assert set(fine_only.record.level) == {0}  # without coarse_evaluations the start is polished where it is
     assert float(problem.energy(result.displacement)) < float(problem.energy(start))

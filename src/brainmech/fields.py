@@ -2,7 +2,7 @@
 
 Conventions (docs/conventions.md): a displacement ``u`` is ``(B, d, *N)`` in voxel units along the voxel axes;
 warping is a pull-back, ``followup(y) = baseline(y + u(y))``, as MONAI's ``Warp`` does it
-(``align_corners=True``); outside the grid the border value is repeated. Grids of different sizes
+(``align_corners=True``, torch's ``grid_sample``); outside the grid the border value is repeated. Grids of different sizes
 spanning the same box are align-corners grids: their first and last nodes coincide, so node ``i`` of
 a grid of ``m`` nodes lies at ``i * (n - 1) / (m - 1)`` on a grid of ``n`` nodes. Both resizing
 directions (:func:`restrict` down, :func:`resize` / :func:`refine_field` up) follow that geometry, so a
@@ -13,21 +13,41 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 
 import torch
 import torch.nn.functional as nnf
-from monai.networks.blocks import Warp
 from torch import Tensor
 
-warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample", category=UserWarning)
-_LINEAR = Warp(mode="bilinear", padding_mode="border")  # "bilinear" is trilinear in 3D
 LABEL_SLAB_VOXELS = 2**20  # label warps work on this many voxels at a time: memory bounded at any size
+MIN_CHUNK_PLANES = 8  # a warp is split into chunks of at least this many planes along the first axis
 
 
 def warp_image(image: Tensor, u: Tensor) -> Tensor:
-    """Linearly resample ``image (B, C, *N)`` at ``y + u(y)`` (``u`` in voxels)."""
-    return _LINEAR(image, u.to(image.dtype))
+    """Linearly resample ``image (B, C, *N)`` at ``y + u(y)`` (``u (B, d, *N)`` in voxels; bilinear, or
+    trilinear in 3D; the border value repeated outside the grid): MONAI's ``Warp(mode="bilinear",
+    padding_mode="border")``, with torch's ``grid_sample`` called directly. torch samples a 3D volume on one
+    thread per batch item, so a single volume is sampled in chunks of planes along the first axis, one per
+    thread, as a batch that shares the (expanded, not copied) image; and the sampling grid is built from
+    per-axis coordinates rather than a stored identity grid. Differentiable in ``image`` and ``u``."""
+    u = u.to(image.dtype)
+    spatial = u.shape[2:]
+    # grid_sample's coordinates: -1 and +1 at the first and last node of each axis (align_corners=True),
+    # the last voxel axis first; a voxel step along an axis of n nodes is 2 / (n - 1)
+    coordinates = []
+    for axis, n in enumerate(spatial):
+        step = 2.0 / max(n - 1, 1)
+        node = torch.arange(n, dtype=u.dtype, device=u.device) * step - 1.0
+        coordinates.append(u[:, axis] * step + node.reshape(-1, *[1] * (len(spatial) - axis - 1)))
+    grid = torch.stack(coordinates[::-1], -1)  # (B, *N, d)
+    chunks = min(torch.get_num_threads(), spatial[0] // MIN_CHUNK_PLANES) if image.shape[0] == 1 else 1
+    if chunks <= 1 or not image.device.type == "cpu" or len(spatial) != 3:
+        return nnf.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    pieces = grid[0].tensor_split(chunks)  # planes along the first axis
+    size = max(p.shape[0] for p in pieces)
+    padded = torch.stack([torch.cat([p, p[-1:].expand(size - p.shape[0], *p.shape[1:])]) for p in pieces])
+    sampled = nnf.grid_sample(image.expand(chunks, *image.shape[1:]), padded, mode="bilinear",
+                              padding_mode="border", align_corners=True)
+    return torch.cat([sampled[i:i + 1, :, :p.shape[0]] for i, p in enumerate(pieces)], 2)
 
 
 def warp_labels(labels: Tensor, u: Tensor) -> Tensor:
@@ -171,12 +191,19 @@ def compose(u_step: Tensor, u_previous: Tensor) -> Tensor:
     return u_step + warp_image(u_previous, u_step)
 
 
-def invert(u: Tensor, iterations: int = 8) -> Tensor:
+INVERSE_TOLERANCE = 1e-4  # voxels: invert stops once an iteration moves no point by more
+
+
+def invert(u: Tensor, iterations: int = 8, tolerance: float = INVERSE_TOLERANCE) -> Tensor:
     """The field ``v`` of the inverse map, ``x -> x + v(x)`` undoing ``y -> y + u(y)`` (voxels), by the
-    fixed point ``v(x) = -u(x + v(x))``; converges while the map is a contraction (|grad u| < 1)."""
+    fixed point ``v(x) = -u(x + v(x))``; converges while the map is a contraction (|grad u| < 1), by a
+    factor of about max |grad u| per iteration, and stops early once no point moves by more than
+    ``tolerance`` voxels (yearly atrophy: 3-4 iterations)."""
     v = -u
     for _ in range(iterations):
-        v = -warp_image(u, v)
+        previous, v = v, -warp_image(u, v)
+        if float((v - previous).abs().amax()) <= tolerance:
+            break
     return v
 
 

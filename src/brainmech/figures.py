@@ -79,6 +79,38 @@ def _zoom_window(magnitude: np.ndarray, tissue: np.ndarray, brain: np.ndarray, h
     return window[0], window[1]
 
 
+ROBUST_SAMPLE = 2**20  # robust ranges are percentiles of at most about this many evenly spaced values
+
+
+def _robust_maximum(values: Tensor, quantile: float) -> float:
+    """The ``quantile`` of ``|values|`` (a 1D selection), from at most about :data:`ROBUST_SAMPLE` evenly
+    spaced ones (a percentile of a few million voxels does not need all of them); 0 for none."""
+    flat = values.detach().flatten()
+    if flat.numel() == 0:
+        return 0.0
+    flat = flat[::max(1, flat.numel() // ROBUST_SAMPLE)]
+    return float(np.quantile(flat.abs().float().cpu().numpy(), quantile))
+
+
+def colour_ranges(atrophy: Tensor, error: Tensor, difference: Tensor, tissue: Tensor, brain: Tensor
+                  ) -> tuple[float, float, float]:
+    """Half-widths of the figure's colour ranges (``(1, 1, *N)`` maps; ``brain`` bool): ``a`` around 1 and
+    ``det F - a`` around 0 from their 99th percentiles of magnitude in tissue (fraction > 0.5, else the
+    brain), the intensity ``difference`` from its 99.9th in the brain."""
+    in_tissue = (tissue > 0.5) & brain
+    judged = in_tissue if in_tissue.any() else brain
+    return (max(_robust_maximum((atrophy - 1)[judged], 0.99), 1e-3), max(_robust_maximum(error[judged], 0.99), 1e-4),
+            max(_robust_maximum(difference[brain], 0.999), 1e-6))
+
+
+def tissue_slice(atrophy: Tensor, tissue: Tensor) -> int:
+    """The slice along the third voxel axis where the map changes the tissue most: the largest sum of
+    ``|log a|`` weighted by the tissue fraction (``(1, 1, *N)`` each; 3D), so a focal change is drawn
+    through its centre and a uniform one through the most tissue."""
+    weight = (atrophy.detach().double().log().abs() * tissue.detach().double())[0, 0].sum((0, 1))
+    return int(weight.argmax()) if float(weight.max()) > 0 else atrophy.shape[-1] // 2
+
+
 def _slice_index(shape: tuple[int, ...], slice_index: int | None) -> int:
     """The slice along the third voxel axis to show: ``slice_index`` (checked) or the middle one."""
     depth = shape[2] if len(shape) == 3 else 1  # 2D: the affine's third voxel axis has the one slice 0
@@ -155,19 +187,16 @@ def figure_png(image: Tensor, atrophy: Tensor, det_f: Tensor, displacement_mm: T
     def masked(volume: Tensor) -> np.ma.MaskedArray:
         return np.ma.masked_where(~in_brain, cut(volume))
 
-    # Ranges: a and det F share 1 +- the largest |a - 1| in the brain (whole volume); det F - a, the
-    # simulation's error, its own +- 99th percentile of |det F - a| in the brain (whole volume);
-    # follow-up - baseline +- the 99.9th percentile of its magnitude in the brain (intensity units;
-    # drawn outside the brain too, where a moving edge can pull intensity in).
+    # Ranges, robust and set by the tissue (fraction > 0.5; the brain where there is none), whose change is
+    # the one a user looks for (CSF may change ten times as much): a and det F share 1 +- the 99th percentile
+    # of |a - 1| in tissue; det F - a, the simulation's error, its own +- 99th percentile of |det F - a| in
+    # tissue; follow-up - baseline +- the 99.9th percentile of its magnitude in the brain (intensity units;
+    # drawn outside the brain too, where a moving edge can pull intensity in). Beyond a range, colours clip.
     brain_all = brain.bool()
-    ratio_range = max(float((atrophy[brain_all] - 1).abs().max()), 1e-3) if brain_all.any() else 1e-3
     error = det_f - atrophy  # dimensionless
-    error_all = error[brain_all].abs().float().cpu().numpy()
-    error_max = float(error_all.max()) if error_all.size else 0.0
-    error_range = max(float(np.quantile(error_all, 0.99)) if error_all.size else 0.0, 1e-4)
+    error_max = float(error[brain_all].abs().max()) if brain_all.any() else 0.0
     difference = followup - image  # intensity units
-    difference_all = difference[brain_all].abs().float().cpu().numpy()
-    difference_range = max(float(np.quantile(difference_all, 0.999)) if difference_all.size else 0.0, 1e-6)
+    ratio_range, error_range, difference_range = colour_ranges(atrophy, error, difference, tissue, brain_all)
     baseline = cut(image)
     # One grey window for baseline and follow-up: the 1st to 99.5th percentile of the baseline in the
     # brain on this slice (in the whole brain where the slice has none; intensity units).
@@ -192,9 +221,10 @@ def figure_png(image: Tensor, atrophy: Tensor, det_f: Tensor, displacement_mm: T
     top, bottom = axes
     show(top[0], baseline, "baseline", grey, label="intensity")
     show(top[1], masked(atrophy), "atrophy a (> 1 loss)",
-         dict(cmap="RdBu_r", vmin=1 - ratio_range, vmax=1 + ratio_range), label="a (baseline/follow-up volume)")
+         dict(cmap="RdBu_r", vmin=1 - ratio_range, vmax=1 + ratio_range), label="a (baseline/follow-up volume)",
+         extend="both")
     show(top[2], masked(det_f), "det F (simulated)",
-         dict(cmap="RdBu_r", vmin=1 - ratio_range, vmax=1 + ratio_range), label="det F")
+         dict(cmap="RdBu_r", vmin=1 - ratio_range, vmax=1 + ratio_range), label="det F", extend="both")
     show(top[3], masked(error), "det F - a (simulation error)",
          dict(cmap="PiYG", vmin=-error_range, vmax=error_range), label="det F - a", extend="both")
 
@@ -222,8 +252,8 @@ def figure_png(image: Tensor, atrophy: Tensor, det_f: Tensor, displacement_mm: T
              + ("" if in_brain.any() else ", no brain voxel on it")
              + f" ({world_axis} = {position:.1f} mm at the slice centre); voxel {voxel} mm")
     u_max = float(vector_length(displacement_mm)[brain_all].max()) if brain_all.any() else 0.0  # mm
-    ranges = (f"in the brain: max |det F - a| = {error_max:.3g} (colour range +- {error_range:.3g}, its 99th "
-              f"percentile); max |u| = {u_max:.2f} mm")
+    ranges = (f"in the brain: max |det F - a| = {error_max:.3g}; max |u| = {u_max:.2f} mm; colour ranges: a and "
+              f"det F 1 +- {ratio_range:.3g}, det F - a +- {error_range:.3g} (99th percentiles in tissue)")
     fig.suptitle("\n".join(filter(None, [title, where, ranges])), fontsize="medium")
     return _png(fig)
 

@@ -28,7 +28,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from .fields import warp_image, warp_labels
+from .fields import warp_labels, warp_where_it_moves
 from .figures import series_png
 from .scenarios import CsfMode, Prescription
 from .choices import Method, check_years, year_folder
@@ -109,7 +109,7 @@ class Series:
         focus = self.prescription.zones[0].mask
         axis, index = _slice_through(focus, self.subject)
         images = [self.subject.image] + [p.simulation.warped_image for p in self.points]
-        outlines = [focus.float()] + [warp_image(focus.float(), p.simulation.displacement) for p in self.points]
+        outlines = [focus.float()] + [warp_where_it_moves(focus.float(), p.simulation.displacement) for p in self.points]
         panels = [(_plane(image, axis, index), _plane(outline, axis, index)) for image, outline in zip(images, outlines)]
         where = "" if axis is None else f" (coronal, y = {_world_y(focus, self.subject, axis, index):.0f} mm)"
         titles = ["baseline" + where] + [f"year {t:g}" for t in years[1:]]
@@ -148,9 +148,12 @@ class Series:
         ``series.csv``, ``series.png``, ``series.json`` and ``scenario.yaml`` atomically into ``out_dir``."""
         images, extra = {}, {}
         parcellation = self.prescription.parcellation
+        focus = self.prescription.zones[0].mask  # each time point's figure is drawn through the first region
+        voxels = focus[0, 0].nonzero() if self.subject.ndim == 3 else None
+        index = int(voxels[:, 2].double().mean().round()) if voxels is not None and len(voxels) else None
         for point in self.points:
             folder = year_folder(point.years)
-            point_images, point_extra = point.simulation.outputs()
+            point_images, point_extra = point.simulation.outputs(slice_index=index)
             if parcellation is not None:
                 dtype = label_dtype(parcellation.labels)
                 point_images["parcellation.nii.gz"] = lambda: self.subject.to_nifti(parcellation.labels, dtype=dtype)
@@ -183,7 +186,7 @@ def followup_volumes(subject: Subject, prescription: Prescription, u: Tensor) ->
     masks = measured_masks(subject, prescription)
     names = list(masks)
     stacked = torch.cat([masks[n].to(u.dtype) for n in names], 1)
-    warped = warp_image(stacked, u.to(stacked.device))
+    warped = warp_where_it_moves(stacked, u.to(stacked.device), outside=stacked.new_zeros(len(names)))
     return {name: float(warped[:, i].double().sum()) * voxel_ml for i, name in enumerate(names)}
 
 

@@ -27,7 +27,7 @@ from .choices import FINE_REFINE_EVALUATIONS, REFINE_EVALUATIONS, REFINE_GRID_MM
 from .errors import InputError
 from .fields import (bounding_box, compose, invert, sampling_reach, warp_image, warp_labels_and_volumes,
                      warp_where_it_moves)
-from .figures import figure_png
+from .figures import figure_png, tissue_slice
 from .mechanics import TISSUE_CLASSES, DetFMaps, Tissue, build_problem, solid_fraction, to_millimetres, vector_length
 from .metrics import atrophy_mse, folded_voxels
 from .network import PRETRAINED, load_model
@@ -103,24 +103,28 @@ class Simulation:
     volume_growth: Tensor  # (1, 1, *N) follow-up / baseline volume of each baseline voxel (:func:`volume_growth`)
     report: Report
 
-    def figure(self) -> bytes:
+    def figure(self, slice_index: int | None = None) -> bytes:
         """The PNG overview (baseline, a, det F, det F - a, follow-up with the tissue boundary moved, its
-        difference, |u|) through the brain centre."""
-        index = round(self.report.brain_centre_voxel[2]) if self.subject.ndim == 3 else None
+        difference, |u|) on ``slice_index`` along the third voxel axis; by default the slice where the map
+        changes the tissue most (:func:`~brainmech.figures.tissue_slice`)."""
+        tissue = solid_fraction(self.subject.probabilities)
+        if slice_index is None and self.subject.ndim == 3:
+            slice_index = tissue_slice(self.atrophy, tissue)
         return figure_png(self.subject.image, self.atrophy, self.det_f,
                           to_millimetres(self.displacement, self.subject.spacing), self.warped_image,
-                          self.subject.brain, affine=self.subject.affine,
-                          tissue=solid_fraction(self.subject.probabilities),
+                          self.subject.brain, affine=self.subject.affine, tissue=tissue,
                           warped_tissue=solid_fraction(self.warped_probabilities),
-                          title=f"{self.subject.name}: {self.report.method}", slice_index=index)
+                          title=f"{self.subject.name}: {self.report.method}", slice_index=slice_index)
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False, figure: bool = True) -> Path:
         """Write every output (docs/outputs.md) into ``out_dir`` with the subject's geometry and a manifest."""
         return write_outputs(*self.outputs(figure=figure), out_dir, overwrite=overwrite)
 
-    def outputs(self, *, figure: bool = True) -> tuple[dict[str, ImageSource], dict[str, bytes]]:
+    def outputs(self, *, figure: bool = True, slice_index: int | None = None
+                ) -> tuple[dict[str, ImageSource], dict[str, bytes]]:
         """The output files (docs/outputs.md) by name: functions that build each NIfTI image (the subject's
-        geometry) when it is written, and the other files' bytes."""
+        geometry) when it is written, and the other files' bytes; the figure on ``slice_index``
+        (:meth:`figure`)."""
         subject = self.subject
         images: dict[str, ImageSource] = {
             "warped_image.nii.gz": lambda: subject.to_nifti(self.warped_image),
@@ -134,7 +138,7 @@ class Simulation:
                 lambda t=tissue: subject.to_nifti(self.warped_probabilities[:, t:t + 1]))
         extra = {"report.json": self.report.to_json().encode(), "volumes.csv": self.report.volumes_csv().encode()}
         if figure:
-            extra["figure.png"] = self.figure()
+            extra["figure.png"] = self.figure(slice_index)
         return images, extra
 
 
@@ -165,9 +169,9 @@ class Simulator:
         refine_evaluations: network+refine's budget of energy evaluations per step (the default
             brings the shipped models within a few percent of the solver's energy; raise it to
             approach the solver's minimum). On a subject finer than about 2 mm it is spent on a grid of
-            about 2 mm (:func:`refine_levels`), and :data:`~brainmech.choices.FINE_REFINE_EVALUATIONS`
-            more on the subject's own grid finish it (a multilevel polish: a 1 mm evaluation costs eight
-            2 mm ones).
+            about 2 mm (:func:`refine_levels`) as a correction of the network's field, interpolated back
+            (a multilevel polish: a 1 mm evaluation costs eight 2 mm ones), and
+            :data:`~brainmech.choices.FINE_REFINE_EVALUATIONS` more on the subject's own grid finish it.
         device: where the physics runs (``"cpu"``, ``"cuda"``).
         callback: sees every solver energy evaluation (:class:`~brainmech.solver.EnergyEvaluation`: progress
             bars, monitoring) and stops the solve by returning True; its ``count`` restarts at each step.
@@ -260,8 +264,8 @@ class Simulator:
         probabilities, full_atrophy = subject.probabilities.to(self.device), atrophy.to(self.device)
         u, records = (None if start is None else start.to(self.device)), []
         for _ in range(steps):
-            moved_probabilities = probabilities if u is None else warp_image(probabilities, u)
-            moved_atrophy = full_atrophy if u is None else warp_image(full_atrophy, u)
+            moved_probabilities = probabilities if u is None else warp_where_it_moves(probabilities, u)
+            moved_atrophy = full_atrophy if u is None else warp_where_it_moves(full_atrophy, u)
             u_step, record = self.step(moved_probabilities, moved_atrophy ** (1.0 / steps), subject.spacing)
             u = u_step if u is None else compose(u_step, u)
             records.append(record)
@@ -392,7 +396,7 @@ def volume_growth(det_f: Tensor, u: Tensor, within: Tensor | None = None) -> Ten
     point reads ``u`` within ``max |u|`` of it only, so the values there are exact; outside the box widened
     by that reach the map holds 1 (not computed)."""
     if within is None:
-        return warp_image(1.0 / det_f.double(), invert(u.double()))
+        return warp_image(det_f.float().reciprocal(), invert(u.float()))  # float32; regions sum it in float64
     box = (slice(None), slice(None), *bounding_box(within, sampling_reach(u)))
     growth = torch.ones_like(det_f, dtype=torch.float64)
     growth[box] = volume_growth(det_f[box], u[box])

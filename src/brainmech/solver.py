@@ -26,7 +26,13 @@ MIN_COARSE_SIZE = 24  # the pyramid stops before any axis gets shorter than this
 MAX_EVALUATIONS = 2000  # per level: a safety net, far above what the rtol rule needs
 HISTORY_SIZE = 20  # L-BFGS correction pairs kept on a small grid
 HISTORY_BYTES = 2**30  # at most this much L-BFGS history (two vectors per pair): a 1 mm brain keeps ~10 pairs
-SLICED_VOXELS = 2**21  # grids above this many voxels evaluate the energy slab by slab (bounded memory)
+SLICED_VOXELS = 2**21  # grids above this many voxels evaluate the energy slab by slab (bounded memory)...
+# ...and so do grids above SLICED_MIN_VOXELS with material in more than SLICED_ACTIVE_SHARE of their voxels:
+# a gathered evaluation costs about 3.2 us per voxel with material, a sliced one 0.8 us per voxel of the grid
+# (2 cores, 3D, energy and gradient; the 1 mm FreeSurfer subject's 2 mm box: 0.45 s against 0.8 s), while
+# small grids pay the slabs' overhead (24^3: 0.023 s against 0.011 s)
+SLICED_MIN_VOXELS = 2**18
+SLICED_ACTIVE_SHARE = 0.25
 
 
 @dataclass
@@ -156,7 +162,7 @@ def minimise(
     record = record if record is not None else SolverRecord()
     shape = (problem.atrophy.shape[0], problem.ndim, *problem.atrophy.shape[2:])
     u = (initial.detach().clone() if initial is not None else problem.atrophy.new_zeros(shape)).requires_grad_()
-    sliced = problem.scheme == "nodal" and math.prod(shape[2:]) > SLICED_VOXELS
+    sliced = evaluates_in_slabs(problem)
     with torch.no_grad():
         scale = problem.energy_and_gradient(u)[0] if sliced else problem.energy(u)
         scale = scale.abs().clamp_min(1e-12)  # L-BFGS sees an O(1) objective
@@ -206,6 +212,19 @@ def minimise(
         if len(best) > patience and best[-patience - 1] - best[-1] <= rtol * abs(best[-1]):
             return u.detach(), True
     return u.detach(), False
+
+
+def evaluates_in_slabs(problem: Problem) -> bool:
+    """Whether the solver evaluates ``problem``'s energy and gradient slab by slab
+    (:meth:`~brainmech.mechanics.Problem.energy_and_gradient`) rather than through one autograd graph of its
+    gathered points: on large grids always (memory), on middling ones where that is faster (:data:`SLICED_VOXELS`)."""
+    if problem.scheme != "nodal":
+        return False
+    voxels = math.prod(problem.atrophy.shape[2:])
+    if voxels > SLICED_VOXELS:
+        return True
+    active = ((problem.mu > 0) | (problem.bulk > 0)).any(0).float().mean()
+    return voxels > SLICED_MIN_VOXELS and float(active) > SLICED_ACTIVE_SHARE
 
 
 def solve(
@@ -260,6 +279,9 @@ def solve(
         if u.shape[2:] != shape:  # a coarse level's answer starts the next: interpolated, or as a correction
             u = refine_field(u, shape) if starts is None else starts[level] + refine_field(u - starts[level + 1], shape)
         budget = max_evaluations if level == 0 or initial is None else coarse_evaluations
+        if budget == 0 and level < len(problems) - 1:  # the coarse correction, interpolated, is the answer
+            record.converged = False
+            continue
         u, converged = minimise(level_problem, u, rtol=rtol if level == 0 else 10 * rtol, patience=patience,
                                 max_evaluations=budget, record=record, level=level, callback=callback, box=box)
         record.converged = record.converged and converged
