@@ -51,3 +51,16 @@ def test_a_random_map_has_the_asked_tissue_mean_and_keeps_the_intracranial_volum
     change = 1 / atrophy - 1  # follow-up/baseline - 1 per voxel
     assert float(change[tissue].mean()) == pytest.approx(-0.02, abs=2e-3)
     assert math.isclose(float(change[brain].sum()), 0.0, abs_tol=1e-3 * float(brain.sum()))  # CSF compensates
+
+
+def test_each_class_change_is_reported_and_an_implausible_csf_change_is_warned(subject):
+    from brainmech.atrophy import class_volume_percent, describe, implausible_csf
+    from brainmech.mechanics import Tissue
+
+    csf = subject.probabilities[:, Tissue.CSF:Tissue.CSF + 1] > 0.5
+    atrophy = torch.where(subject.tissue, 1.01, 1.0).float()
+    atrophy[csf] = 1 / 1.3  # CSF +30 % in one year
+    assert class_volume_percent(atrophy, subject, Tissue.CSF) == pytest.approx(30.0, rel=1e-4)
+    assert "csf +30.00 %" in describe(atrophy, subject)
+    assert "+30.00 % a year" in implausible_csf(atrophy, subject, years=1)
+    assert implausible_csf(atrophy, subject, years=2) is None  # +14 % a year over two years: plausible

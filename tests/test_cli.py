@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -403,3 +404,63 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(subject_fil
     below_a_file = simulate(subject_files, tmp_path / "a-file" / "out")
     assert below_a_file.exit_code == 2 and "not a folder you can write to" in below_a_file.output
     assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_without_a_terminal_progress_is_plain_periodic_lines_with_count_elapsed_and_eta(capsys):
+    from brainmech import cli
+
+    assert isinstance(cli._progress(), cli.PlainProgress)  # pytest's stderr is no terminal, as a pipeline's
+    with cli.PlainProgress(period=0.05) as progress:
+        task = progress.add_task("estimating", total=100)
+        progress.update(task, completed=25, description="estimating: fit R^2 0.99000")
+        time.sleep(0.3)  # no update for several periods: the line repeats
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 2 and all(line.startswith("estimating: fit R^2 0.99000: 25/100, elapsed 0:00, ETA ")
+                                   for line in lines)
+    with cli.PlainProgress(period=60) as progress:  # done within a period: nothing (an error stays one line)
+        progress.add_task("estimating", total=100)
+    assert capsys.readouterr().err == ""
+
+
+def _refused_before_torch(arguments: list[str]) -> tuple[int, str, bool]:
+    """Run the command line in a fresh interpreter: exit code, stderr, and whether torch had been imported."""
+    probe = ("import sys\nfrom brainmech.cli import app\ncode = app(sys.argv[1:], standalone_mode=False)\n"
+             "print('torch imported' if 'torch' in sys.modules else 'torch not imported')\nsys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", probe, *map(str, arguments)], capture_output=True, text=True)
+    return done.returncode, done.stderr, "torch not imported" in done.stdout
+
+
+def test_the_common_input_mistakes_are_one_error_line_before_torch_loads(subject_files, tmp_path):
+    labels = nib.load(subject_files["labels"])
+    stray = labels.get_fdata().copy()
+    stray[0, 0, 0] = 99  # a label the table does not name
+    nib.save(nib.Nifti1Image(stray, labels.affine), tmp_path / "stray.nii.gz")
+    nib.save(nib.Nifti1Image(labels.get_fdata()[:-1], labels.affine), tmp_path / "cropped.nii.gz")
+    atrophy = nib.load(subject_files["atrophy"])
+    nib.save(nib.Nifti1Image(atrophy.get_fdata(), atrophy.affine * np.diag([2, 2, 2, 1])), tmp_path / "moved.nii.gz")
+    (tmp_path / "table.yaml").write_text("0: background\n1: csf\n2: grey\n3: wm\n")
+    subject = ["simulate", "--image", subject_files["image"], "--out", tmp_path / "out"]
+    mistakes = {
+        "unknown scenario 'alzheimer'": [*subject, "--labels", subject_files["labels"], "--scenario", "alzheimer"],
+        "has labels 99 that are not in the label table": [*subject, "--labels", tmp_path / "stray.nii.gz",
+                                                         "--atrophy", subject_files["atrophy"]],
+        "label map": [*subject, "--labels", tmp_path / "cropped.nii.gz", "--atrophy", subject_files["atrophy"]],
+        "different affine": [*subject, "--labels", subject_files["labels"], "--atrophy", tmp_path / "moved.nii.gz"],
+        "unknown tissue classes ['grey']": [*subject, "--labels", subject_files["labels"], "--label-table",
+                                            tmp_path / "table.yaml", "--atrophy", subject_files["atrophy"]],
+    }
+    for message, arguments in mistakes.items():
+        code, stderr, before_torch = _refused_before_torch(arguments)
+        assert code == 2 and stderr.startswith("error:") and len(stderr.strip().splitlines()) == 1, stderr
+        assert message in stderr and before_torch, stderr
+    assert "antsApplyTransforms" in _refused_before_torch(mistakes["label map"])[1]  # how to resample
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_map_from_atrophy_map_read_backwards_is_caught_without_expect(subject_files, tmp_path):
+    made = runner.invoke(app, ["atrophy-map", "--image", str(subject_files["image"]), "--labels",
+                               str(subject_files["labels"]), "--out", str(tmp_path / "loss.nii.gz")])
+    assert made.exit_code == 0, made.output
+    backwards = simulate({**subject_files, "atrophy": tmp_path / "loss.nii.gz"}, tmp_path / "out", "--method", "network",
+                         "--convention", "inverse")
+    assert backwards.exit_code == 0 and "warning: expected tissue loss" in backwards.output, backwards.output

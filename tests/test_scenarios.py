@@ -367,3 +367,15 @@ def test_atrophy_and_scenario_are_one_or_the_other(aseg_files, tmp_path):
     assert seeded.exit_code == 2 and "--seed belong to a --scenario" in seeded.output
     with pytest.raises(InputError, match="unknown scenario 'alzheimer'"):
         Scenario.load("alzheimer")
+
+
+def test_a_prescription_beyond_the_plausible_yearly_change_is_warned_zone_by_zone():
+    from brainmech.scenarios import Prescription, Zone
+
+    mask = torch.ones(1, 1, 2, 2, 2, dtype=torch.bool)
+    zones = [Zone("hippocampus", mask, -4.66, "region"), Zone("other tissue", mask, -12.0, "other tissue"),
+             Zone("csf", mask, 62.0, "csf free")]
+    warnings = Prescription(scenario=None, yearly_atrophy=None, zones=zones, parcellation=None).warnings()
+    assert len(warnings) == 2 and "other tissue is prescribed -12.00 % a year" in warnings[0]
+    assert "csf is prescribed +62.00 % a year, beyond the plausible +-20 % a year" in warnings[1]
+    assert "intracranial='derive'" in warnings[1]

@@ -14,7 +14,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import Tensor
 
-from .choices import Convention, Direction
+from .choices import PLAUSIBLE_CSF_PERCENT_PER_YEAR, Convention, Direction, Tissue
 from .errors import InputError
 from .subject import Subject, as_tensor, check_same_grid, read_nifti, volume
 
@@ -77,11 +77,38 @@ def tissue_volume_percent(atrophy: Tensor, subject: Subject) -> float:
     return float((1 / atrophy[subject.tissue].double()).mean() - 1) * 100
 
 
+def class_volume_percent(atrophy: Tensor, subject: Subject, tissue: Tissue) -> float | None:
+    """A tissue class's volume change the map prescribes, percent: ``sum p / a`` over ``sum p`` minus one (its
+    probabilities ``p``); None for a class the subject does not have."""
+    if tissue >= subject.probabilities.shape[1]:
+        return None
+    p = subject.probabilities[0, int(tissue)].double()
+    return float((p / atrophy[0, 0].double()).sum() / p.sum() - 1) * 100 if float(p.sum()) > 0 else None
+
+
 def describe(atrophy: Tensor, subject: Subject) -> str:
-    """One line telling what the map does to the tissue, so a sign mistake is visible at once."""
+    """One line telling what the map does to the tissue (and to each class, CSF included), so a sign mistake or an
+    implausible CSF change is visible at once."""
     mean = tissue_mean(atrophy, subject)
+    classes = {t.name.lower(): class_volume_percent(atrophy, subject, t)
+               for t in (Tissue.GM, Tissue.WM, Tissue.DGM, Tissue.CSF)}
+    shown = ", ".join(f"{name} {percent:+.2f} %" for name, percent in classes.items() if percent is not None)
     return (f"tissue volume {tissue_volume_percent(atrophy, subject):+.2f} % (mean of 1/a - 1; tissue mean "
-            f"a = {mean:.4f}, {_direction(mean)})")
+            f"a = {mean:.4f}, {_direction(mean)}); by class: {shown}")
+
+
+def implausible_csf(atrophy: Tensor, subject: Subject, years: float) -> str | None:
+    """A warning when the map's CSF volume changes by more than the plausible
+    :data:`~brainmech.choices.PLAUSIBLE_CSF_PERCENT_PER_YEAR` a year over ``years``, else None."""
+    total = class_volume_percent(atrophy, subject, Tissue.CSF)
+    if total is None:
+        return None
+    yearly = ((1 + total / 100) ** (1 / years) - 1) * 100
+    if abs(yearly) <= PLAUSIBLE_CSF_PERCENT_PER_YEAR:
+        return None
+    return (f"the map changes the CSF by {yearly:+.2f} % a year ({total:+.2f} % over {years:g} years), beyond the "
+            f"plausible +-{PLAUSIBLE_CSF_PERCENT_PER_YEAR:g} % a year: little CSF takes up the tissue's change (is the "
+            "sulcal CSF in the labels? intracranial='derive')")
 
 
 def direction_warning(atrophy: Tensor, subject: Subject, expect: Direction | str | None) -> str | None:

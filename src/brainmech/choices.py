@@ -1,4 +1,4 @@
-"""The choices users name (method, map convention, direction, model dimension, loss) and checks of values, torch-free.
+"""The choices users name (method, map convention, direction, model dimension, loss, tissue class) and checks of values, torch-free.
 
 The command line builds its options from these enums before it imports torch, so that ``--help`` and
 argument errors answer at once; the library modules use the same enums.
@@ -13,6 +13,18 @@ from collections.abc import Sequence
 from .errors import InputError
 
 
+class Tissue(enum.IntEnum):
+    """Tissue classes; the value is the class's channel in probability maps ``(B, K, *N)`` (K >= 4,
+    deep grey matter optional)."""
+
+    BACKGROUND = 0
+    CSF = 1
+    GM = 2
+    WM = 3
+    DGM = 4
+
+
+TISSUE_CLASSES = tuple(t.name.lower() for t in Tissue)  # ("background", "csf", "gm", "wm", "dgm")
 class Method(str, enum.Enum):
     """How the displacement is found."""
 
@@ -27,6 +39,13 @@ REFINE_GRID_MM = 2.0  # network+refine spends its budget on a grid of about this
 FINE_REFINE_EVALUATIONS = 0  # ...and, on a finer subject, this many more on the subject's grid (multilevel). 0: the
 # coarse correction, interpolated, finishes it; on the 1 mm FreeSurfer subject 10 more (3.4 s each) changed no zone
 # by more than 0.01 pp and left 0 folded voxels either way (benchmarks/native.py)
+# Plausible yearly volume changes (docs/conventions.md, "Plausible changes"): the fastest published regional tissue
+# loss, the hippocampi in Alzheimer's disease, is about 5 % a year (Barnes et al. 2009: 4.66 %), whole-brain
+# loss about 1 % (Fotenos et al. 2005); ventricles in Alzheimer's disease expand a few percent to about ten
+# percent a year. A prescription beyond twice these is warned about (a sign, unit or segmentation mistake:
+# a FreeSurfer aseg without its sulcal CSF made a map grow the ventricles 62 % a year).
+PLAUSIBLE_TISSUE_PERCENT_PER_YEAR = 10.0
+PLAUSIBLE_CSF_PERCENT_PER_YEAR = 20.0
 MAX_STAGES = 8  # the most U-Net stages a trained cascade may have (each costs a full U-Net pass)
 MAX_MINUTES = 1e6  # the longest --max-minutes a training run takes (about two years)
 # estimate's defaults (docs/measure.md; the README's validation table was measured with them)

@@ -188,7 +188,7 @@ DeviceOption = Annotated[Device, typer.Option(help="Where the physics runs.")]
 
 def _check_label_table(value: str | None) -> str | None:
     """``--label-table``: a file that exists, or a shipped table's name (checked before any work)."""
-    from .subject import LABEL_TABLE_NAMES, shipped_label_table
+    from .inputs import LABEL_TABLE_NAMES, shipped_label_table
 
     if value is None or shipped_label_table(value) is not None or Path(value).is_file():
         return value
@@ -197,7 +197,7 @@ def _check_label_table(value: str | None) -> str | None:
 
 def _check_intracranial(value: str | None) -> str | None:
     """``--intracranial``: a mode or a mask file that exists (checked before any work)."""
-    from .subject import INTRACRANIAL_MODES
+    from .inputs import INTRACRANIAL_MODES
 
     if value is None or value.strip().lower() in INTRACRANIAL_MODES or Path(value).is_file():
         return value
@@ -214,7 +214,7 @@ def label_table_option(what: str = "the label map"):
 
 def _intracranial_mode(intracranial: str | None, data: Path | None) -> str:
     """``train --intracranial``: a mode for every subject of ``--data`` (a mask file belongs to one subject)."""
-    from .subject import INTRACRANIAL_MODES
+    from .inputs import INTRACRANIAL_MODES
 
     if intracranial is None:
         return "auto"
@@ -248,9 +248,85 @@ def _say_intracranial(subject) -> None:
         console.print(f"intracranial space: {subject.files['intracranial']}", highlight=False)
 
 
-def _progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                    transient=True)
+PLAIN_PROGRESS_PERIOD_S = 15.0  # without a terminal, a progress line this often (a pipeline's or a SLURM job's log)
+
+
+class PlainProgress:
+    """What a rich ``Progress`` shows, as plain lines on stderr for a log without a terminal (where rich
+    draws nothing): each task's description, count, elapsed time and ETA every ``period`` seconds, from a
+    background thread, so a long stage with no update still reports that it runs. The subset of rich's
+    interface the commands use: a context manager with ``add_task``, ``update`` and ``console``."""
+
+    def __init__(self, period: float | None = None):
+        import threading
+
+        self.console = console
+        self.period = PLAIN_PROGRESS_PERIOD_S if period is None else period
+        self._tasks: list[dict] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._report, daemon=True)
+
+    def __enter__(self) -> PlainProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def add_task(self, description: str, total: float | None = None, **_) -> int:
+        import time
+
+        self._tasks.append({"description": description, "total": total, "completed": 0, "start": time.monotonic()})
+        return len(self._tasks) - 1  # the first line after a period: bad input stays one error line
+
+    def update(self, task: int, *, description: str | None = None, completed: float | None = None,
+               advance: float | None = None, **_) -> None:
+        state = self._tasks[task]
+        if description is not None:
+            state["description"] = description
+        if completed is not None:
+            state["completed"] = completed
+        if advance is not None:
+            state["completed"] += advance
+
+    def line(self, task: int) -> str:
+        """``description: count/total, elapsed m:ss, ETA m:ss`` (the count and ETA where the total is known)."""
+        import time
+
+        state = self._tasks[task]
+        elapsed = time.monotonic() - state["start"]
+        clock = lambda seconds: f"{int(seconds) // 60}:{int(seconds) % 60:02d}"  # noqa: E731
+        parts = [f"elapsed {clock(elapsed)}"]
+        total, done = state["total"], state["completed"]
+        if total:
+            parts.insert(0, f"{done:g}/{total:g}")
+            if 0 < done < total:
+                parts.append(f"ETA {clock(elapsed * (total - done) / done)}")
+        return f"{state['description']}: {', '.join(parts)}"
+
+    def _report(self) -> None:
+        while not self._done.wait(self.period):
+            for task in range(len(self._tasks)):
+                console.print(escape(self.line(task)), highlight=False)
+
+
+def _status(message: str):
+    """rich's spinner with ``message`` on a terminal; :class:`PlainProgress` lines without one."""
+    if console.is_terminal:
+        return console.status(message)
+    progress = PlainProgress()
+    progress.add_task(message)
+    return progress
+
+
+def _progress(*columns) -> Progress | PlainProgress:
+    """A transient rich progress display with ``columns`` (default: spinner, description, elapsed) on a
+    terminal; :class:`PlainProgress` lines without one."""
+    if not console.is_terminal:
+        return PlainProgress()
+    return Progress(*(columns or (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())),
+                    console=console, transient=True)
 
 
 def _simulate(simulator, subject, atrophy):
@@ -342,6 +418,7 @@ def _run_series(simulator, subject, scenario, parcellation, years: list[float], 
     for zone in prescription.zones:
         console.print(f"  {zone.name} ({zone.kind}, {zone.voxels} voxels): {zone.percent_per_year:+.2f} % a year",
                       highlight=False)
+    _warn(prescription.warnings(), strict=False)  # before the work: --strict judges the result
     with _progress() as progress:
         task = progress.add_task("simulating", total=None)
         year = ""
@@ -411,7 +488,7 @@ def demo(
                          f"add 'atlas: desikan-killiany' (or another of brainmech's MNI atlases) to it")
     _refuse_existing(out, overwrite or bool(written_by_brainmech(out)) or (out / "report.json").is_file())
     simulator = Simulator(method, steps=steps, refine_evaluations=refine_evaluations, device=device.value)
-    with console.status("loading the MNI152 template (from nilearn)"):
+    with _status("loading the MNI152 template (from nilearn)"):
         subject = load_mni(resolution, axial_slice_mm=MNI_AXIAL_SLICE_MM if two_d else None)
     if chosen is not None:
         atlas = mni_atlas(chosen.atlas, subject) if chosen.needs_parcellation else None
@@ -471,6 +548,13 @@ def simulate(
     if lut is not None and parcellation is None:
         raise InputError("--lut names the labels of a --parcellation; pass both")
     _refuse_existing(out, overwrite)
+    from .inputs import check_files, check_scenario_source, map_intent
+
+    if scenario is not None:
+        check_scenario_source(scenario)
+    check_files(image, {"atrophy map": atrophy}, labels, label_table)  # headers and label values: before torch
+    intent = map_intent(atrophy) if atrophy is not None and expect is None else None
+    expect = Direction(intent) if intent is not None else expect  # the map's own intent, from atrophy-map
     from .atrophy import describe, direction_warning, load_atrophy
     from .scenarios import Scenario, load_parcellation
     from .simulator import Simulator
@@ -568,8 +652,8 @@ def cohort(
         console.print(f"note: scenario {plan.scenario.name} has no between-subject spread (sd_percent_per_year): every "
                       f"subject gets the same rates (docs/cohorts.md)", highlight=False)
     counts = {"simulated": 0, "complete": 0, "failed": 0}
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
+    with _progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn()) as progress:
         task = progress.add_task("starting the workers", total=len(cohort_subjects))
 
         def show(outcome) -> None:
@@ -674,7 +758,7 @@ def measure_command(
     require_ants()
     subject, labelled, followup_image, regions, notes = _read_pair(baseline, labels, label_table, intracranial,
                                                                    followup, parcellation, lut)
-    with console.status("registering the pair (antspyx: rigid, then SyN)"):
+    with _status("registering the pair (antspyx: rigid, then SyN)"):
         measurement = measure(subject, followup_image, parcellation=regions, seed=seed, labelled=labelled, notes=notes)
     _say_intracranial(subject)  # after the work: the follow-up's checks are measure's
     _report_pair(measurement, out, overwrite, strict)
@@ -726,13 +810,13 @@ def estimate_command(
     Simulator("network", model=model, device=device.value).network(subject.ndim)  # a bad model fails before any work
     initial, measured = None, None
     if use_measure:
-        with console.status("registering the pair (antspyx) for the starting map"):
+        with _status("registering the pair (antspyx) for the starting map"):
             measured = measure(subject, followup_image, seed=seed)
         initial = measured.atrophy
         notes.append(f"started from measure's map (antspyx SyN, seed {seed}; tissue volume "
                      f"{measured.report.tissue_volume_percent:+.2f} %)")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as progress:
+    with _progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn()) as progress:
         task = progress.add_task("estimating", total=evaluations)
 
         def show(count: int, r2: float) -> None:
@@ -767,11 +851,7 @@ def atrophy_map(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:
     """Write a smooth random atrophy map (ratio convention: a > 1 = loss) for a subject."""
-    import torch
-
-    from .atrophy import describe, random_atrophy, tissue_volume_percent
-    from .mni import load_mni
-    from .subject import write_image
+    from .inputs import INTENT_PREFIX, check_files
 
     if (image is None) != (labels is None):
         raise InputError("pass both --image and --labels, or neither (for the MNI template)")
@@ -779,6 +859,14 @@ def atrophy_map(
         raise InputError("--label-table and --intracranial describe --labels; pass --image and --labels (the MNI "
                          "template has its own)")
     _refuse_existing(out, overwrite, folder=False)
+    if image is not None:
+        check_files(image, {}, labels, label_table)  # headers and label values: before torch
+    import torch
+
+    from .atrophy import describe, implausible_csf, random_atrophy, tissue_volume_percent
+    from .mni import load_mni
+    from .subject import write_image
+
     subject = load_mni(resolution) if image is None else _load_subject(image, labels, label_table, intracranial)
     yearly = random_atrophy(subject, seed=seed, tissue_percent=tissue_percent, spread_percent=spread_percent,
                             fwhm_mm=fwhm_mm, compensate_csf=compensate_csf)
@@ -786,11 +874,16 @@ def atrophy_map(
     if not torch.isfinite(atrophy).all() or (atrophy <= 0).any():
         raise InputError(f"--years {years:g} compounds the map beyond float range; give fewer years or a smaller change")
     _say_intracranial(subject)
-    write_image(subject.to_nifti(atrophy), out, overwrite=overwrite)
+    written = subject.to_nifti(atrophy)
+    if tissue_percent != 0:  # simulate reads it back as the map's intent (--expect)
+        written.header["descrip"] = (INTENT_PREFIX + ("loss" if tissue_percent < 0 else "growth")).encode()
+    write_image(written, out, overwrite=overwrite)
     uniform = ((1 + tissue_percent / 100) ** years - 1) * 100
     console.print(f"made a map of {describe(atrophy, subject)} over {years:g} year(s); {tissue_percent:+g} %/yr "
                   f"compounds to {uniform:+.2f} % where uniform, and the spread of rates moves the tissue's mean "
                   f"change by {tissue_volume_percent(atrophy, subject) - uniform:+.2f} pp", highlight=False)
+    warning = implausible_csf(atrophy, subject, years)
+    _warn([warning] if warning else [], strict=False)
     print(f"wrote {out}")
 
 
@@ -860,9 +953,9 @@ def evaluate(
         if name != Method.SOLVER.value:
             simulator.network(case_list[0].subject.ndim if case_list else dimension.ndim)
     if case_list is None:
-        with console.status("preparing cases (the synthetic benchmark's follow-ups come from the converged solver)"):
+        with _status("preparing cases (the synthetic benchmark's follow-ups come from the converged solver)"):
             case_list = synthetic_cases(dimension, count)
-    with console.status(f"evaluating {len(case_list)} cases x {len(simulators)} methods"):
+    with _status(f"evaluating {len(case_list)} cases x {len(simulators)} methods"):
         rows = evaluate_cases(case_list, simulators)
     table = markdown_table(summarise(rows))
     write_outputs({}, {"cases.csv": csv_text(rows).encode(), "table.md": (table + "\n").encode()}, out,

@@ -27,7 +27,6 @@ potential flow (:func:`potential_flow`), the small-strain answer the solver and 
 
 from __future__ import annotations
 
-import enum
 import itertools
 import math
 from collections.abc import Iterable, Iterator
@@ -40,21 +39,11 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
+from .choices import TISSUE_CLASSES, Tissue  # noqa: F401 (the tissue classes live with the torch-free choices)
+
 SCHEMES = ("nodal", "central")
 
 
-class Tissue(enum.IntEnum):
-    """Tissue classes; the value is the class's channel in probability maps ``(B, K, *N)`` (K >= 4,
-    deep grey matter optional)."""
-
-    BACKGROUND = 0
-    CSF = 1
-    GM = 2
-    WM = 3
-    DGM = 4
-
-
-TISSUE_CLASSES = tuple(t.name.lower() for t in Tissue)  # ("background", "csf", "gm", "wm", "dgm")
 SOLID_TISSUES = (Tissue.GM, Tissue.WM, Tissue.DGM)  # the classes atrophy is prescribed in
 DEFAULT_SHEAR_MODULUS = {"background": 0.0, "csf": 0.01, "gm": 1.0, "wm": 1.0, "dgm": 1.0}
 BULK_RATIO = 100.0  # K = 100 mu (nearly incompressible tissue)

@@ -35,12 +35,13 @@ from scipy.ndimage import gaussian_filter
 from torch import Tensor
 
 from .atrophy import FWHM_PER_SIGMA
+from .choices import PLAUSIBLE_CSF_PERCENT_PER_YEAR, PLAUSIBLE_TISSUE_PERCENT_PER_YEAR
 from .errors import InputError
 from .fields import bounding_box
+from .inputs import SCENARIO_FILES, named_scenarios  # noqa: F401 (torch-free, for the command line's early checks)
 from .mechanics import TISSUE_CLASSES
 from .subject import MIN_COVERAGE, Subject, as_tensor, on_subject_grid, read_nifti, volume
 
-SCENARIO_FILES = "data/scenarios"  # named scenarios shipped in the package
 LEVEL_TOLERANCE = 1e-6  # relative error of each region's yearly volume, after which the levels stop
 MAX_LEVEL_ITERATIONS = 200
 RESERVED_NAMES = {"other tissue", "csf", "intracranial"}  # rows every series has
@@ -226,12 +227,6 @@ class Scenario:
         return "\n".join(lines)
 
 
-def named_scenarios() -> list[str]:
-    """Names of the scenarios shipped with brainmech."""
-    folder = importlib.resources.files("brainmech").joinpath(SCENARIO_FILES)
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
 def _scenario_file(name: str):
     return importlib.resources.files("brainmech").joinpath(f"{SCENARIO_FILES}/{name}.yaml")
 
@@ -405,6 +400,19 @@ class Prescription:
     def brain_only(self) -> bool:
         """CSF volume is free: the solver drops CSF's bulk term (docs/conventions.md)."""
         return self.scenario.csf is CsfMode.FREE
+
+    def warnings(self) -> list[str]:
+        """Each zone prescribed a yearly change beyond the plausible bounds (tissue: +-10 %, CSF: +-20 % a year,
+        :data:`~brainmech.choices.PLAUSIBLE_CSF_PERCENT_PER_YEAR`), one line each."""
+        lines = []
+        for zone in self.zones:
+            bound = PLAUSIBLE_CSF_PERCENT_PER_YEAR if zone.kind.startswith("csf") else PLAUSIBLE_TISSUE_PERCENT_PER_YEAR
+            if abs(zone.percent_per_year) > bound:
+                hint = (" (CSF takes up what the tissue loses: is the sulcal CSF in the labels? intracranial='derive')"
+                        if zone.kind.startswith("csf") else "")
+                lines.append(f"{zone.name} is prescribed {zone.percent_per_year:+.2f} % a year, beyond the plausible "
+                             f"+-{bound:g} % a year{hint}")
+        return lines
 
     def prescribed_percent(self, zone: Zone, years: float) -> float:
         """A zone's prescribed volume change after ``years``, percent: its rate compounded (docs/conventions.md),

@@ -221,8 +221,11 @@ def simulate_series(simulator: Simulator, subject: Subject, prescription: Prescr
         records += leg_records
         simulation = simulator.result(subject, prescription.atrophy(t), u, records, elapsed)
         simulation.report.scenario = {**prescription.summary(), "years": t, "note": note}
-        warped = (warp_labels(prescription.parcellation.labels, simulation.displacement)
-                  if prescription.parcellation is not None else None)
+        parcellation = prescription.parcellation.labels if prescription.parcellation is not None else None
+        same = parcellation is not None and parcellation.shape == subject.labels.shape and torch.equal(
+            parcellation, subject.labels.to(parcellation.dtype))  # an aparc+aseg as labels and parcellation
+        warped = (simulation.warped_labels.to(parcellation.dtype) if same else
+                  warp_labels(parcellation, simulation.displacement) if parcellation is not None else None)
         points.append(TimePoint(t, simulation, warped, followup_volumes(subject, prescription, simulation.displacement),
                                 jacobian_volumes(subject, prescription, simulation.volume_growth)))
         previous = t

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.resources
 import io
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -25,22 +23,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 
 from .errors import InputError
+from .inputs import (DEFAULT_LABEL_TABLE, INTRACRANIAL_MODES, LABEL_TABLE_NAMES, check_grid, check_label_values, read_label_table,  # noqa: F401
+                     shipped_label_table)
 from .mechanics import TISSUE_CLASSES, Tissue, brain_mask, outer_layer, tissue_mask
 
-DEFAULT_LABEL_TABLE = {int(t): t.name.lower() for t in Tissue}  # 0 background, 1 csf, 2 gm, 3 wm, 4 dgm
-LABEL_TABLE_FILES = "data/label_tables"  # label tables shipped in the package
-# shipped label tables by the names label_table= takes: FreeSurfer's segmentations share its LUT's ids
-LABEL_TABLE_NAMES = {"freesurfer": "freesurfer", "aseg": "freesurfer", "aparc+aseg": "freesurfer",
-                     "aparc.a2009s+aseg": "freesurfer", "synthseg": "freesurfer", "wmparc": "freesurfer"}
-MAX_RANGE_LABELS = 2**20  # a label table's range may span at most this many ids
 LOOKUP_LABELS = 2**24  # one_hot_tissue indexes a lookup array over label ranges up to this span, else searches
 
 # the intracranial space (docs/conventions.md, "Sulcal CSF")
-INTRACRANIAL_MODES = ("auto", "labels", "derive")  # or a NIfTI mask
 # Radii of the morphology that derives the intracranial space from a labelled brain, validated on the MNI152
 # brain (its CSF known: its tissue, GM + WM > 0.5, labelled as FreeSurfer would, against its brain mask) and
 # on a FreeSurfer aparc+aseg of the same T1 (benchmarks/freesurfer_subject.py; the MNI mask as truth).
@@ -188,11 +180,7 @@ def label_values(labels: Tensor) -> list[int]:
 def tissue_probabilities(labels: Tensor, table: dict[int, str], what: str) -> Tensor:
     """Tissue probabilities ``(1, K, *N)`` of integer labels ``(1, 1, *N)`` through a label -> class table,
     checked: every label named by the table, and some brain (``what`` names the map in the errors)."""
-    outside = sorted(set(label_values(labels)) - set(table))
-    if outside:
-        shown = ", ".join(map(str, outside[:10])) + (" ..." if len(outside) > 10 else "")
-        raise InputError(f"{what} has labels {shown} that are not in the label table {sorted(table)}; "
-                         "pass a label_table= that names them")
+    check_label_values(label_values(labels), table, what)
     probabilities = one_hot_tissue(labels, table)
     if not brain_mask(probabilities).any():
         raise InputError(f"{what} has no brain: every voxel is background")
@@ -222,11 +210,9 @@ def volume(image: nib.Nifti1Image) -> np.ndarray:
 
 
 def check_same_grid(other: nib.Nifti1Image, shape: tuple[int, ...], affine: np.ndarray, what: str) -> None:
-    """Raise :class:`InputError` unless ``other`` lies on the image's voxel grid (3D ``shape``, ``affine``)."""
-    if volume(other).shape != tuple(shape):
-        raise InputError(f"{what} has shape {volume(other).shape} but the image has {tuple(shape)}")
-    if not np.allclose(other.affine, affine, atol=1e-3):
-        raise InputError(f"{what} has a different affine (voxel-to-world geometry) than the image")
+    """Raise :class:`InputError` unless ``other`` lies on the image's voxel grid (3D ``shape``, ``affine``),
+    saying how to resample (:func:`~brainmech.inputs.check_grid`)."""
+    check_grid(volume(other).shape, other.affine, shape, affine, what)
 
 
 MIN_COVERAGE = 0.95  # a file on another grid must cover this share of the subject's brain voxels
@@ -253,102 +239,6 @@ def as_tensor(array: np.ndarray) -> Tensor:
     """``(1, 1, *N)`` tensor of a file volume, squeezing a length-1 third axis (2D)."""
     array = array[..., 0] if array.shape[2] == 1 else array
     return torch.from_numpy(np.ascontiguousarray(array))[None, None]
-
-
-def read_label_table(source: str | Path | Mapping | None) -> dict[int, str]:
-    """Label -> tissue class table: ``{label: background|csf|gm|wm|dgm}`` from YAML or a dictionary of the same, or
-    a shipped table by name (a string: ``freesurfer``, or its aliases ``aseg``, ``aparc+aseg``,
-    ``aparc.a2009s+aseg``, ``synthseg``, ``wmparc``: :data:`LABEL_TABLE_NAMES`); None: the default labels (0
-    background, 1 CSF, 2 GM, 3 WM, 4 deep GM).
-
-    A key ``low-high`` (``1000-1035: gm``) covers both ends; a range that runs backwards, or two entries
-    that name one label, are refused.
-    """
-    if source is None:
-        return dict(DEFAULT_LABEL_TABLE)
-    shipped = shipped_label_table(source)
-    what = ("label_table=" if isinstance(source, Mapping) else
-            f"label table {source}" if shipped is None else f"the shipped label table {source}")
-    try:
-        if isinstance(source, Mapping):
-            entries = source
-        else:
-            text = shipped.read_text() if shipped is not None else Path(source).read_text()
-            entries = yaml.load(text, Loader=_UniqueKeyLoader)
-        if not isinstance(entries, Mapping):
-            raise ValueError(f"found {type(entries).__name__}")
-        table = _expand_ranges({key: str(tissue).lower() for key, tissue in entries.items()}, what)
-    except FileNotFoundError:
-        raise InputError(f"label table file not found: {source}; give a YAML file or a shipped table "
-                         f"({', '.join(LABEL_TABLE_NAMES)})") from None
-    except _DuplicateLabel as error:
-        raise InputError(f"{what} lists label {error.label} twice (line {error.line}); give each label one "
-                         "entry") from None
-    except InputError:
-        raise
-    except Exception as error:
-        raise InputError(f"cannot read {what}: expected 'label: tissue class' entries ({error})".splitlines()[0]) from None
-    unknown = sorted({t for t in table.values() if t not in TISSUE_CLASSES})
-    if unknown:
-        raise InputError(f"{what} names unknown tissue classes {unknown}; use {list(TISSUE_CLASSES)}")
-    return table
-
-
-def shipped_label_table(source: object):
-    """The shipped table file (an importlib resource) that a name such as ``freesurfer`` or ``aseg`` stands for,
-    or None when ``source`` is no such name (a path, a mapping; a :class:`~pathlib.Path` is always a file)."""
-    if not isinstance(source, str) or source.strip().lower() not in LABEL_TABLE_NAMES:
-        return None
-    name = LABEL_TABLE_NAMES[source.strip().lower()]
-    return importlib.resources.files("brainmech").joinpath(f"{LABEL_TABLE_FILES}/{name}.yaml")
-
-
-class _DuplicateLabel(Exception):
-    def __init__(self, label: object, line: int):
-        super().__init__(f"label {label} twice")
-        self.label, self.line = label, line
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader that refuses a mapping key written twice (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int)):
-                if key in seen:
-                    raise _DuplicateLabel(key, key_node.start_mark.line + 1)
-                seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-RANGE = re.compile(r"\s*(-?\d+)\s*-\s*(-?\d+)\s*")  # a label table key 'low-high'
-
-
-def _expand_ranges(entries: Mapping, what: str) -> dict[int, str]:
-    """``{label or 'low-high': class}`` -> ``{label: class}``, every range expanded (both ends included); a
-    backwards range, one wider than :data:`MAX_RANGE_LABELS`, or two entries naming one label are refused."""
-    spans = []  # (low, high, the key as written)
-    for key in entries:
-        match = RANGE.fullmatch(key) if isinstance(key, str) else None
-        if match:
-            low, high = int(match[1]), int(match[2])
-            if low > high:
-                raise InputError(f"{what} has the range {key!r} that runs backwards; write it low-high "
-                                 f"('{high}-{low}: {entries[key]}')")
-            if high - low >= MAX_RANGE_LABELS:
-                raise InputError(f"{what} has the range {key!r} of {high - low + 1} labels; a range spans at most "
-                                 f"{MAX_RANGE_LABELS}")
-        else:
-            low = high = int(key)  # a label: an integer (or its text); anything else is reported by the caller
-        spans.append((low, high, key))
-    spans.sort(key=lambda span: span[:2])
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
-        if start <= end:
-            raise InputError(f"{what} gives label {start} twice: the entries {first!r} and {second!r} overlap; give "
-                             f"each label one entry")
-    return {label: entries[key] for low, high, key in spans for label in range(low, high + 1)}
 
 
 def read_image(path: str | Path, what: str) -> tuple[nib.Nifti1Image, np.ndarray]:
