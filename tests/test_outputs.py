@@ -141,3 +141,10 @@ def test_the_figure_is_drawn_where_the_tissue_changes_and_coloured_by_the_tissue
     ratio, error, difference = colour_ranges(atrophy, torch.zeros_like(atrophy), torch.zeros_like(atrophy), tissue, brain)
     assert ratio == pytest.approx(0.01, abs=1e-6)  # the 99th percentile in tissue: neither the CSF's 0.5 nor the focus
     assert error == 1e-4 and difference == 1e-6  # floors of an exact simulation
+
+
+def test_a_subject_is_named_after_its_file_without_the_nifti_extension_only():
+    from brainmech.subject import subject_name
+
+    assert subject_name("data/sub-01_T1w.nii.gz") == "sub-01_T1w" and subject_name("scan.NII") == "scan"
+    assert subject_name("t1_0.8mm.nii.gz") == "t1_0.8mm"  # a dot in the name is not an extension

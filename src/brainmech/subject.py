@@ -251,8 +251,13 @@ def read_image(path: str | Path, what: str) -> tuple[nib.Nifti1Image, np.ndarray
 
 
 def subject_name(image_path: str | Path) -> str:
-    """A subject's name: its image file's name without extensions (``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``)."""
-    return Path(image_path).name.split(".")[0]
+    """A subject's name: its image file's name without the NIfTI extension (``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``,
+    ``t1_0.8mm.nii.gz`` -> ``t1_0.8mm``: a dot inside the name stays)."""
+    name = Path(image_path).name
+    for extension in (".nii.gz", ".nii", ".mgz", ".gz"):
+        if name.lower().endswith(extension):
+            return name[:-len(extension)]
+    return name.split(".")[0]
 
 
 def load_subject(image_path: str | Path, labels_path: str | Path, label_table: str | Path | Mapping | None = None,
