@@ -26,13 +26,9 @@ MIN_COARSE_SIZE = 24  # the pyramid stops before any axis gets shorter than this
 MAX_EVALUATIONS = 2000  # per level: a safety net, far above what the rtol rule needs
 HISTORY_SIZE = 20  # L-BFGS correction pairs kept on a small grid
 HISTORY_BYTES = 2**30  # at most this much L-BFGS history (two vectors per pair): a 1 mm brain keeps ~10 pairs
-SLICED_VOXELS = 2**21  # grids above this many voxels evaluate the energy slab by slab (bounded memory)...
-# ...and so do grids above SLICED_MIN_VOXELS with material in more than SLICED_ACTIVE_SHARE of their voxels:
-# a gathered evaluation costs about 3.2 us per voxel with material, a sliced one 0.8 us per voxel of the grid
-# (2 cores, 3D, energy and gradient; the 1 mm FreeSurfer subject's 2 mm box: 0.45 s against 0.8 s), while
-# small grids pay the slabs' overhead (24^3: 0.023 s against 0.011 s)
-SLICED_MIN_VOXELS = 2**18
-SLICED_ACTIVE_SHARE = 0.25
+SLICED_VOXELS = 2**21  # grids above this many voxels evaluate the energy slab by slab (bounded memory); below, one
+# autograd graph of the gathered points is faster once freed memory is retained (retain_freed_memory: the 2 mm MNI
+# default took 11.8 s against 15.0 s slab by slab)
 
 
 @dataclass
@@ -216,15 +212,9 @@ def minimise(
 
 def evaluates_in_slabs(problem: Problem) -> bool:
     """Whether the solver evaluates ``problem``'s energy and gradient slab by slab
-    (:meth:`~brainmech.mechanics.Problem.energy_and_gradient`) rather than through one autograd graph of its
-    gathered points: on large grids always (memory), on middling ones where that is faster (:data:`SLICED_VOXELS`)."""
-    if problem.scheme != "nodal":
-        return False
-    voxels = math.prod(problem.atrophy.shape[2:])
-    if voxels > SLICED_VOXELS:
-        return True
-    active = ((problem.mu > 0) | (problem.bulk > 0)).any(0).float().mean()
-    return voxels > SLICED_MIN_VOXELS and float(active) > SLICED_ACTIVE_SHARE
+    (:meth:`~brainmech.mechanics.Problem.energy_and_gradient`, bounded memory) rather than through one autograd
+    graph of its gathered points: on grids above :data:`SLICED_VOXELS`."""
+    return problem.scheme == "nodal" and math.prod(problem.atrophy.shape[2:]) > SLICED_VOXELS
 
 
 def solve(
