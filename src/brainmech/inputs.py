@@ -169,8 +169,10 @@ def resampling_hint(what: str, image: str | Path | None = None) -> str:
     """How to put a file on the image's grid: nearest neighbour for labels, linear for a map."""
     target = image or "t1.nii.gz"
     labels = "label" in what or "parcellation" in what or "mask" in what
+    named = what.split()[-1]  # callers name the file last: "label map labels.nii.gz"
+    source = named if named.endswith((".nii", ".nii.gz")) else "file.nii.gz"
     return (f"resample it onto the image grid ({'nearest neighbour' if labels else 'linear'}), e.g. "
-            f"antsApplyTransforms -d 3 -i {what.split()[0]}.nii.gz -r {target} -n "
+            f"antsApplyTransforms -d 3 -i {source} -r {target} -n "
             f"{'NearestNeighbor' if labels else 'Linear'} -o resampled.nii.gz (identity transform), or FreeSurfer's "
             f"mri_vol2vol --regheader{' --interp nearest' if labels else ''}")
 
