@@ -464,3 +464,29 @@ def test_a_map_from_atrophy_map_read_backwards_is_caught_without_expect(subject_
     backwards = simulate({**subject_files, "atrophy": tmp_path / "loss.nii.gz"}, tmp_path / "out", "--method", "network",
                          "--convention", "inverse")
     assert backwards.exit_code == 0 and "warning: expected tissue loss" in backwards.output, backwards.output
+
+
+def test_resample_labels_puts_a_label_map_of_another_grid_on_the_image_grid(subject_files, tmp_path):
+    labels = nib.load(subject_files["labels"])
+    original = np.asarray(labels.dataobj)
+    # the same labels on a grid three times finer: the finer voxel 3 i + 1 is centred on the image's voxel i
+    finer = np.repeat(np.repeat(np.repeat(original, 3, 0), 3, 1), 3, 2)
+    refine = np.diag([1 / 3, 1 / 3, 1 / 3, 1.0])
+    refine[:3, 3] = -1 / 3
+    nib.save(nib.Nifti1Image(finer, labels.affine @ refine), tmp_path / "finer.nii.gz")
+    far = labels.affine.copy()
+    far[:3, 3] += 500.0  # another space: nothing falls on the image grid
+    nib.save(nib.Nifti1Image(original, far), tmp_path / "elsewhere.nii.gz")
+    refused = simulate({**subject_files, "labels": tmp_path / "finer.nii.gz"}, tmp_path / "refused", "--method", "network")
+    assert refused.exit_code == 2 and "pass --resample-labels" in refused.output
+    resampled = simulate({**subject_files, "labels": tmp_path / "finer.nii.gz"}, tmp_path / "resampled", "--method",
+                         "network", "--resample-labels")
+    assert resampled.exit_code == 0 and "label map: resampled onto the image grid by nearest neighbour" in resampled.output
+    assert simulate(subject_files, tmp_path / "direct", "--method", "network").exit_code == 0
+    for name in ("warped_labels.nii.gz", "displacement.nii.gz"):  # nearest neighbour gave back the very labels
+        np.testing.assert_array_equal(nib.load(tmp_path / "resampled" / name).get_fdata(),
+                                      nib.load(tmp_path / "direct" / name).get_fdata())
+    elsewhere = simulate({**subject_files, "labels": tmp_path / "elsewhere.nii.gz"}, tmp_path / "elsewhere", "--method",
+                         "network", "--resample-labels")
+    assert elsewhere.exit_code == 2 and "lies in another space" in elsewhere.output
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "elsewhere").exists()

@@ -339,3 +339,55 @@ def test_a_label_table_without_labels_is_refused(pair_files, tmp_path):
                                  str(tmp_path / "out")])
     assert result.exit_code == 2 and "--label-table" in result.output
     assert not (tmp_path / "out").exists()
+
+
+# --- regions a field flattens -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def focal_pair(mni_slice):
+    """A follow-up the solver made from a 6 % loss in a 14 mm disk of tissue alone, and the disk as a parcellation."""
+    from brainmech.scenarios import Parcellation
+
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in mni_slice.shape], indexing="ij"))
+    centre = mni_slice.tissue[0, 0].nonzero().double().mean(0) + torch.tensor([12.0, 0.0])
+    disk = (((grid - centre[:, None, None]) * torch.tensor(mni_slice.spacing)[:, None, None]).norm(dim=0) < 7.0)
+    disk = disk[None, None] & mni_slice.tissue
+    atrophy = torch.where(disk, 1 / 0.94, 1.0).float()
+    parcellation = Parcellation(labels=disk.long(), names={1: "focal"}, source="test")
+    return disk, Simulator("solver")(mni_slice, atrophy), parcellation
+
+
+def test_implied_change_finds_what_a_flattened_field_misses(mni_slice, focal_pair):
+    from brainmech.measurement import fit_margin, implied_changes, judged_regions, pair_result
+
+    disk, simulation, parcellation = focal_pair
+    followup, u = simulation.warped_image, simulation.displacement
+    true = true_percent(simulation, disk)
+    regions = judged_regions(mni_slice, parcellation, True)
+    for share in (0.3, 1.0):  # a field that recovers 30 % of the change, and the whole field
+        reproduced = warp_image(mni_slice.image, share * u)
+        implied = implied_changes(followup, reproduced, mni_slice.spacing, *regions, fit_margin(mni_slice))
+        recovered = float(volume_growth_of(share * u, mni_slice)[disk].mean() - 1) * 100
+        assert recovered + implied["focal"][0] == pytest.approx(true, abs=0.25 * abs(true)), share
+        fit = {"r2_before": 0.99, "r2_after": 0.999}
+        result = pair_result("estimate", mni_slice, followup, None, share * u, reproduced, fit=fit, settings={},
+                             timings={}, notes=[], parcellation=parcellation)
+        named = [w for w in result.report.warnings if "recover less than 70 %" in w]
+        assert bool(named) == (share < 0.7) and (not named or "focal" in named[0])
+
+
+def volume_growth_of(u, subject):
+    from brainmech.mechanics import det_f_maps
+    from brainmech.simulator import volume_growth
+
+    return volume_growth(det_f_maps(u.double(), subject.spacing).mean, u)
+
+
+def test_estimate_warns_when_its_prior_flattens_a_focal_change(mni_slice, focal_pair):
+    disk, simulation, parcellation = focal_pair
+    flattened = estimate(mni_slice, simulation.warped_image, model="mni-2d", max_evaluations=40, smoothness=3.0,
+                         parcellation=parcellation)
+    recovered = rows_by_name(flattened)["focal"]
+    assert recovered / true_percent(simulation, disk) < 0.7  # the strong prior did flatten it
+    assert any("focal" in warning and "--smoothness" in warning for warning in flattened.report.warnings)

@@ -234,16 +234,23 @@ Intracranial = Annotated[Optional[str], typer.Option(callback=_check_intracrania
                          "mask on the image grid (nonzero = intracranial).")]
 
 
-def _load_subject(image: Path, labels: Path, label_table: str | None, intracranial: str | None):
+ResampleLabels = Annotated[bool, typer.Option("--resample-labels", help="A label map on another voxel grid of the "
+                                              "image's space is resampled onto the image's by nearest neighbour "
+                                              "(world coordinates) instead of refused.")]
+
+
+def _load_subject(image: Path, labels: Path, label_table: str | None, intracranial: str | None, resample_labels: bool):
     """A user subject (:func:`~brainmech.subject.load_subject`; ``intracranial`` None: auto)."""
     from .subject import load_subject
 
-    return load_subject(image, labels, label_table, intracranial or "auto")
+    return load_subject(image, labels, label_table, intracranial or "auto", resample_labels=resample_labels)
 
 
 def _say_intracranial(subject) -> None:
-    """One line on what the subject's intracranial space is (none for a subject without labels), printed once
-    every input is checked (bad input stays one ``error:`` line)."""
+    """One line on what the subject's intracranial space is (none for a subject without labels), and one when its
+    label map was resampled, printed once every input is checked (bad input stays one ``error:`` line)."""
+    if "label_resampling" in subject.files:
+        console.print(f"label map: {subject.files['label_resampling']}", highlight=False)
     if "intracranial" in subject.files:
         console.print(f"intracranial space: {subject.files['intracranial']}", highlight=False)
 
@@ -523,6 +530,7 @@ def simulate(
                                                              "(a sign or convention mistake).")] = None,
     label_table: LabelTable = None,
     intracranial: Intracranial = None,
+    resample_labels: ResampleLabels = False,
     brain_only: Annotated[bool, typer.Option(help="Prescribe the map in tissue only; CSF volume is free to compensate.")] = False,
     method: Annotated[Method, typer.Option(help="How the displacement is found (network alone: faster, misses "
                                                 "multi-year maps).")] = DEFAULT_METHOD,
@@ -552,7 +560,7 @@ def simulate(
 
     if scenario is not None:
         check_scenario_source(scenario)
-    check_files(image, {"atrophy map": atrophy}, labels, label_table)  # headers and label values: before torch
+    check_files(image, {"atrophy map": atrophy}, labels, label_table, resample_labels=resample_labels)  # before torch
     intent = map_intent(atrophy) if atrophy is not None and expect is None else None
     expect = Direction(intent) if intent is not None else expect  # the map's own intent, from atrophy-map
     from .atrophy import describe, direction_warning, load_atrophy
@@ -562,7 +570,7 @@ def simulate(
     chosen = Scenario.load(scenario) if scenario is not None else None
     simulator = Simulator(method, model=model, steps=steps, brain_only=brain_only,
                           refine_evaluations=refine_evaluations, device=device.value)
-    subject = _load_subject(image, labels, label_table, intracranial)
+    subject = _load_subject(image, labels, label_table, intracranial, resample_labels)
     if method is not Method.SOLVER:
         simulator.network(subject.ndim)  # a bad model file fails here, before any work or output
     if chosen is not None:
@@ -694,7 +702,7 @@ PairOverwrite = Annotated[bool, typer.Option(help="Write into an existing output
 
 
 def _read_pair(baseline: Path, labels: Path | None, label_table: str | None, intracranial: str | None,
-               followup: Path, parcellation: Path | None, lut: Path | None):
+               resample_labels: bool, followup: Path, parcellation: Path | None, lut: Path | None):
     """The baseline subject (and whether it is labelled), the follow-up on its grid, the parcellation and
     the notes on what was done to the inputs."""
     from .measurement import load_baseline, read_followup
@@ -704,9 +712,9 @@ def _read_pair(baseline: Path, labels: Path | None, label_table: str | None, int
         raise InputError("--lut names the labels of a --parcellation; pass both")
     if label_table is not None and labels is None:
         raise InputError("--label-table describes the values of --labels; pass both")
-    if intracranial is not None and labels is None:
-        raise InputError("--intracranial completes the brain of --labels; pass both")
-    subject, labelled = load_baseline(baseline, labels, label_table, intracranial or "auto")
+    if (intracranial is not None or resample_labels) and labels is None:
+        raise InputError("--intracranial and --resample-labels apply to --labels; pass both")
+    subject, labelled = load_baseline(baseline, labels, label_table, intracranial or "auto", resample_labels)
     followup_image, note = read_followup(followup, subject)
     subject.files["followup"] = str(followup)
     regions = load_parcellation(parcellation, subject, lut) if parcellation is not None else None
@@ -742,6 +750,7 @@ def measure_command(
                                                  "without: ANTs's intensity brain mask, brain volume only.")] = None,
     label_table: LabelTable = None,
     intracranial: Intracranial = None,
+    resample_labels: ResampleLabels = False,
     parcellation: RegionsOption = None,
     lut: Lut = None,
     seed: Annotated[int, typer.Option(min=1, help="Seed of ANTs's sampling (the same field again with the same seed "
@@ -756,7 +765,7 @@ def measure_command(
 
     _refuse_existing(out, overwrite)
     require_ants()
-    subject, labelled, followup_image, regions, notes = _read_pair(baseline, labels, label_table, intracranial,
+    subject, labelled, followup_image, regions, notes = _read_pair(baseline, labels, label_table, intracranial, resample_labels,
                                                                    followup, parcellation, lut)
     with _status("registering the pair (antspyx: rigid, then SyN)"):
         measurement = measure(subject, followup_image, parcellation=regions, seed=seed, labelled=labelled, notes=notes)
@@ -772,6 +781,7 @@ def estimate_command(
     out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
     label_table: LabelTable = None,
     intracranial: Intracranial = None,
+    resample_labels: ResampleLabels = False,
     parcellation: RegionsOption = None,
     lut: Lut = None,
     model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d, their -cascade versions or a model.pt "
@@ -805,7 +815,7 @@ def estimate_command(
     if init is Init.MEASURE:
         require_ants()
     use_measure = init is Init.MEASURE or (init is Init.AUTO and importlib.util.find_spec("ants") is not None)
-    subject, _, followup_image, regions, notes = _read_pair(baseline, labels, label_table, intracranial, followup,
+    subject, _, followup_image, regions, notes = _read_pair(baseline, labels, label_table, intracranial, resample_labels, followup,
                                                             parcellation, lut)
     Simulator("network", model=model, device=device.value).network(subject.ndim)  # a bad model fails before any work
     initial, measured = None, None
@@ -839,6 +849,7 @@ def atrophy_map(
     labels: Annotated[Optional[Path], input_file("Subject label map (with --image).")] = None,
     label_table: LabelTable = None,
     intracranial: Intracranial = None,
+    resample_labels: ResampleLabels = False,
     resolution: Annotated[int, typer.Option(min=1, max=2, help="MNI resolution (mm) when no --image is given.")] = 2,
     seed: Annotated[int, typer.Option(min=0, help="Random seed: the same seed gives the same map.")] = 0,
     tissue_percent: Annotated[float, typer.Option(callback=bounded(above=-50, below=100), help="Mean tissue volume change per year in percent (<0 = loss; -50 < p < 100).")] = -1.0,
@@ -855,19 +866,20 @@ def atrophy_map(
 
     if (image is None) != (labels is None):
         raise InputError("pass both --image and --labels, or neither (for the MNI template)")
-    if image is None and (label_table is not None or intracranial is not None):
-        raise InputError("--label-table and --intracranial describe --labels; pass --image and --labels (the MNI "
-                         "template has its own)")
+    if image is None and (label_table is not None or intracranial is not None or resample_labels):
+        raise InputError("--label-table, --intracranial and --resample-labels describe --labels; pass --image and "
+                         "--labels (the MNI template has its own)")
     _refuse_existing(out, overwrite, folder=False)
     if image is not None:
-        check_files(image, {}, labels, label_table)  # headers and label values: before torch
+        check_files(image, {}, labels, label_table, resample_labels=resample_labels)  # before torch
     import torch
 
     from .atrophy import describe, implausible_csf, random_atrophy, tissue_volume_percent
     from .mni import load_mni
     from .subject import write_image
 
-    subject = load_mni(resolution) if image is None else _load_subject(image, labels, label_table, intracranial)
+    subject = (load_mni(resolution) if image is None else
+               _load_subject(image, labels, label_table, intracranial, resample_labels))
     yearly = random_atrophy(subject, seed=seed, tissue_percent=tissue_percent, spread_percent=spread_percent,
                             fwhm_mm=fwhm_mm, compensate_csf=compensate_csf)
     atrophy = yearly**years  # each voxel's yearly change compounded: a = (1 + p/100) ** -years

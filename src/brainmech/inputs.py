@@ -171,7 +171,8 @@ def resampling_hint(what: str, image: str | Path | None = None) -> str:
     labels = "label" in what or "parcellation" in what or "mask" in what
     named = what.split()[-1]  # callers name the file last: "label map labels.nii.gz"
     source = named if named.endswith((".nii", ".nii.gz")) else "file.nii.gz"
-    return (f"resample it onto the image grid ({'nearest neighbour' if labels else 'linear'}), e.g. "
+    flag = "pass --resample-labels, or " if what.startswith("label map") else ""
+    return (f"{flag}resample it onto the image grid ({'nearest neighbour' if labels else 'linear'}), e.g. "
             f"antsApplyTransforms -d 3 -i {source} -r {target} -n "
             f"{'NearestNeighbor' if labels else 'Linear'} -o resampled.nii.gz (identity transform), or FreeSurfer's "
             f"mri_vol2vol --regheader{' --interp nearest' if labels else ''}")
@@ -189,12 +190,12 @@ def check_grid(shape: tuple[int, ...], affine: np.ndarray, image_shape: tuple[in
 
 
 def check_files(image: str | Path, others: Mapping[str, str | Path | None], labels: str | Path | None = None,
-                label_table: str | Path | Mapping | None = None) -> None:
+                label_table: str | Path | Mapping | None = None, *, resample_labels: bool = False) -> None:
     """Before any heavy work: the image and every other file (``{what: path}``, None skipped) readable and on the
-    image's grid (:func:`check_grid`), and every value of ``labels`` (a label map, also on the grid) named by
-    ``label_table`` (:func:`read_label_table`)."""
+    image's grid (:func:`check_grid`), and every value of ``labels`` (a label map, also on the grid unless
+    ``resample_labels``) named by ``label_table`` (:func:`read_label_table`)."""
     image_shape, image_affine = file_grid(image, "image")
-    for what, path in {**others, "label map": labels}.items():
+    for what, path in {**others, **({} if resample_labels else {"label map": labels})}.items():
         if path is not None:
             check_grid(*file_grid(path, what), image_shape, image_affine, f"{what} {path}", image)
     if labels is not None:

@@ -36,7 +36,8 @@ from torch import Tensor
 from .errors import InputError
 from .fields import warp_image
 from .figures import pair_png
-from .mechanics import TISSUE_CLASSES, SOLID_TISSUES, Tissue, det_f_maps, to_millimetres, vector_length
+from .mechanics import (TISSUE_CLASSES, SOLID_TISSUES, Tissue, curl_free_flow, det_f_maps, to_millimetres,
+                        vector_length)
 from .metrics import folded_voxels
 from .scenarios import Parcellation
 from .simulator import ATROPHY_CONVENTION, software_versions, volume_growth
@@ -50,6 +51,17 @@ FIT_MARGIN_MM = 3.0  # the fit is judged over the brain grown by this margin (ed
 # gradient step 0.2, update field smoothed by a Gaussian of variance 3 voxels^2, total field not smoothed
 SYN_SETTINGS = {"syn_metric": "CC", "syn_sampling": 2, "grad_step": 0.2, "flow_sigma": 3.0, "total_sigma": 0.0,
                 "reg_iterations": (100, 70, 50)}
+
+# a region is named when its field gives less than UNDER_RECOVERED_SHARE of the change its images imply
+# (implied_changes), the images imply at least IMPLIED_MIN_PERCENT and the field misses MISSED_MIN_PP of it
+UNDER_RECOVERED_SHARE = 0.7
+IMPLIED_MIN_PERCENT = 2.0
+MISSED_MIN_PP = 1.0
+REGION_MIN_VOXELS = 50  # smaller regions are not judged: too few boundary voxels
+NEIGHBOUR_RIDGE = 0.3  # of each region's own weight: neighbours' flows overlap (docs/measure.md)
+FLOW_MARGIN_MM = (8.0, 20.0)  # a region's flow is computed on its box widened by half its extent, within these
+RESIDUAL_CORRELATION = 0.4  # the least correlation of a region's flow with the residual on its box, to be named
+IMPLIED_GRID_MM = 2.0  # the grid (about) the implied changes are computed on: blocks of voxels averaged
 
 
 def read_followup(path: str | Path, subject: Subject) -> tuple[Tensor, str | None]:
@@ -110,11 +122,108 @@ def regional_changes(subject: Subject, growth: Tensor, parcellation: Parcellatio
     return rows
 
 
+def implied_changes(followup: Tensor, reproduced: Tensor, spacing: tuple[float, ...], labels: Tensor,
+                    names: dict[int, str], weight: Tensor) -> dict[str, tuple[float, float]]:
+    """Per region (``names``: label of ``labels`` ``(1, 1, *N)`` -> name), the volume change (percent, negative =
+    loss) beyond the field's that the residual ``followup - reproduced`` implies, over the voxels of ``weight``, and
+    the correlation of the region's flow with the residual on its box.
+
+    Linearised: ``followup ~ reproduced + sum_r c_r grad(reproduced) . v_r`` with ``v_r`` the potential flow
+    (voxels) of a unit ``log a`` in region ``r`` (``curl_free_flow`` on the region's box, Neumann borders, so
+    ``div v_r`` is the region's indicator less its mean over the box) and ``c_r`` the extra ``log a`` (> 0: loss).
+    All regions are solved together, by least squares with a ridge of :data:`NEIGHBOUR_RIDGE` times each region's
+    own weight (neighbours' flows overlap). The images are averaged in blocks to about :data:`IMPLIED_GRID_MM`
+    (a region's volume change, not its edges' detail: a 1 mm brain costs what a 2 mm one does)."""
+    from scipy.ndimage import find_objects
+
+    if not names:
+        return {}
+    factor = [max(1, round(IMPLIED_GRID_MM / h)) for h in spacing]
+    pool = F.avg_pool2d if len(spacing) == 2 else F.avg_pool3d
+    coarse = lambda volume: pool(volume.double(), factor, factor)  # noqa: E731  # block means
+    coarse_spacing = tuple(h * f for h, f in zip(spacing, factor))
+    mask = coarse(weight) > 0.5
+    residual = (coarse(followup) - coarse(reproduced)) * mask
+    gradient = torch.stack(torch.gradient(coarse(reproduced)[0, 0]), 0)  # intensity per coarse voxel, per axis
+    shape = tuple(residual.shape[2:])
+    found = find_objects(labels[0, 0].numpy().astype(np.int32), max_label=max(names))
+    regions, boxes, features, gains = [], [], [], []
+    for label, name in names.items():
+        fine = found[label - 1]  # the label's box, widened to whole blocks
+        block = tuple(slice(b.start // f, min(-(-b.stop // f), n)) for b, f, n in zip(fine, factor, shape))
+        extent = [b.stop - b.start for b in block]
+        margin = [min(max(n // 2, math.ceil(FLOW_MARGIN_MM[0] / h)), math.ceil(FLOW_MARGIN_MM[1] / h))
+                  for n, h in zip(extent, coarse_spacing)]
+        box = tuple(slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(block, margin, shape))
+        full = tuple(slice(b.start * f, b.stop * f) for b, f in zip(box, factor))
+        source = coarse((labels[(0, 0, *full)] == label)[None, None])[0, 0]  # the region's share of each block
+        if not source.any():
+            continue
+        flow = curl_free_flow(source[None, None], coarse_spacing)[0]  # voxels, per unit log a in the region
+        features.append((gradient[(slice(None), *box)] * flow).sum(0) * mask[(0, 0, *box)])
+        # the region's volume change per unit c: its share-weighted mean divergence (the source less its box mean)
+        gains.append(float((source * (source - source.mean())).sum() / source.sum()))
+        regions.append(name), boxes.append(box)
+    gram = torch.zeros(len(regions), len(regions), dtype=torch.float64)
+    for r, (box_r, feature_r) in enumerate(zip(boxes, features)):
+        for q in range(r, len(regions)):
+            common = [slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box_r, boxes[q])]
+            if all(c.start < c.stop for c in common):
+                in_r = tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(common, box_r))
+                in_q = tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(common, boxes[q]))
+                gram[r, q] = gram[q, r] = (feature_r[in_r] * features[q][in_q]).sum()
+    projection = torch.stack([(feature * residual[(0, 0, *box)]).sum() for feature, box in zip(features, boxes)])
+    extra = torch.linalg.solve(gram + torch.diag(gram.diagonal() * NEIGHBOUR_RIDGE + 1e-30), projection)
+    power = torch.stack([residual[(0, 0, *box)].pow(2).sum() for box in boxes])
+    correlation = projection / (gram.diagonal() * power).sqrt().clamp_min(1e-30)
+    return {name: ((math.exp(-float(c) * gain) - 1) * 100, float(r))
+            for name, c, gain, r in zip(regions, extra, gains, correlation)}
+
+
+def under_recovered(rows: list[dict], implied: dict[str, tuple[float, float]],
+                    kind: str) -> list[tuple[str, float, float]]:
+    """``(name, recovered, implied)`` percent for each region (rows of ``kind``) whose field went the right way but
+    recovers less than :data:`UNDER_RECOVERED_SHARE` of the change its images imply (the field's change plus
+    ``implied``'s extra): where that change is at least :data:`IMPLIED_MIN_PERCENT`, the field misses
+    :data:`MISSED_MIN_PP` of it, and the region's flow correlates with the residual around it by at least
+    :data:`RESIDUAL_CORRELATION` (elsewhere the residual is a misfit, not this region's change)."""
+    flagged = []
+    for row in rows:
+        if row["kind"] == kind and row["name"] in implied:
+            recovered, (extra, correlation) = row["percent_change"], implied[row["name"]]
+            total = recovered + extra
+            if (abs(total) >= IMPLIED_MIN_PERCENT and abs(extra) >= MISSED_MIN_PP
+                    and abs(correlation) >= RESIDUAL_CORRELATION and 0 < recovered / total < UNDER_RECOVERED_SHARE):
+                flagged.append((row["name"], recovered, total))
+    return flagged
+
+
+def judged_regions(subject: Subject, parcellation: Parcellation | None,
+                   labelled: bool) -> tuple[Tensor, dict[int, str]]:
+    """The regions whose recovery is judged: labels ``(1, 1, *N)`` (0 outside the brain) and the names
+    ``regional_changes`` gives them, the parcellation's (else the label map's labels), each at least
+    :data:`REGION_MIN_VOXELS` in the brain."""
+    if parcellation is not None:
+        labels, name_of = parcellation.labels, lambda label: parcellation.names.get(label, str(label))
+    elif labelled:
+        labels, name_of = subject.labels, str
+    else:
+        return subject.labels, {}
+    labels = labels.long() * subject.brain
+    counts = torch.bincount(labels.flatten().clamp_min(0))
+    return labels, {label: name_of(label) for label in (counts >= REGION_MIN_VOXELS).nonzero().flatten().tolist()
+                    if label > 0}
+
+
 def fit_margin(subject: Subject) -> Tensor:
     """The voxels a pair's fit is judged on: the brain grown by :data:`FIT_MARGIN_MM` (bool ``(1, 1, *N)``)."""
     radius = [max(1, round(FIT_MARGIN_MM / h)) for h in subject.spacing]
     pool = F.max_pool2d if subject.ndim == 2 else F.max_pool3d
-    return pool(subject.brain.float(), [2 * r + 1 for r in radius], 1, radius) > 0
+    grown = subject.brain.float()
+    for axis, r in enumerate(radius):  # a box's maximum is separable: one axis at a time
+        kernel = [2 * r + 1 if a == axis else 1 for a in range(subject.ndim)]
+        grown = pool(grown, kernel, 1, [r if a == axis else 0 for a in range(subject.ndim)])
+    return grown > 0
 
 
 def explained_variance(followup: Tensor, model: Tensor, mask: Tensor) -> float:
@@ -224,6 +333,15 @@ def pair_result(method: str, subject: Subject, followup: Tensor, atrophy: Tensor
     if not fit["r2_before"] >= UNLIKE_PAIR_R2:
         warnings.append(f"the baseline explains only {fit['r2_before']:.0%} of the follow-up before any deformation "
                         "(R^2): they do not look like one subject in one space (mirrored, another subject, not aligned)")
+    implied = implied_changes(followup, reproduced, subject.spacing, *judged_regions(subject, parcellation, labelled),
+                              fit_margin(subject))
+    flattened = under_recovered(rows, implied, "region" if parcellation is not None else "label")
+    if flattened:
+        listed = ", ".join(f"{name} {recovered:+.2f} % of about {total:+.2f} %" for name, recovered, total in flattened)
+        prior = ("the smoothness prior flattened a focal change? a smaller --smoothness or --control-spacing-mm lets it"
+                 if method == "estimate" else "SyN's smoothing flattened a focal change?")
+        warnings.append(f"{len(flattened)} region(s) recover less than {UNDER_RECOVERED_SHARE * 100:.0f} % of the "
+                        f"change their images imply (the residual, linearised): {listed} ({prior})")
     brain = subject.brain
     report = PairReport(
         method=method, subject=subject.name, shape=list(subject.shape), spacing_mm=list(subject.spacing),
@@ -282,12 +400,13 @@ def brain_from_intensity(image: Tensor) -> Tensor:
 
 
 def load_baseline(image_path: str | Path, labels_path: str | Path | None = None,
-                  label_table: str | Path | None = None, intracranial: str | Path = "auto") -> tuple[Subject, bool]:
+                  label_table: str | Path | None = None, intracranial: str | Path = "auto",
+                  resample_labels: bool = False) -> tuple[Subject, bool]:
     """The baseline subject and whether it has tissue labels: with ``labels_path`` as
-    :func:`~brainmech.subject.load_subject` (``label_table``, ``intracranial``); without, its brain is ANTs's
-    intensity mask (:func:`brain_from_intensity`)."""
+    :func:`~brainmech.subject.load_subject` (``label_table``, ``intracranial``, ``resample_labels``); without,
+    its brain is ANTs's intensity mask (:func:`brain_from_intensity`)."""
     if labels_path is not None:
-        return load_subject(image_path, labels_path, label_table, intracranial), True
+        return load_subject(image_path, labels_path, label_table, intracranial, resample_labels=resample_labels), True
     nifti, array = read_image(image_path, "baseline")
     image = as_tensor(array)
     labels = brain_from_intensity(image)

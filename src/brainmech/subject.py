@@ -260,16 +260,45 @@ def subject_name(image_path: str | Path) -> str:
     return name.split(".")[0]
 
 
+LABEL_RESAMPLING = "resampled onto the image grid by nearest neighbour (world coordinates)"
+
+
+def labels_on_grid(labels_nii: nib.Nifti1Image, shape: tuple[int, ...], affine: np.ndarray,
+                   what: str) -> tuple[nib.Nifti1Image, bool]:
+    """A label NIfTI on the voxel grid (3D ``shape``, ``affine``) by nearest neighbour in world coordinates, and
+    whether it had to be resampled; refused when less than :data:`MIN_COVERAGE` of its labelled volume (mm^3)
+    falls on the grid (another space, a cropped image)."""
+    from nibabel.processing import resample_from_to
+
+    array = volume(labels_nii)
+    if array.shape == tuple(shape) and np.allclose(labels_nii.affine, affine, atol=1e-3):
+        return labels_nii, False
+    resampled = np.asarray(resample_from_to(nib.Nifti1Image(array, labels_nii.affine), (tuple(shape), affine),
+                                            order=0, cval=0).dataobj)
+    voxel_mm3 = lambda a: abs(float(np.linalg.det(a[:3, :3])))  # noqa: E731
+    labelled_mm3 = np.count_nonzero(array) * voxel_mm3(labels_nii.affine)
+    covered = np.count_nonzero(resampled) * voxel_mm3(affine) / max(labelled_mm3, 1e-12)
+    if covered < MIN_COVERAGE:
+        raise InputError(f"{what}: only {covered:.0%} of its labelled volume falls on the image grid after "
+                         "resampling by world coordinates; it lies in another space: register it to the image first")
+    return nib.Nifti1Image(resampled, affine), True
+
+
 def load_subject(image_path: str | Path, labels_path: str | Path, label_table: str | Path | Mapping | None = None,
-                 intracranial: str | Path = "auto") -> Subject:
+                 intracranial: str | Path = "auto", *, resample_labels: bool = False) -> Subject:
     """A user subject from an intensity NIfTI and a label NIfTI on the same grid.
 
     ``label_table``: see :func:`read_label_table` (a YAML file, a mapping, or a shipped table's name such as
     ``"freesurfer"``). ``intracranial``: the intracranial space, whose voxels the labels call background
     become CSF (:func:`with_intracranial`): ``"auto"`` (default), ``"labels"``, ``"derive"`` or a NIfTI mask.
+    ``resample_labels``: a label map on another grid of the image's space is resampled onto the image's by
+    nearest neighbour (:func:`labels_on_grid`; ``files["label_resampling"]`` says so) instead of refused.
     """
     image_nii, image = read_image(image_path, "image")
     labels_nii = read_nifti(labels_path, "label map")
+    resampled = False
+    if resample_labels:
+        labels_nii, resampled = labels_on_grid(labels_nii, image.shape, image_nii.affine, f"label map {labels_path}")
     check_same_grid(labels_nii, image.shape, image_nii.affine, f"label map {labels_path}")
     raw_labels = volume(labels_nii)
     labels = np.rint(raw_labels)
@@ -280,7 +309,8 @@ def load_subject(image_path: str | Path, labels_path: str | Path, label_table: s
     subject = Subject(image=as_tensor(image), labels=labels_tensor, probabilities=probabilities,
                       affine=image_nii.affine.copy(), header=image_nii.header.copy(), name=subject_name(image_path),
                       files={"image": str(image_path), "labels": str(labels_path),
-                             **({"label_table": str(label_table)} if label_table is not None else {})})
+                             **({"label_table": str(label_table)} if label_table is not None else {}),
+                             **({"label_resampling": LABEL_RESAMPLING} if resampled else {})})
     return with_intracranial(subject, intracranial)
 
 
