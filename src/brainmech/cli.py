@@ -11,6 +11,7 @@ Commands:
 - ``estimate``: the atrophy map whose simulation reproduces a follow-up, by gradients through the network.
 - ``train``: train the learned simulator on the energy (lightning).
 - ``evaluate``: Table 1 metrics of simulators over cases.
+- ``score``: a measurement tool's results against a cohort's truth (fit, errors, Bland-Altman).
 
 Bad input is reported as one ``error:`` line on stderr with exit code 2 and nothing written; any
 other failure as one line with exit code 1 (``BRAINMECH_DEBUG=1`` shows the traceback). Choices are
@@ -974,3 +975,46 @@ def evaluate(
                   overwrite=overwrite)
     print(table)
     print(f"wrote {out}/ (cases.csv, table.md)")
+
+
+@app.command()
+def score(
+    cohort: Annotated[Path, typer.Option(exists=True, file_okay=False, help="A cohort dataset (brainmech cohort): its "
+                                                                            "cohort.tsv is the truth.")],
+    measurements: Annotated[Path, typer.Option(exists=True, help="The tool's results: a TSV/CSV with participant_id, "
+                                               "session, region (or 'tissue'), percent_change; or a folder of "
+                                               "brainmech measure/estimate outputs in sub-<id>/ses-<t>/.")],
+    out: Annotated[Path, typer.Option(help="Output folder: score.json, score.tsv, score.png.")],
+    resamples: Annotated[int, typer.Option(min=100, max=100_000, help="Bootstrap resamples (over subjects) of the "
+                                                                      "confidence intervals.")] = 2000,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the bootstrap.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Write into an existing output folder.")] = False,
+) -> None:
+    """Score a measurement tool against a cohort's truth: per region and for the whole tissue (PBVC), the fit
+    measured = slope x truth + intercept, r, R^2 (bootstrap confidence intervals over subjects), mean absolute
+    and signed error, Bland-Altman bias and limits of agreement, the worst subjects."""
+    from .scoring import read_measurements, read_truth, score as score_measurements, score_outputs, score_table
+
+    _refuse_existing(out, overwrite)
+    truth = read_truth(cohort)
+    measured = read_measurements(measurements, truth)
+    result = score_measurements(truth, measured, resamples=resamples, seed=seed)
+    outputs = score_outputs(truth, measured, result)
+    from .subject import write_outputs
+
+    write_outputs({}, outputs, out, overwrite=overwrite)
+    console.print(f"scored {result['scored_rows']} rows of {result['scored_sessions']} sessions "
+                  "(confidence intervals: 95 % percentile bootstrap over subjects)", highlight=False)
+    for row in score_table(result):
+        ci = (f" [{row['slope_ci_low']:.3f}, {row['slope_ci_high']:.3f}]" if row['slope_ci_low'] == row['slope_ci_low']
+              else "")
+        console.print(f"  {row['group']:<16} n {row['rows']:>4}  slope {row['slope']:.3f}{ci}  intercept "
+                      f"{row['intercept']:+.3f}  R^2 {row['r2']:.3f}  |error| {row['mae_pp']:.3f} pp  bias "
+                      f"{row['bias_pp']:+.3f} pp  limits {row['loa_low_pp']:+.3f} / {row['loa_high_pp']:+.3f} pp",
+                      highlight=False)
+    if result["unscored_sessions"]:
+        _warn([f"{len(result['unscored_sessions'])} session(s) of the cohort have no measurement and were not "
+               f"scored: {', '.join(result['unscored_sessions'][:10])}"
+               f"{' ...' if len(result['unscored_sessions']) > 10 else ''}"], strict=False)
+    print(f"wrote {out}/ (score.json, score.tsv, score.png, manifest.json)")
+
