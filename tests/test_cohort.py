@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from brainmech.cli import app
@@ -274,3 +275,42 @@ def test_a_model_the_workers_cannot_load_is_one_error_before_any_output(inputs, 
     with pytest.raises(InputError, match="on the workers: .*model.pt"):
         cohort(inputs, tmp_path / "dataset", model=str(tmp_path / "model.pt"), method="network").run(client)
     assert not (tmp_path / "dataset").exists()
+
+
+def test_acquisitions_scan_each_session_anew_replayably_and_leave_the_truth(inputs, reference, client, tmp_path):
+    from brainmech.acquisition import Acquisition
+
+    out = tmp_path / "scanned"
+    plan = cohort(inputs, out, acquisition="research-3T")
+    assert plan.run(client).of("simulated") == list(SHAPES)
+    assert (out / "cohort.tsv").read_text() == (reference / "cohort.tsv").read_text()  # the truth is the anatomy's
+    profile = Acquisition.load("research-3T")
+    subject = read_subjects(inputs / "subjects.csv")[0]
+    base, _ = plan.load(subject)
+    scans = []
+    for session in ("0", *YEARS):
+        name = f"sub-{subject.id}/ses-{session}/anat/sub-{subject.id}_ses-{session}_T1w"
+        clean = nib.load(reference / f"{name}.nii.gz")
+        scanned = np.asarray(nib.load(out / f"{name}.nii.gz").dataobj)
+        record = json.loads((out / f"{name}.json").read_text())["acquisition"]
+        assert record["seed"] == plan.acquisition_seed(subject.id, session)
+        assert [t["name"] for t in record["transforms"]] == ["Affine", "BiasField"] and record["noise_sd"] > 0
+        replayed, _ = profile.apply(torch.from_numpy(np.asarray(clean.dataobj, dtype=np.float32))[None, None],
+                                    clean.affine, base.brain, record["seed"])
+        np.testing.assert_allclose(scanned, replayed[0, 0].numpy(), atol=1e-4)  # the seed gives the scan again
+        assert np.abs(scanned - np.asarray(clean.dataobj)).mean() > 0.01 * np.abs(np.asarray(clean.dataobj)).mean()
+        scans.append(record["transforms"][0]["degrees"])
+    assert scans[0] != scans[1] != scans[2]  # each session is its own acquisition
+    with pytest.raises(InputError, match="unknown acquisition profile 'research-7T'"):
+        cohort(inputs, tmp_path / "bad", acquisition="research-7T")
+
+
+def test_an_acquisition_profile_is_checked_field_by_field(tmp_path):
+    from brainmech.acquisition import Acquisition
+
+    assert Acquisition.load("clean").to_dict()["noise"] == "none"
+    for data, message in [({"snr": -3}, "snr must be a number >= 0"), ({"noise": "poisson"}, "noise is one of"),
+                          ({"noise": "rician"}, "needs an snr > 0"), ({"ghosts": 1.5}, "ghosts must be a whole number"),
+                          ({"blur_fwhm_mm": [1, 2]}, "one number or three"), ({"tilt": 3}, "unknown fields ['tilt']")]:
+        with pytest.raises(InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            Acquisition.from_dict(data, "test")

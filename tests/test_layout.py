@@ -7,7 +7,7 @@ import brainmech
 
 #: Lowest first: a module may import only modules before it (function-level imports included).
 LAYERS = ["version", "errors", "choices", "allocator", "inputs", "mechanics", "fields", "subject", "mni", "atrophy", "scenarios", "pseudo_subjects",
-          "solver", "network", "metrics", "figures", "simulator", "series", "transforms", "measurement", "estimation", "cohort", "scoring", "evaluation", "train", "cli"]
+          "solver", "network", "metrics", "figures", "simulator", "series", "transforms", "measurement", "estimation", "acquisition", "cohort", "scoring", "evaluation", "train", "cli"]
 PACKAGE = Path(brainmech.__file__).parent
 
 

@@ -618,6 +618,9 @@ def cohort(
                                                         "CSF), labels or derive.")] = None,
     resolution: Annotated[Optional[int], typer.Option(min=1, max=2, help="With --mni-pseudo: the MNI brain's resolution "
                                                                        "(mm; default 2).")] = None,
+    acquisition: Annotated[Optional[str], typer.Option(help="Scan each session anew (head motion, bias field, noise...): "
+                                                       "clean, research-3T, clinical or a profile YAML "
+                                                       "(docs/cohorts.md). Default: the simulated images as they are.")] = None,
     method: Annotated[Method, typer.Option(help="How the displacement is found.")] = DEFAULT_METHOD,
     model: Annotated[Optional[str], typer.Option(help="Network: mni-2d, mni-3d, their -cascade versions or a model.pt (default: by dimension).")] = None,
     steps: Steps = 1,
@@ -649,8 +652,8 @@ def cohort(
     plan = Cohort(cohort_subjects, Scenario.load(scenario), years=years or [1.0], out=out, seed=seed,
                   method=method, model=model, steps=steps, refine_evaluations=refine_evaluations, device=device.value,
                   threads_per_worker=threads_per_worker, label_table=label_table, lut=lut,
-                  intracranial=intracranial or "auto",
-                  resolution=resolution or 2, overwrite=overwrite)
+                  intracranial=intracranial or "auto", resolution=resolution or 2, acquisition=acquisition,
+                  overwrite=overwrite)
     plan.check_folder()  # the workers' device and model are checked on a worker, before any output (Cohort.run)
     client = connect(scheduler) if scheduler is not None else None
     cores = available_cores()

@@ -44,6 +44,7 @@ from .version import __version__
 if TYPE_CHECKING:  # imported where used: the command line's help stays free of torch
     from distributed import Client
 
+    from .acquisition import Acquisition
     from .scenarios import Parcellation, Scenario
     from .series import Series
     from .subject import Subject
@@ -183,6 +184,9 @@ class Cohort:
         intracranial: the subjects' intracranial space, ``"auto"``, ``"labels"`` or ``"derive"``
             (:func:`~brainmech.subject.with_intracranial`; a mask file is per subject, so none here).
         resolution: the MNI brain's resolution for pseudo-subjects (mm).
+        acquisition: each session's image scanned anew from this profile (a shipped name or a YAML file,
+            :class:`~brainmech.acquisition.Acquisition`), seeded from ``seed``, the subject and the session;
+            None: the simulated image as it is.
         overwrite: recompute every subject of a dataset made with other settings (otherwise refused).
 
     Every argument is checked here, so a bad one is one :class:`~brainmech.errors.InputError` before any work.
@@ -203,6 +207,7 @@ class Cohort:
     lut: str | None = None
     intracranial: str = "auto"
     resolution: int = 2
+    acquisition: str | None = None
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -221,6 +226,10 @@ class Cohort:
                 if not Path(value).is_file():
                     raise InputError(f"{name}= file not found: {value}")
                 object.__setattr__(self, name, str(Path(value).absolute()))
+        if self.acquisition is not None:
+            self.scanner()  # a bad profile is refused here
+            if Path(self.acquisition).is_file():
+                object.__setattr__(self, "acquisition", str(Path(self.acquisition).absolute()))
         if not self.subjects:
             raise InputError("a cohort needs at least one subject")
         if not isinstance(self.seed, int) or self.seed < 0:
@@ -254,6 +263,16 @@ class Cohort:
                 raise InputError(f"scenario {self.scenario.name} names parcellation labels: give every subject a "
                                  f"parcellation column in the subjects table (missing for {', '.join(lacking[:5])})")
 
+    def scanner(self) -> Acquisition | None:
+        """The acquisition profile each session is scanned with (None: the simulated image as it is)."""
+        from .acquisition import Acquisition
+
+        return None if self.acquisition is None else Acquisition.load(self.acquisition)
+
+    def acquisition_seed(self, subject_id: str, session: str) -> int:
+        """The seed of one session's acquisition: from the cohort's seed, the subject's id and the session only."""
+        return draw_seed(self.seed, f"{subject_id}/{session}/acquisition")
+
     @property
     def pseudo(self) -> bool:
         """The cohort holds pseudo-subjects of the MNI brain."""
@@ -284,7 +303,8 @@ class Cohort:
                 "device": self.device, "threads_per_worker": self.threads_per_worker,
                 "resolution_mm": self.resolution if self.pseudo else None,
                 "label_table": _table_checksum(self.label_table), "lut": _checksum_of(self.lut),
-                "intracranial": self.intracranial}
+                "intracranial": self.intracranial,
+                "acquisition": None if self.acquisition is None else self.scanner().to_dict()}
 
     def check_folder(self) -> None:
         """Refuse, writing nothing, a dataset folder this run must not write into: a file, a folder of other
@@ -473,8 +493,18 @@ class Cohort:
         def session(years: float) -> str:
             return f"ses-{session_label(years)}/anat/{stem}_ses-{session_label(years)}"
 
+        scanner = self.scanner()
+        scans: dict[str, dict] = {}  # session prefix -> the record of its acquisition
+
+        def scanned(prefix: str, image):
+            if scanner is None:
+                return image
+            years = prefix.split("/")[0].removeprefix("ses-")
+            image, scans[prefix] = scanner.apply(image, base.affine, base.brain, self.acquisition_seed(subject.id, years))
+            return image
+
         def anatomy(prefix: str, image, labels, probabilities, regions) -> dict:
-            files = {f"{prefix}_T1w.nii.gz": base.to_nifti(image),
+            files = {f"{prefix}_T1w.nii.gz": base.to_nifti(scanned(prefix, image)),
                      f"{prefix}_desc-tissue_dseg.nii.gz": base.to_nifti(labels, dtype=label_dtype(labels))}
             files.update({f"{prefix}_label-{PROBSEG_LABELS[name]}_probseg.nii.gz":
                           base.to_nifti(probabilities[:, channel:channel + 1])
@@ -501,7 +531,11 @@ class Cohort:
             images[f"{prefix}_from-ses0_to-ses{session_label(point.years)}_mode-image_xfm.nii.gz"] = \
                 base.displacement_to_itk(simulation.displacement)
             sidecar = {k: v for k, v in asdict(simulation.report).items() if k != "subject"}  # the name says it: BIDS
+            if prefix in scans:
+                sidecar["acquisition"] = scans[prefix]
             extra[f"{prefix}_T1w.json"] = json.dumps(sidecar, indent=2).encode()  # readers refuse a second value
+        if session(0) in scans:
+            extra[f"{session(0)}_T1w.json"] = json.dumps({"acquisition": scans[session(0)]}, indent=2).encode()
         summary = {**series.summary(), "cohort": {"id": subject.id, "source": subject.source,
                                                   "fingerprint": fingerprint}}
         extra[_series_name(subject.id, "json")] = json.dumps(summary, indent=2).encode()

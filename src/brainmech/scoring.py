@@ -297,7 +297,8 @@ def _check_keys(measured: Mapping[Key, float], truth: Mapping[Key, float], sourc
     regions = {k[2] for k in truth}
     for key in sorted(measured):
         if key[0] not in subjects:
-            raise InputError(f"{source}: participant {key[0]} is not in the cohort (it has {', '.join(sorted(subjects))})")
+            raise InputError(f"{source}: participant {key[0]} is not in the cohort (it has "
+                             f"{', '.join(sorted(subjects))})")
         if key[:2] not in sessions:
             known = sorted(s for p, s in sessions if p == key[0])
             raise InputError(f"{source}: {key[0]} has no session {key[1]} in the cohort (it has {', '.join(known)})")
