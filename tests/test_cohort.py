@@ -294,12 +294,14 @@ def test_acquisitions_scan_each_session_anew_replayably_and_leave_the_truth(inpu
         scanned = np.asarray(nib.load(out / f"{name}.nii.gz").dataobj)
         record = json.loads((out / f"{name}.json").read_text())["acquisition"]
         assert record["seed"] == plan.acquisition_seed(subject.id, session)
-        assert [t["name"] for t in record["transforms"]] == ["Affine", "BiasField"] and record["noise_sd"] > 0
+        moved = session != "0"  # the baseline is the reference the head moves from: its labels stay on its scan
+        assert [t["name"] for t in record["transforms"]] == ["Affine"] * moved + ["BiasField"]
+        assert record["noise_sd"] > 0 and record["profile"]["snr"] == 30
         replayed, _ = profile.apply(torch.from_numpy(np.asarray(clean.dataobj, dtype=np.float32))[None, None],
-                                    clean.affine, base.brain, record["seed"])
+                                    clean.affine, base.brain, record["seed"], move=moved)
         np.testing.assert_allclose(scanned, replayed[0, 0].numpy(), atol=1e-4)  # the seed gives the scan again
         assert np.abs(scanned - np.asarray(clean.dataobj)).mean() > 0.01 * np.abs(np.asarray(clean.dataobj)).mean()
-        scans.append(record["transforms"][0]["degrees"])
+        scans.append(record["transforms"][-1]["coefficients"])
     assert scans[0] != scans[1] != scans[2]  # each session is its own acquisition
     with pytest.raises(InputError, match="unknown acquisition profile 'research-7T'"):
         cohort(inputs, tmp_path / "bad", acquisition="research-7T")
@@ -314,3 +316,17 @@ def test_an_acquisition_profile_is_checked_field_by_field(tmp_path):
                           ({"blur_fwhm_mm": [1, 2]}, "one number or three"), ({"tilt": 3}, "unknown fields ['tilt']")]:
         with pytest.raises(InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
             Acquisition.from_dict(data, "test")
+
+
+def test_a_2d_image_moves_in_its_plane_only():
+    from brainmech.acquisition import Acquisition
+
+    labels, image = phantom((40, 40, 3))  # its middle plane
+    brain = torch.from_numpy(labels[..., 1] > 0)[None, None]
+    flat = torch.from_numpy(image[..., 1].astype(np.float32))[None, None]
+    profile = Acquisition.from_dict({"rotation_degrees": 6, "translation_mm": 6}, "test")
+    for seed in range(12):  # a shift along the missing third axis would sample outside the slice: a blank image
+        scanned, record = profile.apply(flat, np.diag([2.0, 2.0, 2.0, 1.0]), brain, seed)
+        assert scanned.shape == flat.shape and scanned[brain].mean() > 0.5 * flat[brain].mean(), seed
+        degrees, translation = record["transforms"][0]["degrees"], record["transforms"][0]["translation"]
+        assert degrees[:2] == [0.0, 0.0] and translation[2] == 0.0

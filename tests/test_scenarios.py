@@ -404,5 +404,7 @@ def test_matching_a_zones_volume_keeps_its_sign_and_is_exact():
     matched = to_volume(log_a, target=4.8, sign=1)
     assert matched.min() == 0 and np.exp(-matched).sum() == pytest.approx(4.8, rel=1e-12)
     assert (np.diff(matched[1:]) > 0).all()  # the shape of the change is kept, one factor scales it
+    unreachable = to_volume(np.array([0.0, 0.0, 0.0, 0.001]), target=3.0, sign=1)  # too little change to scale
+    assert np.ptp(unreachable) == 0 and np.exp(-unreachable).sum() == pytest.approx(3.0, rel=1e-12)
     shifted = to_volume(log_a, target=4.8, sign=0)
     assert np.exp(-shifted).sum() == pytest.approx(4.8, rel=1e-12) and np.ptp(shifted - log_a) < 1e-15

@@ -9,6 +9,7 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from brainmech.cli import app
+from brainmech.errors import InputError
 from brainmech.scoring import read_measurements, read_truth, score
 
 runner = CliRunner()
@@ -107,11 +108,27 @@ def test_brainmech_measure_outputs_are_read_from_their_folders(cohort, tmp_path)
             (folder / "report.json").write_text(json.dumps({"tissue_volume_percent": value + 0.2}))
             hippocampus = truth[(participant, session, "hippocampus")]
             (folder / "regions.csv").write_text("kind,name,baseline_ml,followup_ml,percent_change\n"
-                                                f"tissue class,gm,1,1,0\nregion,hippocampus,8,8,{hippocampus}\n")
-    measured = read_measurements(outputs, truth)
+                                                f"tissue class,gm,1,1,0\nregion,hippocampus,8,8,{hippocampus}\n"
+                                                "region,Left-Amygdala,1,1,-1\n")  # an atlas label: left out
+    notes = []
+    measured = read_measurements(outputs, truth, notes)
     assert len(measured) == 40 and measured[("sub-s01", "ses-1", "tissue")] == pytest.approx(
         truth[("sub-s01", "ses-1", "tissue")] + 0.2)
+    assert notes and "Left-Amygdala" in notes[0]
     assert score(truth, measured, resamples=200)["groups"]["hippocampus"]["mean_absolute_error_pp"] < 1e-9
+    second = outputs / "sub-s01_ses-1"
+    second.mkdir()
+    (second / "report.json").write_text(json.dumps({"tissue_volume_percent": -1.0}))
+    with pytest.raises(InputError, match="a second output for sub-s01/ses-1"):
+        read_measurements(outputs, truth)
+
+
+def test_resamples_of_one_subject_are_left_out_of_the_intervals(cohort, tmp_path):
+    truth = {k: v for k, v in read_truth(cohort).items() if k[1] == "ses-1" and k[0] < "sub-s04"}  # 3 subjects
+    measured = {k: 0.8 * v + 0.1 for k, v in truth.items()}
+    tissue = score(truth, measured, resamples=500)["groups"]["tissue"]
+    assert tissue["bootstrap_resamples_without_fit"] > 0  # a resample of one subject: one truth, no line
+    assert tissue["slope_ci"][0] == pytest.approx(0.8) and tissue["slope_ci"][1] == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize("change, message", [

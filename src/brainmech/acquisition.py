@@ -6,8 +6,10 @@ measurement tool meets none of what makes real pairs hard. An :class:`Acquisitio
 ``clean``, ``research-3T``, ``clinical``, or a YAML file) turns each session's image into one scan of it,
 in this order, each by TorchIO's transform where it has one (MONAI's for Rician noise):
 
-1. rigid head motion: a rotation (degrees, about the image centre) and translation (mm), each axis uniform in
-   +- the profile's bound (``tio.RandomAffine``), resampled linearly, so that the tool must register;
+1. rigid head motion of every follow-up session: a rotation (degrees, about the image centre) and translation (mm),
+   each axis uniform in +- the profile's bound (``tio.RandomAffine``; in plane for a 2D image), resampled
+   linearly, so that the tool must register. The baseline session is the reference the head is positioned
+   in: its labels and partial volumes stay aligned with its scan;
 2. blur: a Gaussian of the profile's FWHM per voxel axis (mm; a thick slice along one axis), ``tio.RandomBlur``;
 3. a smooth multiplicative bias field (``tio.RandomBiasField``: exp of a polynomial of ``bias_order`` whose
    coefficients are uniform in +- ``bias_coefficient``);
@@ -18,7 +20,8 @@ in this order, each by TorchIO's transform where it has one (MONAI's for Rician 
 
 The truth (the volumes, ``cohort.tsv``) does not change: the session's labels, partial volumes, maps and
 displacement describe the anatomy before its acquisition. Each draw comes from its seed alone (a cohort derives
-it from its seed, the subject and the session) and is recorded with the parameters TorchIO drew.
+it from its seed, the subject and the session) and is recorded with the parameters TorchIO drew; given the
+simulated image (the same cohort without an acquisition writes it), the seed gives the same scan.
 
 Example::
 
@@ -34,12 +37,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 import yaml
-from torch import Tensor
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # torch loads when a scan is made: a profile is checked without it
+    from torch import Tensor
 
 NOISE_KINDS = ("none", "rician", "gaussian")
 
@@ -94,7 +100,7 @@ class Acquisition:
             values[key] = str(data.get(key, ""))
         for key in ("rotation_degrees", "translation_mm", "bias_coefficient", "ghost_intensity", "intensity_scale",
                     "snr"):
-            if key in data:
+            if key in data and not (key == "snr" and data[key] is None):  # snr null: no noise
                 values[key] = _non_negative(data[key], f"acquisition profile {origin}: {key}")
         for key in ("bias_order", "ghosts"):
             if key in data:
@@ -121,18 +127,26 @@ class Acquisition:
         return cls(**values)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The profile's fields, JSON-ready (no noise: ``snr`` null)."""
+        return {k: list(v) if isinstance(v, tuple) else None if v == math.inf else v
+                for k, v in dataclasses.asdict(self).items()}
 
-    def apply(self, image: Tensor, affine: np.ndarray, brain: Tensor, seed: int) -> tuple[Tensor, dict]:
+    def apply(self, image: Tensor, affine: np.ndarray, brain: Tensor, seed: int, *,
+              move: bool = True) -> tuple[Tensor, dict]:
         """One acquisition of ``image`` (``(1, 1, *N)``, 2D or 3D, on the voxel grid of ``affine``; ``brain`` the
         bool mask whose mean intensity sets the noise) drawn with ``seed``: the scanned image (float32) and the
-        record of the draw (the profile, the seed and each transform's parameters)."""
+        record of the draw (the profile, the seed and each transform's parameters). ``move=False``: no head motion
+        (the session the others are registered to)."""
+        import torch
+
         tio = _torchio()
-        planar = image.ndim == 4  # a 2D image: TorchIO wants a third axis
+        planar = image.ndim == 4  # a 2D image: TorchIO wants a third axis, along which nothing may move
         volume = image.detach().float().cpu().reshape(1, *image.shape[2:], *(1,) * planar)
         transforms = []
-        if self.rotation_degrees or self.translation_mm:
-            transforms.append(tio.RandomAffine(scales=0, degrees=self.rotation_degrees, translation=self.translation_mm,
+        if move and (self.rotation_degrees or self.translation_mm):
+            r, t = self.rotation_degrees, self.translation_mm
+            transforms.append(tio.RandomAffine(scales=0, degrees=(0, 0, 0, 0, -r, r) if planar else r,
+                                               translation=(-t, t, -t, t, 0, 0) if planar else t,
                                                image_interpolation="linear", default_pad_value=0))
         if any(self.blur_fwhm_mm):
             stds = [fwhm / (2 * math.sqrt(2 * math.log(2))) for fwhm in self.blur_fwhm_mm]  # mm, per axis
@@ -166,6 +180,8 @@ class Acquisition:
 def _noisy(volume: Tensor, sd: float, kind: str, seed: int) -> Tensor:
     """``volume`` with noise of sd ``sd`` (intensity units): Gaussian, or Rician (MONAI: the magnitude of the
     image plus complex Gaussian noise, as a magnitude image has)."""
+    import torch
+
     if kind == "gaussian":
         generator = torch.Generator().manual_seed(seed)
         return volume + sd * torch.randn(volume.shape, generator=generator)
@@ -194,10 +210,8 @@ def _plain(value: object) -> object:
         return {str(k): _plain(v) for k, v in value.items() if k not in ("include", "exclude", "copy")}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if isinstance(value, (np.ndarray, Tensor)):
-        return np.asarray(value).tolist()
-    if isinstance(value, np.generic):
-        return value.item()
+    if hasattr(value, "tolist"):  # numpy arrays and values, torch tensors
+        return value.tolist()
     return value
 
 

@@ -1000,7 +1000,10 @@ def score(
 
     _refuse_existing(out, overwrite)
     truth = read_truth(cohort)
-    measured = read_measurements(measurements, truth)
+    notes: list[str] = []
+    measured = read_measurements(measurements, truth, notes)
+    for note in notes:
+        console.print(f"note: {note}", highlight=False)
     result = score_measurements(truth, measured, resamples=resamples, seed=seed)
     outputs = score_outputs(truth, measured, result)
     from .subject import write_outputs

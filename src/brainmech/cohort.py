@@ -500,7 +500,8 @@ class Cohort:
             if scanner is None:
                 return image
             years = prefix.split("/")[0].removeprefix("ses-")
-            image, scans[prefix] = scanner.apply(image, base.affine, base.brain, self.acquisition_seed(subject.id, years))
+            image, scans[prefix] = scanner.apply(image, base.affine, base.brain, self.acquisition_seed(subject.id, years),
+                                                 move=years != "0")  # the head moves relative to the baseline's
             return image
 
         def anatomy(prefix: str, image, labels, probabilities, regions) -> dict:

@@ -171,7 +171,7 @@ def resampling_hint(what: str, image: str | Path | None = None) -> str:
     labels = "label" in what or "parcellation" in what or "mask" in what
     named = what.split()[-1]  # callers name the file last: "label map labels.nii.gz"
     source = named if named.endswith((".nii", ".nii.gz")) else "file.nii.gz"
-    flag = "pass --resample-labels, or " if what.startswith("label map") else ""
+    flag = "pass --resample-labels (simulate, atrophy-map, measure, estimate), or " if what.startswith("label map") else ""
     return (f"{flag}resample it onto the image grid ({'nearest neighbour' if labels else 'linear'}), e.g. "
             f"antsApplyTransforms -d 3 -i {source} -r {target} -n "
             f"{'NearestNeighbor' if labels else 'Linear'} -o resampled.nii.gz (identity transform), or FreeSurfer's "

@@ -191,8 +191,8 @@ def under_recovered(rows: list[dict], implied: dict[str, tuple[float, float]],
     for row in rows:
         if row["kind"] == kind and row["name"] in implied:
             recovered, (extra, correlation) = row["percent_change"], implied[row["name"]]
-            total = recovered + extra
-            if (abs(total) >= IMPLIED_MIN_PERCENT and abs(extra) >= MISSED_MIN_PP
+            total = ((1 + recovered / 100) * (1 + extra / 100) - 1) * 100  # the field's change, then the residual's
+            if (abs(total) >= IMPLIED_MIN_PERCENT and abs(total - recovered) >= MISSED_MIN_PP
                     and abs(correlation) >= RESIDUAL_CORRELATION and 0 < recovered / total < UNDER_RECOVERED_SHARE):
                 flagged.append((row["name"], recovered, total))
     return flagged

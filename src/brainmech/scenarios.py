@@ -44,6 +44,7 @@ from .subject import MIN_COVERAGE, Subject, as_tensor, on_subject_grid, read_nif
 
 LEVEL_TOLERANCE = 1e-6  # relative error of each region's yearly volume, after which the levels stop
 MAX_LEVEL_ITERATIONS = 200
+MAX_LEVEL_SCALE = 10.0  # a zone's smoothed change scaled by at most this to meet its volume; beyond, it is uniform
 RESERVED_NAMES = {"other tissue", "csf", "intracranial"}  # rows every series has
 
 # FreeSurfer's aseg labels (FreeSurferColorLUT.txt): an aseg works as it is, with no lookup table
@@ -544,21 +545,30 @@ def rate_sign(zone: Zone) -> int:
 def to_volume(log_a: np.ndarray, target: float, sign: int) -> np.ndarray:
     """One zone's voxels' log a (a = baseline / follow-up volume) changed so that its follow-up volume
     ``sum exp(-log a)`` is ``target`` voxels: shifted (exact) when ``sign`` is 0; else each voxel's change taken in
-    the direction ``sign`` (+1: loss, -1: growth, the rest 0) and all scaled by one factor (Newton), so that no
-    voxel changes against the zone's rate. A zone left with no change in its direction is set uniform."""
+    the direction ``sign`` (+1: loss, -1: growth, the rest 0) and all scaled by one factor in
+    ``[0, MAX_LEVEL_SCALE]``, so that no voxel changes against the zone's rate. Where no such factor reaches the
+    target (a zone the smoothing left almost unchanged), the zone is set uniform at its rate."""
     if sign == 0:
         return log_a + math.log(float(np.exp(-log_a).sum()) / target)
     magnitude = np.maximum(sign * log_a, 0.0)
-    if not magnitude.any():
-        return np.full_like(log_a, math.log(log_a.size / target))
-    scale = 1.0
-    for _ in range(100):  # sum exp(-sign * s * m) is monotone and convex in s: Newton converges
-        follow = np.exp(-sign * scale * magnitude)
-        excess = float(follow.sum()) - target
-        if abs(excess) <= 1e-12 * target:
-            break
-        scale -= excess / float(-(sign * magnitude * follow).sum())
-    return sign * scale * magnitude
+    uniform = np.full_like(log_a, math.log(log_a.size / target))  # always exact, and of the zone's sign
+
+    def excess(scale: float) -> float:  # follow-up voxels beyond the target: monotone in the scale
+        return float(np.exp(-sign * scale * magnitude).sum()) - target
+
+    low, high = 0.0, MAX_LEVEL_SCALE
+    if not magnitude.any() or excess(low) * excess(high) > 0:
+        return uniform
+    scale = 1.0 if excess(1.0) * excess(high) <= 0 else 0.5
+    for _ in range(100):  # Newton inside a bracket that bisection keeps: the sum is monotone and convex
+        value = excess(scale)
+        if abs(value) <= 1e-12 * target:
+            return sign * scale * magnitude
+        low, high = (scale, high) if value * excess(low) > 0 else (low, scale)
+        slope = -sign * float((magnitude * np.exp(-sign * scale * magnitude)).sum())
+        step = scale - value / slope if slope else math.nan
+        scale = step if low < step < high else (low + high) / 2
+    return sign * scale * magnitude if abs(excess(scale)) <= 1e-9 * target else uniform
 
 
 def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwhm_mm: float) -> np.ndarray:

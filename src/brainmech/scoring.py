@@ -72,15 +72,20 @@ def read_truth(dataset: str | Path) -> dict[Key, float]:
     return truth
 
 
-def read_measurements(source: str | Path, truth: Mapping[Key, float]) -> dict[Key, float]:
+def read_measurements(source: str | Path, truth: Mapping[Key, float],
+                      notes: list[str] | None = None) -> dict[Key, float]:
     """A tool's percent changes by (participant, session, region), checked against ``truth``: a table (TSV or
     CSV with :data:`MEASUREMENT_COLUMNS`; ids and sessions with or without ``sub-``/``ses-``) or a folder of
     brainmech ``measure``/``estimate`` outputs, one per ``sub-<id>[_/]ses-<t>`` (its report's tissue change as
-    ``tissue``, its regions.csv's regions by name). Unknown subjects, sessions or regions and duplicate rows
+    ``tissue``, its regions.csv's regions named as the cohort's; the others, such as an atlas's labels, are
+    left out with a line in ``notes``). Unknown subjects, sessions or a table's unknown regions and duplicates
     are refused."""
     source = Path(source)
     if source.is_dir():
-        measured = _measurement_folders(source)
+        measured, skipped = _measurement_folders(source, {k[2] for k in truth})
+        if skipped and notes is not None:
+            notes.append(f"{len(skipped)} region name(s) of the regions.csv files are not the cohort's and were left "
+                         f"out: {', '.join(sorted(skipped)[:8])}{' ...' if len(skipped) > 8 else ''}")
     elif source.is_file():
         rows, header = _read_table(source)
         _require_columns(header, source, MEASUREMENT_COLUMNS)
@@ -143,9 +148,14 @@ def _group_statistics(keys: list[Key], truth: Mapping[Key, float], measured: Map
         spread = stats.bootstrap((np.arange(len(subjects)),), lambda c: np.array(statistic(c)), vectorized=False,
                                  n_resamples=resamples, confidence_level=CONFIDENCE, method="percentile",
                                  random_state=rng)
+        # a resample of one subject's sessions alone (the same truths) has no fit: the interval leaves it out
+        draws = spread.bootstrap_distribution  # (4, resamples)
+        kept = np.isfinite(draws).all(0)
+        tail = (1 - CONFIDENCE) / 2 * 100
         for index, name in enumerate(("slope", "intercept", "r", "r2")):
-            result[f"{name}_ci"] = [float(spread.confidence_interval.low[index]),
-                                    float(spread.confidence_interval.high[index])]
+            low, high = np.percentile(draws[index, kept], [tail, 100 - tail]) if kept.any() else (math.nan, math.nan)
+            result[f"{name}_ci"] = [float(low), float(high)]
+        result["bootstrap_resamples_without_fit"] = int((~kept).sum())
     worst = sorted(((float(np.abs(difference[rows_of[s]]).max()), s) for s in subjects), reverse=True)[:WORST]
     result["worst_subjects"] = [{"participant_id": s, "largest_error_pp": e} for e, s in worst]
     return result
@@ -243,8 +253,8 @@ def _read_table(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[str]
         raise InputError(f"cannot read {path}: {error}".splitlines()[0]) from None
     for line, row in rows:
         if None in row or any(value is None for value in row.values()):
-            raise InputError(f"{path} line {line} has {len(row) - (None in row)} cells where the header has "
-                             f"{len(header)}")
+            cells = len(header) + len(row.get(None, [])) - sum(value is None for value in row.values())
+            raise InputError(f"{path} line {line} has {cells} cells where the header has {len(header)}")
     return rows, header
 
 
@@ -264,10 +274,12 @@ def _number(text: str, path: Path, line: int, column: str) -> float:
     return value
 
 
-def _measurement_folders(folder: Path) -> dict[Key, float]:
+def _measurement_folders(folder: Path, regions: set[str]) -> tuple[dict[Key, float], set[str]]:
     """brainmech measure/estimate outputs under ``folder``: each ``report.json`` whose path names
-    ``sub-<id>`` and ``ses-<t>`` (as folders or joined by ``_``)."""
+    ``sub-<id>`` and ``ses-<t>`` (as folders or joined by ``_``), one per session; region rows named as one of
+    ``regions`` (the others are returned by name)."""
     measured: dict[Key, float] = {}
+    skipped: set[str] = set()
     for report in sorted(folder.rglob("report.json")):
         parts = [p for part in report.relative_to(folder).parent.parts for p in part.split("_")]
         subject = next((p for p in parts if p.startswith("sub-")), None)
@@ -275,19 +287,23 @@ def _measurement_folders(folder: Path) -> dict[Key, float]:
         if subject is None or session is None:
             raise InputError(f"{report}: its folders name no sub-<id> and ses-<t>; put each pair's output in "
                              "sub-<id>/ses-<t>/ (or sub-<id>_ses-<t>/)")
+        if (subject, session, TISSUE) in measured:
+            raise InputError(f"{report}: a second output for {subject}/{session} under {folder}; keep one per session")
         try:
             content = json.loads(report.read_text())
             measured[(subject, session, TISSUE)] = float(content["tissue_volume_percent"])
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise InputError(f"{report} is not a report of brainmech measure or estimate ({error})") from None
-        regions = report.parent / "regions.csv"
-        if regions.is_file():
-            rows, _ = _read_table(regions)
+        table = report.parent / "regions.csv"
+        if table.is_file():
+            rows, _ = _read_table(table)
             for line, row in rows:
-                if row.get("kind") == "region":
-                    measured[(subject, session, row["name"])] = _number(row["percent_change"], regions, line,
+                if row.get("kind") == "region" and row["name"] in regions:
+                    measured[(subject, session, row["name"])] = _number(row["percent_change"], table, line,
                                                                         "percent_change")
-    return measured
+                elif row.get("kind") == "region":
+                    skipped.add(row["name"])
+    return measured, skipped
 
 
 def _check_keys(measured: Mapping[Key, float], truth: Mapping[Key, float], source: Path) -> None:
