@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from brainmech.cli import app
 from brainmech.errors import InputError
-from brainmech.scoring import read_measurements, read_truth, score
+from brainmech.scoring import read_measurements, read_truth, score, uninformative_fits
 
 runner = CliRunner()
 REGIONS = [("hippocampus", "region", 8.0), ("other tissue", "other tissue", 1200.0), ("csf", "csf free", 300.0)]
@@ -128,6 +128,11 @@ def test_resamples_of_one_subject_are_left_out_of_the_intervals(cohort, tmp_path
     measured = {k: 0.8 * v + 0.1 for k, v in truth.items()}
     tissue = score(truth, measured, resamples=500)["groups"]["tissue"]
     assert tissue["bootstrap_resamples_without_fit"] > 0  # a resample of one subject: one truth, no line
+    same = {k: -1.0 for k in truth if k[2] == "tissue"}  # every subject the same change: no line to fit
+    noisy = {k: -0.8 + 0.1 * i for i, k in enumerate(same)}
+    assert any(line.startswith("tissue: the true changes span 0.000 pp")
+               for line in uninformative_fits(score(same, noisy, resamples=100)))
+    assert not uninformative_fits(score(truth, measured, resamples=100))
     assert tissue["slope_ci"][0] == pytest.approx(0.8) and tissue["slope_ci"][1] == pytest.approx(0.8)
 
 

@@ -996,7 +996,8 @@ def score(
     """Score a measurement tool against a cohort's truth: per region and for the whole tissue (PBVC), the fit
     measured = slope x truth + intercept, r, R^2 (bootstrap confidence intervals over subjects), mean absolute
     and signed error, Bland-Altman bias and limits of agreement, the worst subjects."""
-    from .scoring import read_measurements, read_truth, score as score_measurements, score_outputs, score_table
+    from .scoring import (read_measurements, read_truth, score as score_measurements, score_outputs, score_table,
+                          uninformative_fits)
 
     _refuse_existing(out, overwrite)
     truth = read_truth(cohort)
@@ -1018,6 +1019,7 @@ def score(
                       f"{row['intercept']:+.3f}  R^2 {row['r2']:.3f}  |error| {row['mae_pp']:.3f} pp  bias "
                       f"{row['bias_pp']:+.3f} pp  limits {row['loa_low_pp']:+.3f} / {row['loa_high_pp']:+.3f} pp",
                       highlight=False)
+    _warn(uninformative_fits(result), strict=False)
     if result["unscored_sessions"]:
         _warn([f"{len(result['unscored_sessions'])} session(s) of the cohort have no measurement and were not "
                f"scored: {', '.join(result['unscored_sessions'][:10])}"

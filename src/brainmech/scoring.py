@@ -132,7 +132,7 @@ def _group_statistics(keys: list[Key], truth: Mapping[Key, float], measured: Map
     difference = y - x  # percentage points, measured - truth
     subjects = sorted({k[0] for k in keys})
     rows_of = {s: np.array([i for i, k in enumerate(keys) if k[0] == s]) for s in subjects}
-    result = {"rows": len(keys), "subjects": len(subjects),
+    result = {"rows": len(keys), "subjects": len(subjects), "truth_range_pp": float(np.ptp(x)),
               "mean_absolute_error_pp": float(np.abs(difference).mean()),
               "mean_signed_error_pp": float(difference.mean())}
     bias, sd = float(difference.mean()), float(difference.std(ddof=1)) if len(keys) > 1 else math.nan
@@ -170,6 +170,19 @@ def _fit(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     line = stats.linregress(x, y)
     return {"slope": float(line.slope), "intercept": float(line.intercept), "r": float(line.rvalue),
             "r2": float(line.rvalue**2)}
+
+
+def uninformative_fits(result: dict) -> list[str]:
+    """One line per group whose true changes span less than its errors' 95 % limits of agreement: its slope,
+    intercept and R^2 say little (the errors and Bland-Altman still do)."""
+    lines = []
+    for name, group in result["groups"].items():
+        width = group["bland_altman"]["upper_pp"] - group["bland_altman"]["lower_pp"]
+        if group["truth_range_pp"] < width:
+            lines.append(f"{name}: the true changes span {group['truth_range_pp']:.3f} pp, less than the errors' limits "
+                         f"of agreement ({width:.3f} pp wide): its slope, intercept and R^2 say little; subjects "
+                         "that differ (a scenario's sd_percent_per_year, or several years) make them meaningful")
+    return lines
 
 
 def score_table(result: dict) -> list[dict]:
