@@ -371,7 +371,8 @@ def test_implied_change_finds_what_a_flattened_field_misses(mni_slice, focal_pai
         recovered = float(volume_growth_of(share * u, mni_slice)[disk].mean() - 1) * 100
         assert recovered + implied["focal"][0] == pytest.approx(true, abs=0.25 * abs(true)), share
         fit = {"r2_before": 0.99, "r2_after": 0.999}
-        result = pair_result("estimate", mni_slice, followup, None, share * u, reproduced, fit=fit, settings={},
+        result = pair_result("estimate", mni_slice, followup, None, share * u, reproduced, fit=fit,
+                             margin=fit_margin(mni_slice), settings={},
                              timings={}, notes=[], parcellation=parcellation)
         named = [w for w in result.report.warnings if "recover less than 70 %" in w]
         assert bool(named) == (share < 0.7) and (not named or "focal" in named[0])

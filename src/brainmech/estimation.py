@@ -281,6 +281,6 @@ def estimate(subject: Subject, followup: Tensor, *, model: str | Path | None = N
                 "image_sigma_mm": image_sigma_mm,
                 "max_evaluations": max_evaluations, "initial": "no change" if initial is None else "the given map",
                 "optimiser": "L-BFGS (strong Wolfe line search)"}
-    return pair_result("estimate", subject, followup_cpu, atrophy, u, reproduced, fit=fit, settings=settings,
-                       timings={"estimate_s": elapsed}, notes=list(notes or []), parcellation=parcellation,
-                       model=model_summary(model or f"mni-{subject.ndim}d", card))
+    return pair_result("estimate", subject, followup_cpu, atrophy, u, reproduced, fit=fit, margin=cpu_mask,
+                       settings=settings, timings={"estimate_s": elapsed}, notes=list(notes or []),
+                       parcellation=parcellation, model=model_summary(model or f"mni-{subject.ndim}d", card))

@@ -315,11 +315,11 @@ class Measurement:
 
 
 def pair_result(method: str, subject: Subject, followup: Tensor, atrophy: Tensor | None, u: Tensor, reproduced: Tensor,
-                *, fit: dict[str, float], settings: dict, timings: dict[str, float], notes: list[str],
-                parcellation: Parcellation | None, labelled: bool = True, model: dict | None = None) -> Measurement:
+                *, fit: dict[str, float], margin: Tensor, settings: dict, timings: dict[str, float],
+                notes: list[str], parcellation: Parcellation | None, labelled: bool = True, model: dict | None = None) -> Measurement:
     """The :class:`Measurement` of a field ``u`` (voxels) between ``subject`` and ``followup``: det F maps,
-    regional changes by Jacobian integration, the report and its warnings (a poor fit). ``atrophy``: the
-    map found (None: the measured det F)."""
+    regional changes by Jacobian integration, the report and its warnings (a poor fit, regions it flattened, judged
+    over ``margin``: the fit's voxels, :func:`fit_margin`). ``atrophy``: the map found (None: the measured det F)."""
     u = u.detach().cpu()
     det_f = det_f_maps(u.double(), subject.spacing)
     growth = volume_growth(det_f.mean, u)
@@ -334,7 +334,7 @@ def pair_result(method: str, subject: Subject, followup: Tensor, atrophy: Tensor
         warnings.append(f"the baseline explains only {fit['r2_before']:.0%} of the follow-up before any deformation "
                         "(R^2): they do not look like one subject in one space (mirrored, another subject, not aligned)")
     implied = implied_changes(followup, reproduced, subject.spacing, *judged_regions(subject, parcellation, labelled),
-                              fit_margin(subject))
+                              margin.cpu())
     flattened = under_recovered(rows, implied, "region" if parcellation is not None else "label")
     if flattened:
         listed = ", ".join(f"{name} {recovered:+.2f} % of about {total:+.2f} %" for name, recovered, total in flattened)
@@ -434,7 +434,7 @@ def measure(subject: Subject, followup: Tensor, *, parcellation: Parcellation | 
     reproduced = matched_intensity(warp_image(subject.image, u), followup, mask)
     fit = {"r2_before": explained_variance(followup, matched_intensity(subject.image, followup, mask), mask),
            "r2_after": explained_variance(followup, reproduced, mask)}
-    return pair_result("registration", subject, followup, None, u, reproduced, fit=fit,
+    return pair_result("registration", subject, followup, None, u, reproduced, fit=fit, margin=mask,
                        settings={"registration": "antspyx: Rigid, then SyNOnly", **SYN_SETTINGS, "seed": seed},
                        timings={"register_s": elapsed}, notes=list(notes or []), parcellation=parcellation,
                        labelled=labelled)
