@@ -44,7 +44,6 @@ from .subject import MIN_COVERAGE, Subject, as_tensor, on_subject_grid, read_nif
 
 LEVEL_TOLERANCE = 1e-6  # relative error of each region's yearly volume, after which the levels stop
 MAX_LEVEL_ITERATIONS = 200
-MAX_LEVEL_SCALE = 10.0  # a zone's smoothed change scaled by at most this to meet its volume; beyond, it is uniform
 RESERVED_NAMES = {"other tissue", "csf", "intracranial"}  # rows every series has
 
 # FreeSurfer's aseg labels (FreeSurferColorLUT.txt): an aseg works as it is, with no lookup table
@@ -430,7 +429,7 @@ class Prescription:
         for zone in self.zones:  # a ** t is not exact within a smoothed zone: shift each to its compounded volume
             if not zone.compensates:
                 target = zone.voxels * (1.0 + self.prescribed_percent(zone, years) / 100.0)
-                log_a[zone.mask] = torch.from_numpy(to_volume(log_a[zone.mask].numpy(), target, rate_sign(zone)))
+                log_a[zone.mask] += math.log(float(torch.exp(-log_a[zone.mask]).sum()) / target)
         for zone in self.zones:
             if zone.compensates:  # its follow-up volume: the brain's, less what the map leaves of the others
                 self.prescribed_percent(zone, years)  # refuses a tissue that outgrows the CSF
@@ -534,49 +533,10 @@ def _smooth_in(field: np.ndarray, mask: np.ndarray, sigma: list[float], weight: 
     return np.where(mask, smoothed.astype(np.float64) / np.maximum(weight, 1e-12), 0.0)  # sums in float64
 
 
-def rate_sign(zone: Zone) -> int:
-    """The sign of log a that ``zone``'s rate asks for (+1: loss, -1: growth); 0 for no rate or compensating CSF,
-    whose voxels may go either way."""
-    if zone.compensates or zone.percent_per_year == 0:
-        return 0
-    return 1 if zone.percent_per_year < 0 else -1
-
-
-def to_volume(log_a: np.ndarray, target: float, sign: int) -> np.ndarray:
-    """One zone's voxels' log a (a = baseline / follow-up volume) changed so that its follow-up volume
-    ``sum exp(-log a)`` is ``target`` voxels: shifted (exact) when ``sign`` is 0; else each voxel's change taken in
-    the direction ``sign`` (+1: loss, -1: growth, the rest 0) and all scaled by one factor in
-    ``[0, MAX_LEVEL_SCALE]``, so that no voxel changes against the zone's rate. Where no such factor reaches the
-    target (a zone the smoothing left almost unchanged), the zone is set uniform at its rate."""
-    if sign == 0:
-        return log_a + math.log(float(np.exp(-log_a).sum()) / target)
-    magnitude = np.maximum(sign * log_a, 0.0)
-    uniform = np.full_like(log_a, math.log(log_a.size / target))  # always exact, and of the zone's sign
-
-    def excess(scale: float) -> float:  # follow-up voxels beyond the target: monotone in the scale
-        return float(np.exp(-sign * scale * magnitude).sum()) - target
-
-    low, high = 0.0, MAX_LEVEL_SCALE
-    if not magnitude.any() or excess(low) * excess(high) > 0:
-        return uniform
-    scale = 1.0 if excess(1.0) * excess(high) <= 0 else 0.5
-    for _ in range(100):  # Newton inside a bracket that bisection keeps: the sum is monotone and convex
-        value = excess(scale)
-        if abs(value) <= 1e-12 * target:
-            return sign * scale * magnitude
-        low, high = (scale, high) if value * excess(low) > 0 else (low, scale)
-        slope = -sign * float((magnitude * np.exp(-sign * scale * magnitude)).sum())
-        step = scale - value / slope if slope else math.nan
-        scale = step if low < step < high else (low + high) / 2
-    return sign * scale * magnitude if abs(excess(scale)) <= 1e-9 * target else uniform
-
-
 def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwhm_mm: float) -> np.ndarray:
     """log a (yearly; a = baseline / follow-up volume) over the grid: a zone-wise constant field smoothed
     at ``fwhm_mm`` within the brain, its levels adjusted until every zone's follow-up volume ``sum 1/a``
-    equals ``voxels * (1 + p/100)``, then matched per zone so that the equalities are exact (:func:`to_volume`).
-    A zone with a rate keeps its sign in every voxel: where the smoothing would carry a neighbour's opposite
-    change into it (loss beside expanding CSF), its voxels stay unchanged instead.
+    equals ``voxels * (1 + p/100)``, then shifted per zone so that the equalities are exact.
 
     The smoothing crosses the tissue/CSF boundary on purpose: at MRI resolution a boundary voxel is a
     mixture, and its CSF part expands (compensating CSF) while its tissue shrinks, so the voxel's own
@@ -589,7 +549,6 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
     masks = [z.mask[0, 0][box].numpy() for z in zones]
     targets = np.array([z.voxels * (1.0 + z.percent_per_year / 100.0) for z in zones])  # follow-up voxels
     levels = -np.log1p(np.array([z.percent_per_year for z in zones]) / 100.0)  # log a = -log(1 + p/100)
-    signs = [rate_sign(z) for z in zones]
     inside = brain[0, 0][box].numpy()
     weight = gaussian_filter(inside.astype(np.float32), sigma, mode="nearest") if fwhm_mm > 0 else None
 
@@ -597,13 +556,7 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
         sharp = np.zeros(inside.shape)
         for level, mask in zip(values, masks):
             sharp[mask] = level
-        if fwhm_mm == 0:
-            return sharp
-        smoothed = _smooth_in(sharp, inside, sigma, weight)
-        for sign, mask in zip(signs, masks):  # smoothing never turns a zone's loss into growth (or the reverse)
-            if sign:
-                smoothed[mask] = sign * np.maximum(sign * smoothed[mask], 0.0)
-        return smoothed
+        return _smooth_in(sharp, inside, sigma, weight) if fwhm_mm > 0 else sharp
 
     def error_of(log_a: np.ndarray) -> np.ndarray:  # > 0: too little loss in the zone
         return np.log(np.array([np.exp(-log_a[mask]).sum() for mask in masks]) / targets)
@@ -619,8 +572,8 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
         if np.abs(error).max() >= np.abs(best_error).max():  # zones thinner than the smoothing stop improving:
             break  # keep the best; the shift below makes the integrals exact anyway
         best, best_error = log_a, error
-    for target, sign, mask in zip(targets, signs, masks):
-        best[mask] = to_volume(best[mask], target, sign)
+    for value, mask in zip(best_error, masks):
+        best[mask] += value
     full = np.zeros(brain.shape[2:])
     full[box] = np.where(inside, best, 0.0)
     return full
