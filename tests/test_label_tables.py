@@ -194,6 +194,16 @@ def test_beyond_the_grids_edge_is_background_a_cut_brain_keeps_its_dilation_and_
     assert not space[:2].any() and not space[:, :, 8:].any()  # a 2 mm dilation, nothing closed towards the edge
 
 
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.8, 0.8, 0.8), (1.0, 1.2, 2.5), (0.7, 1.3, 0.9)])
+@pytest.mark.parametrize("radius", [1.0, 2.5, 3.0])
+def test_the_ball_dilation_is_scipys_euclidean_distance_transform(spacing, radius):
+    rng = np.random.default_rng(int(radius * 10) + len(set(spacing)))
+    for density in (0.01, 0.05, 0.3):
+        mask = rng.random((17, 13, 11)) < density
+        expected = ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius  # the independent reference
+        assert np.array_equal(subject_module._within(mask, radius, np.array(spacing)), expected)
+
+
 def test_a_mask_file_adds_its_csf_and_a_mask_that_misses_the_brain_is_refused(tmp_path):
     labels, _, distance = ball_with_groove(shape=(25, 25, 25), radius=9.0, depth=4.0)
     paths = write_subject(tmp_path, labels)

@@ -148,3 +148,15 @@ def test_a_subject_is_named_after_its_file_without_the_nifti_extension_only():
 
     assert subject_name("data/sub-01_T1w.nii.gz") == "sub-01_T1w" and subject_name("scan.NII") == "scan"
     assert subject_name("t1_0.8mm.nii.gz") == "t1_0.8mm"  # a dot in the name is not an extension
+
+
+def test_a_dense_field_is_stored_and_a_mostly_background_image_deflated_both_read_back_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    dense = rng.normal(size=(24, 20, 16)).astype(np.float32)  # a displacement component: every voxel differs
+    sparse = np.zeros((24, 20, 16), dtype=np.float32)
+    sparse[8:16, 6:14, 4:12] = rng.normal(size=(8, 8, 8))  # an image: mostly background
+    for name, data in (("dense.nii.gz", dense), ("sparse.nii.gz", sparse)):
+        write_image(nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0])), tmp_path / name)
+        assert np.array_equal(np.asarray(nib.load(tmp_path / name).dataobj), data)
+    assert (tmp_path / "dense.nii.gz").stat().st_size > dense.nbytes  # gzip's stored blocks: raw size and more
+    assert (tmp_path / "sparse.nii.gz").stat().st_size < sparse.nbytes / 4

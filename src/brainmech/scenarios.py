@@ -546,20 +546,22 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
     sigma = [fwhm_mm / FWHM_PER_SIGMA / h for h in spacing]
     # the smoothing is exact on the brain's box widened by the Gaussian's reach (scipy truncates at 4 sigma)
     box = bounding_box(brain, [int(4.0 * s + 0.5) + 1 for s in sigma])
-    masks = [z.mask[0, 0][box].numpy() for z in zones]
+    zone_of = np.full(brain[0, 0][box].shape, len(zones))  # each voxel's zone (zones are disjoint); len: none
+    for index, zone in enumerate(zones):
+        zone_of[zone.mask[0, 0][box].numpy()] = index
+    in_zone = zone_of < len(zones)
+    zone_index = zone_of[in_zone]
     targets = np.array([z.voxels * (1.0 + z.percent_per_year / 100.0) for z in zones])  # follow-up voxels
     levels = -np.log1p(np.array([z.percent_per_year for z in zones]) / 100.0)  # log a = -log(1 + p/100)
     inside = brain[0, 0][box].numpy()
     weight = gaussian_filter(inside.astype(np.float32), sigma, mode="nearest") if fwhm_mm > 0 else None
 
     def field(values: np.ndarray) -> np.ndarray:
-        sharp = np.zeros(inside.shape)
-        for level, mask in zip(values, masks):
-            sharp[mask] = level
+        sharp = np.append(values, 0.0)[zone_of]
         return _smooth_in(sharp, inside, sigma, weight) if fwhm_mm > 0 else sharp
 
     def error_of(log_a: np.ndarray) -> np.ndarray:  # > 0: too little loss in the zone
-        return np.log(np.array([np.exp(-log_a[mask]).sum() for mask in masks]) / targets)
+        return np.log(np.bincount(zone_index, np.exp(-log_a[in_zone]), len(zones)) / targets)
 
     log_a = best = field(levels)
     error = best_error = error_of(log_a)
@@ -572,8 +574,7 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
         if np.abs(error).max() >= np.abs(best_error).max():  # zones thinner than the smoothing stop improving:
             break  # keep the best; the shift below makes the integrals exact anyway
         best, best_error = log_a, error
-    for value, mask in zip(best_error, masks):
-        best[mask] += value
+    best[in_zone] += best_error[zone_index]
     full = np.zeros(brain.shape[2:])
     full[box] = np.where(inside, best, 0.0)
     return full

@@ -423,8 +423,8 @@ def volume_rows(subject: Subject, atrophy: Tensor, warped_probabilities: Tensor,
     hold); prescribed: the map's volume ``sum p / a`` (empty where the map is not prescribed: CSF with
     ``brain_only``)."""
     voxel_ml = math.prod(subject.spacing) / 1000.0
-    p, a = subject.probabilities.double(), atrophy.double()
-    warped = warped_probabilities.double()
+    p, inverse_a = subject.probabilities, atrophy.reciprocal()  # float32 volumes; every sum below is float64
+    total = lambda volume: volume.sum(dtype=torch.float64)  # noqa: E731
     rows = []
 
     def row(kind: str, name: str, baseline: Tensor, prescribed: Tensor | None, followup: float) -> dict:
@@ -435,22 +435,24 @@ def volume_rows(subject: Subject, atrophy: Tensor, warped_probabilities: Tensor,
                 "prescribed_percent": "" if prescribed is None else percent(float(prescribed))}
 
     classes = list(Tissue)[1:p.shape[1]]
+    baseline = {int(t): total(p[:, t]) for t in classes}
+    prescribed_of = {int(t): total(p[:, t] * inverse_a[:, 0]) for t in classes}  # sum p / a
+    followup = {int(t): float(total(warped_probabilities[:, t])) for t in classes}
     for tissue in classes:
-        prescribed = None if brain_only and tissue is Tissue.CSF else (p[:, tissue] / a[:, 0]).sum()
-        rows.append(row("tissue class", TISSUE_CLASSES[tissue], p[:, tissue].sum(), prescribed, float(warped[:, tissue].sum())))
+        prescribed = None if brain_only and tissue is Tissue.CSF else prescribed_of[tissue]
+        rows.append(row("tissue class", TISSUE_CLASSES[tissue], baseline[tissue], prescribed, followup[tissue]))
     solid = [int(t) for t in classes if t is not Tissue.CSF]
-    rows.append(row("tissue class", "tissue", p[:, solid].sum(), (p[:, solid].sum(1) / a[:, 0]).sum(),
-                    float(warped[:, solid].sum())))
-    inside = [int(t) for t in classes]
-    rows.append(row("tissue class", "intracranial", p[:, inside].sum(),
-                    None if brain_only else (p[:, inside].sum(1) / a[:, 0]).sum(), float(warped[:, inside].sum())))
+    rows.append(row("tissue class", "tissue", sum(baseline[t] for t in solid), sum(prescribed_of[t] for t in solid),
+                    sum(followup[t] for t in solid)))
+    rows.append(row("tissue class", "intracranial", sum(baseline.values()),
+                    None if brain_only else sum(prescribed_of.values()), sum(followup.values())))
     labels = subject.labels.reshape(-1).contiguous()
     values = torch.tensor(sorted(label_voxels), dtype=labels.dtype)
     index = torch.searchsorted(values, labels)  # each voxel's label, as its row: one pass for every label
-    per_label = lambda weights: torch.zeros(len(values), dtype=torch.float64).index_add_(0, index, weights)  # noqa: E731
-    voxels = per_label(torch.ones_like(labels, dtype=torch.float64))
+    per_label = lambda weights: torch.bincount(index, weights.double(), len(values))  # noqa: E731
+    voxels = torch.bincount(index, minlength=len(values)).double()
     class_sums = torch.stack([per_label(p[0, k].flatten()) for k in range(p.shape[1])], 1)  # (labels, K)
-    inverse_atrophy = per_label(1 / a.flatten())
+    inverse_atrophy = per_label(inverse_a.flatten())
     for row_index, (label, followup) in enumerate(zip(values.tolist(), (label_voxels[v] for v in values.tolist()))):
         tissue = TISSUE_CLASSES[int(class_sums[row_index].argmax())]
         if tissue == "background":

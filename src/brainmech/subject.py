@@ -355,12 +355,25 @@ def derive_intracranial(brain: np.ndarray, spacing: tuple[float, ...], *, dilati
 
 
 def _within(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
-    """Voxels within ``radius_mm`` (Euclidean, voxel centres) of ``mask``: its dilation by a ball."""
-    from scipy import ndimage
+    """Voxels within ``radius_mm`` (Euclidean, voxel centres, ``spacing`` mm per axis) of ``mask``: its
+    dilation by a ball.
 
+    The squared distance to the mask, ``min over y in mask of sum_i ((x_i - y_i) h_i)^2`` (mm^2), is
+    separable: a minimum along each axis in turn of the previous axis' result plus ``(k h_i)^2`` over the
+    offsets ``k``. Offsets with ``|k| h_i`` beyond the radius cannot lead to a point within it, so only
+    those up to the radius are taken: exact up to the radius, at ``2 * radius / h`` shifted minima per
+    axis (a tenth of a distance transform's time at 1 mm)."""
     if radius_mm <= 0 or not mask.any() or mask.all():
         return mask.copy()
-    return ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
+    squared = np.where(mask, 0.0, np.inf)  # mm^2, float64
+    for axis, h in enumerate(np.asarray(spacing, dtype=np.float64)):
+        moved, ahead = np.moveaxis(squared, axis, 0), np.moveaxis(squared.copy(), axis, 0)
+        for k in range(1, min(int(radius_mm / h), moved.shape[0] - 1) + 1):
+            step = (k * h) ** 2
+            np.minimum(ahead[k:], moved[:-k] + step, out=ahead[k:])
+            np.minimum(ahead[:-k], moved[k:] + step, out=ahead[:-k])
+        squared = np.moveaxis(ahead, 0, axis)
+    return squared <= radius_mm**2 * (1 + 1e-12)  # a point at exactly the radius is within it
 
 
 def outer_csf_share(probabilities: Tensor) -> float | None:
@@ -481,7 +494,24 @@ def write_image(image: nib.Nifti1Image, path: str | Path, *, overwrite: bool = F
         raise InputError(f"{path} must end in .nii or .nii.gz")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"  # nibabel picks the format by the name
-    return _write_staged(path, lambda staging: nib.save(image, staging), suffix)
+    return _write_staged(path, lambda staging: save_nifti(image, staging), suffix)
+
+
+def save_nifti(image: nib.Nifti1Image, path: Path) -> None:
+    """nibabel's NIfTI writer; a ``.nii.gz`` is deflated (level 1) only where that pays: a volume that is
+    mostly one value (an image's background, labels, partial volumes) shrinks 5-50 times, while a dense
+    float field (the displacement, det F) shrinks by 8-40 % for most of the write time (a 1 mm
+    displacement: 4.2 s for 8 %, against 0.4 s), so it is stored in gzip's uncompressed blocks. Either
+    way the file is an ordinary ``.nii.gz``."""
+    from nibabel.openers import Opener
+
+    if not path.name.endswith(".gz"):
+        nib.save(image, path)
+        return
+    data = np.asanyarray(image.dataobj)
+    level = 1 if data.size and np.count_nonzero(data == data.flat[0]) * 2 >= data.size else 0
+    with Opener(str(path), "wb", compresslevel=level) as opener:
+        image.to_stream(opener.fobj)
 
 
 def write_file(path: str | Path, content: bytes) -> Path:
@@ -546,7 +576,7 @@ def save_images(images: Mapping[str, ImageSource], folder: Path) -> None:
 
     def save(item: tuple[str, ImageSource]) -> None:
         name, image = item
-        nib.save(image() if callable(image) else image, folder / name)
+        save_nifti(image() if callable(image) else image, folder / name)
 
     with ThreadPoolExecutor(max_workers=min(WRITER_THREADS, os.cpu_count() or 1)) as pool:
         list(pool.map(save, images.items()))  # list: the first error is raised here
