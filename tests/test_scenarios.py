@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from brainmech import InputError, Simulator, load_subject
+from brainmech import scenarios as scenarios_module
 from brainmech.cli import app, expand_multi_value_options
 from brainmech.scenarios import (CsfMode, Scenario, load_parcellation, mni_atlas, named_scenarios, prescribe,
                                  read_lookup_table)
@@ -120,6 +121,15 @@ def test_each_region_changes_by_exactly_its_rate_after_smoothing(aseg_subject, f
     assert (a[~subject.brain] == 1).all()
     levels = torch.unique(a[prescription.zones[0].mask]).numel()
     assert (levels == 1) if fwhm_mm == 0 else (levels > 10)  # sharp: one level; smoothed: a gradual boundary
+
+
+def test_smoothing_each_zone_once_is_the_same_map_as_smoothing_each_iteration(aseg_subject, monkeypatch):
+    subject, parcellation = aseg_subject
+    scenario = Scenario.from_dict({**SCENARIO, "fwhm_mm": 6.0, "csf": "compensate"})
+    by_zone = prescribe(scenario, subject, parcellation).yearly_atrophy
+    monkeypatch.setattr(scenarios_module, "BASIS_ZONES", 0)  # every iteration smooths the whole field
+    by_iteration = prescribe(scenario, subject, parcellation).yearly_atrophy
+    torch.testing.assert_close(by_zone, by_iteration, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("csf", ["free", "compensate"])

@@ -44,6 +44,7 @@ from .subject import MIN_COVERAGE, Subject, as_tensor, on_subject_grid, read_nif
 
 LEVEL_TOLERANCE = 1e-6  # relative error of each region's yearly volume, after which the levels stop
 MAX_LEVEL_ITERATIONS = 200
+BASIS_ZONES = 16  # up to this many zones, fit_levels smooths each zone's indicator once instead of each iteration
 RESERVED_NAMES = {"other tissue", "csf", "intracranial"}  # rows every series has
 
 # FreeSurfer's aseg labels (FreeSurferColorLUT.txt): an aseg works as it is, with no lookup table
@@ -526,13 +527,6 @@ def _zones(scenario: Scenario, subject: Subject, parcellation: Parcellation | No
     return zones
 
 
-def _smooth_in(field: np.ndarray, mask: np.ndarray, sigma: list[float], weight: np.ndarray) -> np.ndarray:
-    """Gaussian smoothing within ``mask`` (normalised by ``weight``, the smoothed mask: the outside neither
-    leaks in nor pulls to zero)."""
-    smoothed = gaussian_filter((field * mask).astype(np.float32), sigma, mode="nearest")
-    return np.where(mask, smoothed.astype(np.float64) / np.maximum(weight, 1e-12), 0.0)  # sums in float64
-
-
 def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwhm_mm: float) -> np.ndarray:
     """log a (yearly; a = baseline / follow-up volume) over the grid: a zone-wise constant field smoothed
     at ``fwhm_mm`` within the brain, its levels adjusted until every zone's follow-up volume ``sum 1/a``
@@ -542,23 +536,36 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
     mixture, and its CSF part expands (compensating CSF) while its tissue shrinks, so the voxel's own
     change lies between the two. Smoothing only within tissue was measured to miss every region's target
     on the MNI brain (README): the boundary voxels' tissue fraction, the only part with bulk stiffness
-    under brain-only, was then told to shrink against the CSF around it."""
+    under brain-only, was then told to shrink against the CSF around it.
+
+    The smoothed field is linear in the levels: with few zones (up to :data:`BASIS_ZONES`) each zone's
+    smoothed indicator is computed once and every iteration combines them; with many, each iteration
+    smooths the field itself (one Gaussian per iteration instead of one per zone)."""
     sigma = [fwhm_mm / FWHM_PER_SIGMA / h for h in spacing]
     # the smoothing is exact on the brain's box widened by the Gaussian's reach (scipy truncates at 4 sigma)
     box = bounding_box(brain, [int(4.0 * s + 0.5) + 1 for s in sigma])
-    zone_of = np.full(brain[0, 0][box].shape, len(zones))  # each voxel's zone (zones are disjoint); len: none
+    inside = brain[0, 0][box].numpy()
+    zone_of = np.full(inside.shape, len(zones))  # each voxel's zone (zones are disjoint, in the brain); len: none
     for index, zone in enumerate(zones):
         zone_of[zone.mask[0, 0][box].numpy()] = index
-    in_zone = zone_of < len(zones)
-    zone_index = zone_of[in_zone]
+    zone_inside = zone_of[inside]  # the field is kept on the brain's voxels only, as a vector
+    in_zone = zone_inside < len(zones)
+    zone_index = zone_inside[in_zone]
     targets = np.array([z.voxels * (1.0 + z.percent_per_year / 100.0) for z in zones])  # follow-up voxels
     levels = -np.log1p(np.array([z.percent_per_year for z in zones]) / 100.0)  # log a = -log(1 + p/100)
-    inside = brain[0, 0][box].numpy()
-    weight = gaussian_filter(inside.astype(np.float32), sigma, mode="nearest") if fwhm_mm > 0 else None
 
-    def field(values: np.ndarray) -> np.ndarray:
-        sharp = np.append(values, 0.0)[zone_of]
-        return _smooth_in(sharp, inside, sigma, weight) if fwhm_mm > 0 else sharp
+    def smoothed(volume: np.ndarray) -> np.ndarray:  # Gaussian within the brain, normalised by the smoothed brain
+        return gaussian_filter(volume.astype(np.float32), sigma, mode="nearest")[inside].astype(np.float64) / weight
+
+    if fwhm_mm <= 0:
+        field = lambda values: np.append(values, 0.0)[zone_inside]  # noqa: E731
+    else:
+        weight = np.maximum(gaussian_filter(inside.astype(np.float32), sigma, mode="nearest")[inside], 1e-12)
+        if len(zones) <= BASIS_ZONES:
+            basis = np.stack([smoothed(zone_of == index) for index in range(len(zones))], 1)  # (voxels, zones)
+            field = lambda values: basis @ values  # noqa: E731
+        else:
+            field = lambda values: smoothed(np.append(values, 0.0)[zone_of])  # noqa: E731
 
     def error_of(log_a: np.ndarray) -> np.ndarray:  # > 0: too little loss in the zone
         return np.log(np.bincount(zone_index, np.exp(-log_a[in_zone]), len(zones)) / targets)
@@ -574,9 +581,10 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
         if np.abs(error).max() >= np.abs(best_error).max():  # zones thinner than the smoothing stop improving:
             break  # keep the best; the shift below makes the integrals exact anyway
         best, best_error = log_a, error
+    best = best.copy()
     best[in_zone] += best_error[zone_index]
     full = np.zeros(brain.shape[2:])
-    full[box] = np.where(inside, best, 0.0)
+    full[box][inside] = best
     return full
 
 
