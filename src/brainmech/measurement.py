@@ -41,8 +41,8 @@ from .mechanics import (TISSUE_CLASSES, SOLID_TISSUES, Tissue, curl_free_flow, d
 from .metrics import folded_voxels
 from .scenarios import Parcellation
 from .simulator import ATROPHY_CONVENTION, software_versions, volume_growth
-from .subject import (DEFAULT_LABEL_TABLE, MIN_COVERAGE, Subject, as_tensor, load_subject, one_hot_tissue,
-                      on_subject_grid, read_image, rows_csv, subject_name, write_outputs)
+from .subject import (DEFAULT_LABEL_TABLE, MIN_COVERAGE, FileSource, Subject, as_tensor, load_subject,
+                      one_hot_tissue, on_subject_grid, read_image, rows_csv, subject_name, write_outputs)
 
 POOR_FIT_R2 = 0.9  # below it, the field explains too little of the follow-up for its map to be trusted
 UNLIKE_PAIR_R2 = 0.5  # below it before any deformation, the scans hardly look like one subject in one space
@@ -297,8 +297,9 @@ class Measurement:
                         to_millimetres(self.displacement, self.subject.spacing), self.subject.brain,
                         affine=self.subject.affine, title=title, slice_index=index)
 
-    def outputs(self, *, figure: bool = True) -> tuple[dict[str, nib.Nifti1Image], dict[str, bytes]]:
-        """The output files by name (docs/measure.md), NIfTI on the baseline's geometry."""
+    def outputs(self, *, figure: bool = True) -> tuple[dict[str, nib.Nifti1Image], dict[str, FileSource]]:
+        """The output files by name (docs/measure.md), NIfTI on the baseline's geometry; the figure is a
+        function that draws it (while the images are written)."""
         subject = self.subject
         images = {"atrophy.nii.gz": subject.to_nifti(self.atrophy), "det_f.nii.gz": subject.to_nifti(self.det_f),
                   "displacement.nii.gz": subject.displacement_to_itk(self.displacement),
@@ -306,7 +307,7 @@ class Measurement:
                   "residual.nii.gz": subject.to_nifti(self.followup - self.reproduced)}
         extra = {"regions.csv": self.report.regions_csv().encode(), "report.json": self.report.to_json().encode()}
         if figure:
-            extra["figure.png"] = self.figure()
+            extra["figure.png"] = self.figure
         return images, extra
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False, figure: bool = True) -> Path:

@@ -164,7 +164,7 @@ class Series:
         extra["series.csv"] = self.csv().encode()
         extra["series.json"] = json.dumps(self.summary(), indent=2).encode()
         extra["scenario.yaml"] = yaml.safe_dump(self.prescription.scenario.to_dict(), sort_keys=False).encode()
-        extra["series.png"] = self.figure()
+        extra["series.png"] = self.figure  # drawn while the images are written
         return write_outputs(images, extra, out_dir, overwrite=overwrite)
 
 

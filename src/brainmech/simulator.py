@@ -31,7 +31,7 @@ from .mechanics import TISSUE_CLASSES, DetFMaps, Tissue, build_problem, solid_fr
 from .metrics import atrophy_mse, folded_voxels
 from .network import PRETRAINED, load_model
 from .solver import MIN_COARSE_SIZE, Callback, SolverRecord, solve
-from .subject import ImageSource, Subject, rows_csv, write_outputs
+from .subject import FileSource, ImageSource, Subject, rows_csv, write_outputs
 from .version import __version__
 
 
@@ -120,9 +120,10 @@ class Simulation:
         return write_outputs(*self.outputs(figure=figure), out_dir, overwrite=overwrite)
 
     def outputs(self, *, figure: bool = True, slice_index: int | None = None
-                ) -> tuple[dict[str, ImageSource], dict[str, bytes]]:
+                ) -> tuple[dict[str, ImageSource], dict[str, FileSource]]:
         """The output files (docs/outputs.md) by name: functions that build each NIfTI image (the subject's
-        geometry) when it is written, and the other files' bytes; the figure on ``slice_index``
+        geometry) when it is written, and the other files' bytes (the figure: a function that draws it,
+        :func:`~brainmech.subject.write_outputs` calls it while the images are written) on ``slice_index``
         (:meth:`figure`)."""
         subject = self.subject
         images: dict[str, ImageSource] = {
@@ -137,7 +138,7 @@ class Simulation:
                 lambda t=tissue: subject.to_nifti(self.warped_probabilities[:, t:t + 1]))
         extra = {"report.json": self.report.to_json().encode(), "volumes.csv": self.report.volumes_csv().encode()}
         if figure:
-            extra["figure.png"] = self.figure(slice_index)
+            extra["figure.png"] = lambda: self.figure(slice_index)  # drawn while the images are written
         return images, extra
 
 

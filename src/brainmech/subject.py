@@ -567,27 +567,34 @@ def written_by_brainmech(folder: Path) -> dict[str, dict]:
 
 #: A NIfTI output: the image, or a function that builds it when it is written (a series holds one at a time).
 ImageSource = nib.Nifti1Image | Callable[[], nib.Nifti1Image]
+#: Another output's bytes, or a function that makes them when it is written (a figure: drawn while the images compress).
+FileSource = bytes | Callable[[], bytes]
 WRITER_THREADS = 4  # gzip compression releases the GIL: the images of an output folder compress in parallel
 
 
-def save_images(images: Mapping[str, ImageSource], folder: Path) -> None:
-    """Save each image (built first where it is a function) as ``folder / name``, several at once."""
+def save_files(images: Mapping[str, ImageSource], extra: Mapping[str, FileSource], folder: Path) -> None:
+    """Save each image (built first where it is a function) as ``folder / name``, several at once in threads,
+    and meanwhile each of the ``extra`` files (made first where it is a function) in this thread."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def save(item: tuple[str, ImageSource]) -> None:
-        name, image = item
+    def save(name: str, image: ImageSource) -> None:
         save_nifti(image() if callable(image) else image, folder / name)
 
     with ThreadPoolExecutor(max_workers=min(WRITER_THREADS, os.cpu_count() or 1)) as pool:
-        list(pool.map(save, images.items()))  # list: the first error is raised here
+        saving = [pool.submit(save, name, image) for name, image in images.items()]
+        for name, content in extra.items():
+            (folder / name).write_bytes(content() if callable(content) else content)
+        for job in saving:
+            job.result()  # the first error is raised here
 
 
-def write_outputs(images: Mapping[str, ImageSource], extra: dict[str, bytes], out_dir: str | Path,
+def write_outputs(images: Mapping[str, ImageSource], extra: Mapping[str, FileSource], out_dir: str | Path,
                   *, overwrite: bool = False) -> Path:
     """Write every output into ``out_dir`` with a ``manifest.json``, files and folders with the user's umask.
 
     ``images`` are NIfTI images or functions that build them (built and compressed a few at a time, in
-    threads). A new ``out_dir`` appears whole or not at all: the files are written into a temporary sibling folder
+    threads); ``extra`` the other files' bytes or functions that make them (while the images are written,
+    :func:`save_files`). A new ``out_dir`` appears whole or not at all: the files are written into a temporary sibling folder
     that is renamed into place. An existing ``out_dir`` is refused unless ``overwrite``; then each file
     is replaced atomically, the files the previous run listed in its manifest (and that are unchanged
     since) and this one does not write are removed, and nothing else in the folder is touched (the
@@ -607,9 +614,7 @@ def write_outputs(images: Mapping[str, ImageSource], extra: dict[str, bytes], ou
     try:
         for name in names:
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
-        save_images(images, staging)
-        for name, content in extra.items():
-            (staging / name).write_bytes(content)
+        save_files(images, extra, staging)
         (staging / MANIFEST).write_bytes(manifest(staging, names))
         umask = user_umask()
         for path in [staging, *staging.rglob("*")]:
