@@ -160,3 +160,6 @@ def test_a_dense_field_is_stored_and_a_mostly_background_image_deflated_both_rea
         assert np.array_equal(np.asarray(nib.load(tmp_path / name).dataobj), data)
     assert (tmp_path / "dense.nii.gz").stat().st_size > dense.nbytes  # gzip's stored blocks: raw size and more
     assert (tmp_path / "sparse.nii.gz").stat().st_size < sparse.nbytes / 4
+    labels = np.repeat(np.arange(24, dtype=np.int16), 320).reshape(24, 20, 16)  # no value holds the majority
+    write_image(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "labels.nii.gz")
+    assert (tmp_path / "labels.nii.gz").stat().st_size < labels.nbytes / 4  # labels are always deflated

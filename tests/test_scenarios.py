@@ -2,6 +2,7 @@
 
 import csv
 import json
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from brainmech import InputError, Simulator, load_subject
 from brainmech import scenarios as scenarios_module
 from brainmech.cli import app, expand_multi_value_options
+from brainmech.mechanics import Tissue
 from brainmech.scenarios import (CsfMode, Scenario, load_parcellation, mni_atlas, named_scenarios, prescribe,
                                  read_lookup_table)
 from brainmech.series import simulate_series
@@ -121,6 +123,22 @@ def test_each_region_changes_by_exactly_its_rate_after_smoothing(aseg_subject, f
     assert (a[~subject.brain] == 1).all()
     levels = torch.unique(a[prescription.zones[0].mask]).numel()
     assert (levels == 1) if fwhm_mm == 0 else (levels > 10)  # sharp: one level; smoothed: a gradual boundary
+
+
+def test_a_voxel_half_tissue_half_background_lies_in_no_zone_and_every_zone_meets_its_rate(aseg_subject):
+    subject, parcellation = aseg_subject
+    probabilities = subject.probabilities.clone()
+    half = subject.tissue.clone()
+    half[..., ::3] = False  # the rest of the tissue (every third slice kept): half grey matter, half background
+    for k in range(probabilities.shape[1]):
+        probabilities[:, k:k + 1][half] = 0.5 if k in (Tissue.BACKGROUND, Tissue.GM) else 0.0
+    mixed = replace(subject, probabilities=probabilities)
+    assert (mixed.tissue & ~mixed.brain).any()  # tissue by its solid fraction, yet not brain
+    prescription = prescribe(Scenario.from_dict({**SCENARIO, "fwhm_mm": 4.0}), mixed, parcellation)
+    for zone in prescription.zones:
+        assert not (zone.mask & ~mixed.brain).any(), zone.name
+        expected = 1 + zone.percent_per_year / 100
+        assert followup_fraction(prescription.yearly_atrophy, zone.mask) == pytest.approx(expected, abs=1e-5), zone.name
 
 
 def test_smoothing_each_zone_once_is_the_same_map_as_smoothing_each_iteration(aseg_subject, monkeypatch):

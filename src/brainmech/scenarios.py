@@ -492,7 +492,8 @@ def _label_mask(parcellation: Parcellation | None, name: str, selectors: tuple[s
 
 def _zones(scenario: Scenario, subject: Subject, parcellation: Parcellation | None) -> list[Zone]:
     """The disjoint zones of a scenario on a subject: regions in order, then the rest of the tissue and CSF."""
-    brain, tissue = subject.brain, subject.tissue
+    brain = subject.brain
+    tissue = subject.tissue & brain  # every zone lies in the brain (a voxel can be half tissue, half background)
     free = scenario.csf is CsfMode.FREE
     allowed = brain & tissue if free else brain  # free CSF follows the tissue: no region prescribes it
     claimed = torch.zeros_like(brain)
@@ -562,8 +563,10 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
     else:
         weight = np.maximum(gaussian_filter(inside.astype(np.float32), sigma, mode="nearest")[inside], 1e-12)
         if len(zones) <= BASIS_ZONES:
-            basis = np.stack([smoothed(zone_of == index) for index in range(len(zones))], 1)  # (voxels, zones)
-            field = lambda values: basis @ values  # noqa: E731
+            basis = np.empty((int(inside.sum()), len(zones)), dtype=np.float32)  # (voxels, zones)
+            for index in range(len(zones)):
+                basis[:, index] = smoothed(zone_of == index)
+            field = lambda values: (basis @ values.astype(np.float32)).astype(np.float64)  # noqa: E731
         else:
             field = lambda values: smoothed(np.append(values, 0.0)[zone_of])  # noqa: E731
 

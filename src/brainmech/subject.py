@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -322,7 +323,7 @@ def derive_intracranial(brain: np.ndarray, spacing: tuple[float, ...], *, dilati
     The brain is dilated by ``dilation_mm`` (the subarachnoid CSF over the gyri; at least one voxel along
     every axis, so that the result's outer layer is CSF at any voxel size), closed with a ball of
     ``closing_mm`` (sulci up to about twice that wide close), and its holes are filled. Balls are
-    Euclidean distances in mm (``scipy.ndimage.distance_transform_edt`` with the spacing), so the radii
+    Euclidean distances in mm between voxel centres (:func:`_within`, the spacing per axis), so the radii
     mean the same at 0.8, 1 or 2 mm. Beyond the grid's edge lies background, as around the brain: nothing is
     closed towards an edge, and a brain cut by the field of view keeps its dilation up to the cut. Besides
     cavities the brain encloses, nothing farther than ``max(dilation_mm, largest voxel size) + closing_mm``
@@ -368,7 +369,7 @@ def _within(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarr
     squared = np.where(mask, 0.0, np.inf)  # mm^2, float64
     for axis, h in enumerate(np.asarray(spacing, dtype=np.float64)):
         moved, ahead = np.moveaxis(squared, axis, 0), np.moveaxis(squared.copy(), axis, 0)
-        for k in range(1, min(int(radius_mm / h), moved.shape[0] - 1) + 1):
+        for k in range(1, min(int(radius_mm * (1 + 1e-12) / h), moved.shape[0] - 1) + 1):
             step = (k * h) ** 2
             np.minimum(ahead[k:], moved[:-k] + step, out=ahead[k:])
             np.minimum(ahead[:-k], moved[k:] + step, out=ahead[:-k])
@@ -497,21 +498,38 @@ def write_image(image: nib.Nifti1Image, path: str | Path, *, overwrite: bool = F
     return _write_staged(path, lambda staging: save_nifti(image, staging), suffix)
 
 
-def save_nifti(image: nib.Nifti1Image, path: Path) -> None:
-    """nibabel's NIfTI writer; a ``.nii.gz`` is deflated (level 1) only where that pays: a volume that is
-    mostly one value (an image's background, labels, partial volumes) shrinks 5-50 times, while a dense
-    float field (the displacement, det F) shrinks by 8-40 % for most of the write time (a 1 mm
-    displacement: 4.2 s for 8 %, against 0.4 s), so it is stored in gzip's uncompressed blocks. Either
-    way the file is an ordinary ``.nii.gz``."""
+def save_nifti(image: nib.Nifti1Image, path: str | Path) -> None:
+    """nibabel's NIfTI writer; a ``.nii.gz`` is deflated (level 1) only where that pays (:func:`deflates`):
+    a dense float field (a displacement) shrinks by under 10 % for ten times the write time (a 1 mm
+    displacement: 4.2 s against 0.4 s), so it is stored in gzip's uncompressed blocks. Either way the
+    file is an ordinary ``.nii.gz``."""
     from nibabel.openers import Opener
 
+    path = Path(path)
     if not path.name.endswith(".gz"):
         nib.save(image, path)
         return
-    data = np.asanyarray(image.dataobj)
-    level = 1 if data.size and np.count_nonzero(data == data.flat[0]) * 2 >= data.size else 0
-    with Opener(str(path), "wb", compresslevel=level) as opener:
+    with Opener(str(path), "wb", compresslevel=1 if deflates(np.asanyarray(image.dataobj)) else 0) as opener:
         image.to_stream(opener.fobj)
+
+
+DEFLATE_SAMPLE_BLOCKS = 32  # deflates judges a volume on this many evenly spaced runs of it
+DEFLATE_BLOCK_BYTES = 2**13  # ... of this many bytes each
+DEFLATE_MIN_SAVING = 0.15  # ... and deflates it when that saves at least this share
+
+
+def deflates(data: np.ndarray) -> bool:
+    """Whether deflating ``data`` pays: integer volumes (labels) always; float volumes when gzip level 1
+    shrinks evenly spaced runs of their bytes (in memory order) by at least :data:`DEFLATE_MIN_SAVING`."""
+    if data.size == 0 or not np.issubdtype(data.dtype, np.floating):
+        return True
+    raw = data.ravel(order="K").view(np.uint8)  # memory order: a view of a C- or Fortran-ordered volume
+    if raw.size <= DEFLATE_SAMPLE_BLOCKS * DEFLATE_BLOCK_BYTES:
+        sample = raw.tobytes()
+    else:  # runs that do not overlap (a repeated run would look compressible)
+        starts = np.linspace(0, raw.size - DEFLATE_BLOCK_BYTES, DEFLATE_SAMPLE_BLOCKS).astype(int)
+        sample = b"".join(raw[start:start + DEFLATE_BLOCK_BYTES].tobytes() for start in starts)
+    return len(zlib.compress(sample, 1)) <= (1 - DEFLATE_MIN_SAVING) * len(sample)
 
 
 def write_file(path: str | Path, content: bytes) -> Path:
@@ -580,12 +598,15 @@ def save_files(images: Mapping[str, ImageSource], extra: Mapping[str, FileSource
     def save(name: str, image: ImageSource) -> None:
         save_nifti(image() if callable(image) else image, folder / name)
 
-    with ThreadPoolExecutor(max_workers=min(WRITER_THREADS, os.cpu_count() or 1)) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(WRITER_THREADS, os.cpu_count() or 1))
+    try:
         saving = [pool.submit(save, name, image) for name, image in images.items()]
         for name, content in extra.items():
             (folder / name).write_bytes(content() if callable(content) else content)
         for job in saving:
             job.result()  # the first error is raised here
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after an error: the images not yet started are not
 
 
 def write_outputs(images: Mapping[str, ImageSource], extra: Mapping[str, FileSource], out_dir: str | Path,
