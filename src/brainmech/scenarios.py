@@ -584,7 +584,6 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
         if np.abs(error).max() >= np.abs(best_error).max():  # zones thinner than the smoothing stop improving:
             break  # keep the best; the shift below makes the integrals exact anyway
         best, best_error = log_a, error
-    best = best.copy()
     best[in_zone] += best_error[zone_index]
     full = np.zeros(brain.shape[2:])
     full[box][inside] = best
