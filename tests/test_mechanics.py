@@ -204,6 +204,11 @@ def test_build_problem_mixes_materials_and_frees_csf_volume_in_brain_only_mode()
     assert full.mu[0, 0, :, 0].tolist() == [0.0, 0.01, 1.0, 1.0]
     assert full.bulk[0, 0, 1, 0] == pytest.approx(1.0) and free.bulk[0, 0, 1, 0] == 0.0
     assert torch.equal(full.bulk[..., 2:, :], free.bulk[..., 2:, :])
+    held = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    held[..., 1, :2] = True  # CSF whose volume a region prescribes: a fluid as incompressible as tissue (K = 100)
+    fluid = build_problem(probabilities, atrophy, (1.0, 1.0), brain_only=True, held_csf=held)
+    assert fluid.bulk[0, 0, 1].tolist() == [100.0, 100.0, 0.0, 0.0] and fluid.mu[0, 0, 1, 0] == pytest.approx(0.01)
+    assert torch.equal(fluid.bulk[..., 2:, :], free.bulk[..., 2:, :])
     assert full.centre.tolist() == [[2.0, 1.5]]
     # the skull holds the brain's outer layer (row 1, next to the background) once CSF volume is free
     assert full.background[0, 0, :, 0].tolist() == [1.0, 0.0, 0.0, 0.0]

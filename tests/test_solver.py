@@ -177,3 +177,23 @@ def test_a_multilevel_polish_spends_its_coarse_and_fine_budgets_and_lowers_the_e
     fine_only = solve(problem, initial=start, max_evaluations=6)
     assert set(fine_only.record.level) == {0}  # without coarse_evaluations the start is polished where it is
     assert float(problem.energy(result.displacement)) < float(problem.energy(start))
+
+
+def test_a_held_fluid_reaches_its_volume_where_free_csf_does_not():
+    """A disc of CSF given a rate inside tissue, free CSF around the tissue (brain-only): with its bulk
+    term held the fluid's det F reaches a = 1/1.2 inside; left free nothing makes it grow."""
+    n = 48
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) - (n - 1) / 2] * 2, indexing="ij"))
+    radius = grid.norm(dim=0)
+    probabilities = torch.zeros(1, 4, n, n, dtype=torch.float64)
+    probabilities[0, 0] = (radius >= 21).double()  # background
+    probabilities[0, 1] = ((radius < 6) | ((radius >= 17) & (radius < 21))).double()  # the fluid, the sulcal CSF
+    probabilities[0, 3] = ((radius >= 6) & (radius < 17)).double()  # white matter
+    fluid = (radius < 6)[None, None]
+    atrophy = torch.where(fluid, 1 / 1.2, 1.0).to(torch.float64)
+    inside = (radius < 4)[None, None]
+    for held, expected in ((fluid, 1 / 1.2), (None, 1.0)):
+        problem = build_problem(probabilities, atrophy, (1.0, 1.0), brain_only=True, held_csf=held)
+        u = solve(problem, rtol=1e-7, levels=1).displacement
+        det_f = det_f_maps(u, (1.0, 1.0)).mean
+        assert float(det_f[inside].mean()) == pytest.approx(expected, abs=0.02)

@@ -444,6 +444,7 @@ def build_problem(
     spacing: tuple[float, ...],
     *,
     brain_only: bool = False,
+    held_csf: Tensor | None = None,
     moduli: dict[str, float] | None = None,
     lambda_background: float = 0.1,
     lambda_centre: float = 100.0,
@@ -456,13 +457,21 @@ def build_problem(
     layer (the brain voxels next to the background get the background penalty): without it nothing
     would keep the intracranial volume, since void cells carry no stress from the brain to the
     penalised background.
+
+    ``held_csf`` (with ``brain_only``, ``(B, 1, *N)`` bool): CSF whose volume is prescribed (a scenario's
+    ventricles given a rate). A fluid's volume changes only by flow, so there the CSF part keeps a bulk
+    term as stiff as the tissue's, K = 100 mu_tissue (relative), and its volume follows ``atrophy`` as the
+    tissue's does; its shear stays the CSF's.
     """
     mu = shear_modulus(probabilities, moduli)
     bulk = BULK_RATIO * mu
     background = channel(probabilities, Tissue.BACKGROUND)
     if brain_only:
-        csf_mu = channel(probabilities, Tissue.CSF) * {**DEFAULT_SHEAR_MODULUS, **(moduli or {})}["csf"]
-        bulk = BULK_RATIO * (mu - csf_mu)
+        moduli = {**DEFAULT_SHEAR_MODULUS, **(moduli or {})}
+        csf = channel(probabilities, Tissue.CSF)
+        bulk = BULK_RATIO * (mu - csf * moduli["csf"])
+        if held_csf is not None:  # K_fluid = 100 mu_gm in the held CSF's share of each voxel
+            bulk = bulk + BULK_RATIO * moduli["gm"] * csf * held_csf.to(csf)
         background = torch.maximum(background, outer_layer(brain_mask(probabilities)).to(background))
     centre = brain_centre(brain_mask(probabilities)).to(probabilities)
     return Problem(atrophy=atrophy.to(probabilities), mu=mu, bulk=bulk, background=background, centre=centre,

@@ -224,8 +224,10 @@ class Simulator:
             self._networks[ndim] = (network.to(self.device), card)
         return self._networks[ndim]
 
-    def step(self, probabilities: Tensor, atrophy: Tensor, spacing: tuple[float, ...]) -> tuple[Tensor, SolverRecord | None]:
-        """One simulation step on the device: displacement (voxels) and the solver's record if it ran."""
+    def step(self, probabilities: Tensor, atrophy: Tensor, spacing: tuple[float, ...],
+             held_csf: Tensor | None = None) -> tuple[Tensor, SolverRecord | None]:
+        """One simulation step on the device: displacement (voxels) and the solver's record if it ran
+        (``held_csf``: CSF whose volume the map prescribes under ``brain_only``, :func:`build_problem`)."""
         u, record = None, None
         if self.method is not Method.SOLVER:
             network, _ = self.network(len(spacing))
@@ -234,11 +236,11 @@ class Simulator:
                 u = network(atrophy, probabilities, spacing)
             self.network_seconds += time.perf_counter() - start
         if self.method is Method.SOLVER:
-            problem = build_problem(probabilities, atrophy, spacing, brain_only=self.brain_only)
+            problem = build_problem(probabilities, atrophy, spacing, brain_only=self.brain_only, held_csf=held_csf)
             result = solve(problem, rtol=self.rtol, callback=self.callback)
             u, record = result.displacement, result.record
         elif self.method is Method.NETWORK_REFINE:
-            problem = build_problem(probabilities, atrophy, spacing, brain_only=self.brain_only)
+            problem = build_problem(probabilities, atrophy, spacing, brain_only=self.brain_only, held_csf=held_csf)
             levels = refine_levels(spacing, tuple(atrophy.shape[2:]))
             fine_budget = self.refine_evaluations if levels == 1 else FINE_REFINE_EVALUATIONS
             result = solve(problem, initial=u, levels=levels, rtol=self.rtol, max_evaluations=fine_budget,
@@ -252,32 +254,36 @@ class Simulator:
         u, records = self.displace(subject, atrophy)
         return self.result(subject, atrophy, u, records, time.perf_counter() - start)
 
-    def displace(self, subject: Subject, atrophy: Tensor, *, start: Tensor | None = None,
-                 steps: int | None = None) -> tuple[Tensor, list[SolverRecord | None]]:
+    def displace(self, subject: Subject, atrophy: Tensor, *, start: Tensor | None = None, steps: int | None = None,
+                 held_csf: Tensor | None = None) -> tuple[Tensor, list[SolverRecord | None]]:
         """The displacement (voxels, on the device) that simulates ``atrophy`` (baseline frame) in ``steps``
         composed steps (default: the simulator's), each on the tissue the previous ones moved (docs/conventions.md).
 
         ``start`` continues an earlier field: the first step begins on the tissue it moved, and the
         result is the composed field from the baseline (a longitudinal series lies on one path).
+        ``held_csf`` (baseline frame) is CSF whose volume ``atrophy`` prescribes under ``brain_only``.
         """
         steps = steps or self.steps
         probabilities, full_atrophy = subject.probabilities.to(self.device), atrophy.to(self.device)
+        held = None if held_csf is None else held_csf.to(self.device, torch.float32)
         u, records = (None if start is None else start.to(self.device)), []
         for _ in range(steps):
             moved_probabilities = probabilities if u is None else warp_where_it_moves(probabilities, u)
             moved_atrophy = full_atrophy if u is None else warp_where_it_moves(full_atrophy, u)
-            u_step, record = self.step(moved_probabilities, moved_atrophy ** (1.0 / steps), subject.spacing)
+            moved_held = held if u is None or held is None else warp_where_it_moves(held, u)
+            u_step, record = self.step(moved_probabilities, moved_atrophy ** (1.0 / steps), subject.spacing, moved_held)
             u = u_step if u is None else compose(u_step, u)
             records.append(record)
         return u, records
 
     def result(self, subject: Subject, atrophy: Tensor, u: Tensor, records: list[SolverRecord | None],
-               simulate_s: float) -> Simulation:
+               simulate_s: float, held_csf: Tensor | None = None) -> Simulation:
         """The :class:`Simulation` of a field ``u`` (voxels) found for ``atrophy`` in ``len(records)`` steps:
-        warped image, labels and partial volumes, det F maps and the report."""
+        warped image, labels and partial volumes, det F maps and the report (its energy with ``held_csf``)."""
         timings = {"simulate_s": simulate_s, **({"network_s": self.network_seconds} if self.method is not Method.SOLVER else {})}
         probabilities, atrophy_here = subject.probabilities.to(self.device), atrophy.to(self.device)
-        problem = build_problem(probabilities, atrophy_here, subject.spacing, brain_only=self.brain_only)
+        held = None if held_csf is None else held_csf.to(self.device)
+        problem = build_problem(probabilities, atrophy_here, subject.spacing, brain_only=self.brain_only, held_csf=held)
         energy_terms, det_f = problem.report_terms(u)  # one sliced pass: no 1 mm index arrays
         start = time.perf_counter()
         warped_image = warp_image(subject.image.to(self.device), u)
