@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from freesurfer_subject import build  # noqa: E402
 
-PRESCRIBED_KINDS = ("region", "other tissue", "csf")
+PRESCRIBED_KINDS = ("region", "csf region", "other tissue", "csf")
 
 
 def timed(args: list[str], log: Path) -> tuple[float, float, int]:

@@ -74,7 +74,7 @@ def main() -> None:
                 mask = masks[row["region"]][0, 0].numpy().reshape(subject.file_shape)
                 measured = sitk_percent(out / year_folder(float(row["years"])), mask)
                 simulated, jacobian = float(row["simulated_percent"]), float(row["jacobian_percent"])
-                judged = float(row["baseline_ml"]) >= 1.0 and row["kind"] in ("region", "other tissue", "csf")
+                judged = float(row["baseline_ml"]) >= 1.0 and row["kind"] in ("region", "csf region", "other tissue", "csf")
                 prescribed = float(row["prescribed_percent"] or "nan")
                 verdict = ("yes" if within(simulated, prescribed) and within(measured, prescribed) else "NO") if judged else "-"
                 print(f"| {method} | {row['region']} ({row['kind']}) | {float(row['baseline_ml']):.1f} | {row['years']} | "

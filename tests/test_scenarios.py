@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
+from scipy.ndimage import binary_dilation
 from typer.testing import CliRunner
 
 from brainmech import InputError, Simulator, load_subject
@@ -163,13 +164,26 @@ def test_compensating_csf_keeps_the_intracranial_volume_in_every_year(aseg_subje
     torch.testing.assert_close(prescription.atrophy(1) * prescription.atrophy_between(1, 3), prescription.atrophy(3))
 
 
-def test_free_csf_is_no_region(aseg_subject):
+def test_with_free_csf_a_tissue_region_holds_tissue_and_a_csf_region_its_fluid(aseg_subject):
     subject, parcellation = aseg_subject
-    prescription = prescribe(Scenario.from_dict({**SCENARIO, "fwhm_mm": 6}), subject, parcellation)
-    hippocampus, other, csf = prescription.zones
-    assert csf.percent_per_year > 1  # the CSF grows into the space the tissue leaves
-    assert not (hippocampus.mask & ~subject.tissue).any()  # free CSF is never prescribed, not even in a region
-    with pytest.raises(InputError, match="with csf: free the CSF volume follows"):
+    ventricles = {"labels": ["*-Lateral-Ventricle"], "percent_per_year": 15.0}
+    scenario = Scenario.from_dict({**SCENARIO, "fwhm_mm": 6, "measure": {},
+                                   "regions": {**SCENARIO["regions"], "ventricles": ventricles}})
+    prescription = prescribe(scenario, subject, parcellation)
+    hippocampus, fluid, other, csf = prescription.zones
+    assert (hippocampus.kind, fluid.kind, csf.kind) == ("region", "csf region", "csf free")
+    assert not (hippocampus.mask & ~subject.tissue).any()  # free CSF is never prescribed by a tissue region
+    assert not (fluid.mask & subject.tissue).any() and fluid.mask.any()
+    torch.testing.assert_close(prescription.held_csf, fluid.mask)
+    assert csf.percent_per_year > 1  # the other CSF grows into the space the tissue leaves
+    atrophy = prescription.atrophy(1)
+    assert followup_fraction(atrophy, fluid.mask) == pytest.approx(1.15, abs=1e-5)
+    beside = torch.from_numpy(binary_dilation(fluid.mask[0, 0].numpy(), iterations=2))[None, None] & other.mask
+    left_free = prescribe(Scenario.from_dict({**SCENARIO, "fwhm_mm": 6}), subject, parcellation).atrophy(1)
+    assert atrophy[fluid.mask].min() < 0.9  # the fluid's expansion is sharp: the tissue beside it sees free CSF
+    torch.testing.assert_close(atrophy[beside], left_free[beside], rtol=5e-3, atol=0)  # smoothed across: 5-10 %
+    assert prescribe(Scenario.from_dict({**scenario.to_dict(), "csf": "compensate"}), subject, parcellation).held_csf is None
+    with pytest.raises(InputError, match="no CSF voxel is left"):  # a region holding all the CSF leaves none free
         prescribe(Scenario.from_dict({**SCENARIO, "regions": {"fluid": {"tissue": "csf", "percent_per_year": 5}}}),
                   subject, parcellation)
 
@@ -300,10 +314,11 @@ def test_the_readme_example_scenario_runs_on_the_mni_brain():
     scenario = Scenario.from_dict(yaml.safe_load(example), "README")
     subject = load_mni(2)
     prescription = prescribe(scenario, subject, mni_atlas(scenario.atlas, subject), seed=1)
-    assert [z.name for z in prescription.zones] == ["Left-Hippocampus", "temporal cortex", "white matter",
-                                                   "other tissue", "csf"]
+    assert [(z.name, z.kind) for z in prescription.zones] == [
+        ("Left-Hippocampus", "region"), ("temporal cortex", "region"), ("white matter", "region"),
+        ("ventricles", "csf region"), ("other tissue", "other tissue"), ("csf", "csf free")]
     assert prescription.scenario.regions[1].percent_per_year != -2.0  # drawn from its spread
-    assert set(prescription.measured) == {"ventricles"}
+    assert set(prescription.measured) == {"third ventricle"}
 
 
 def test_a_series_names_the_zones_that_miss_their_target(aseg_subject):

@@ -374,7 +374,7 @@ class Zone:
     name: str
     mask: Tensor  # (1, 1, *N) bool, inside the brain, disjoint from every other zone
     percent_per_year: float  # its yearly volume change (compensating CSF: the first year's)
-    kind: str  # "region", "other tissue", "csf free", "csf compensate", "csf"
+    kind: str  # "region" (tissue), "csf region", "other tissue", "csf free", "csf compensate", "csf"
 
     @property
     def voxels(self) -> int:
@@ -402,6 +402,15 @@ class Prescription:
         """CSF volume is free: the solver drops CSF's bulk term (docs/conventions.md)."""
         return self.scenario.csf is CsfMode.FREE
 
+    @property
+    def held_csf(self) -> Tensor | None:
+        """With CSF free, the CSF whose volume a region prescribes (the ventricles given a rate):
+        ``(1, 1, *N)`` bool, where the solver keeps a fluid's bulk term; None when there is none."""
+        held = [zone.mask for zone in self.zones if zone.kind == "csf region"]
+        if not self.brain_only or not held:
+            return None
+        return torch.stack(held).any(0)
+
     def warnings(self) -> list[str]:
         """Each zone prescribed a yearly change beyond the plausible bounds (tissue: +-10 %, CSF: +-20 % a year,
         :data:`~brainmech.choices.PLAUSIBLE_CSF_PERCENT_PER_YEAR`), one line each."""
@@ -410,7 +419,7 @@ class Prescription:
             bound = PLAUSIBLE_CSF_PERCENT_PER_YEAR if zone.kind.startswith("csf") else PLAUSIBLE_TISSUE_PERCENT_PER_YEAR
             if abs(zone.percent_per_year) > bound:
                 hint = (" (CSF takes up what the tissue loses: is the sulcal CSF in the labels? intracranial='derive')"
-                        if zone.kind.startswith("csf") else "")
+                        if zone.compensates else "")
                 lines.append(f"{zone.name} is prescribed {zone.percent_per_year:+.2f} % a year, beyond the plausible "
                              f"+-{bound:g} % a year{hint}")
         return lines
@@ -491,26 +500,32 @@ def _label_mask(parcellation: Parcellation | None, name: str, selectors: tuple[s
 
 
 def _zones(scenario: Scenario, subject: Subject, parcellation: Parcellation | None) -> list[Zone]:
-    """The disjoint zones of a scenario on a subject: regions in order, then the rest of the tissue and CSF."""
+    """The disjoint zones of a scenario on a subject: regions in order, then the rest of the tissue and CSF.
+
+    A region whose voxels are mostly CSF (the ventricles) is a CSF region ("csf region"), any other a
+    tissue region ("region"). With CSF free each holds only voxels of its own kind: the tissue of a
+    tissue region, the CSF of a CSF region (its fluid volume prescribed, :attr:`Prescription.held_csf`),
+    and the CSF no region holds follows the tissue."""
     brain = subject.brain
     tissue = subject.tissue & brain  # every zone lies in the brain (a voxel can be half tissue, half background)
     free = scenario.csf is CsfMode.FREE
-    allowed = brain & tissue if free else brain  # free CSF follows the tissue: no region prescribes it
     claimed = torch.zeros_like(brain)
     zones = []
     for region in scenario.regions:
         if region.tissue is not None:
-            mask = _tissue_class_mask(subject, region.tissue)
+            mask = _tissue_class_mask(subject, region.tissue) & brain
         else:
-            mask = _label_mask(parcellation, region.name, region.labels, scenario)
-        mask = mask & allowed & ~claimed
+            mask = _label_mask(parcellation, region.name, region.labels, scenario) & brain
+        fluid = int((mask & ~tissue).sum()) > int((mask & tissue).sum())
+        if free:
+            mask = mask & (~tissue if fluid else tissue)
+        mask = mask & ~claimed
         if not mask.any():
             where = " in this slice" if subject.ndim == 2 else ""
-            held = "tissue in the subject's brain" if free else "voxel in the subject's brain"
-            raise InputError(f"region {region.name} is empty: no {held}{where} (or an earlier region holds it)"
-                             + ("; with csf: free the CSF volume follows the tissue: list CSF regions under "
-                                "measure:, or use csf: compensate" if free else ""))
-        zones.append(Zone(region.name, mask, region.percent_per_year, "region"))
+            held = ("CSF" if fluid else "tissue") if free else "voxel"
+            raise InputError(f"region {region.name} is empty: no {held} in the subject's brain{where} (or an earlier "
+                             "region holds it)")
+        zones.append(Zone(region.name, mask, region.percent_per_year, "csf region" if fluid else "region"))
         claimed |= mask
     other_tissue = tissue & ~claimed
     if other_tissue.any():
@@ -539,6 +554,10 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
     on the MNI brain (README): the boundary voxels' tissue fraction, the only part with bulk stiffness
     under brain-only, was then told to shrink against the CSF around it.
 
+    A CSF region (the ventricles given a rate) is sharp: its own level holds on its voxels only, and
+    the smoothing sees there the level of the CSF no region holds, so a fast-expanding fluid does not
+    tell the tissue around it to grow (the caudate beside the ventricles grew otherwise).
+
     The smoothed field is linear in the levels: with few zones (up to :data:`BASIS_ZONES`) each zone's
     smoothed indicator is computed once and every iteration combines them; with many, each iteration
     smooths the field itself (one Gaussian per iteration instead of one per zone)."""
@@ -554,6 +573,12 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
     zone_index = zone_inside[in_zone]
     targets = np.array([z.voxels * (1.0 + z.percent_per_year / 100.0) for z in zones])  # follow-up voxels
     levels = -np.log1p(np.array([z.percent_per_year for z in zones]) / 100.0)  # log a = -log(1 + p/100)
+    sharp = np.array([z.kind == "csf region" for z in zones])
+    other_csf = [i for i, z in enumerate(zones) if z.kind.startswith("csf") and not sharp[i]]
+    sharp_voxels = sharp[np.minimum(zone_inside, len(zones) - 1)] & in_zone
+
+    def seen_by_smoothing(values: np.ndarray) -> np.ndarray:  # a CSF region's voxels smoothed as the other CSF
+        return np.where(sharp, values[other_csf[0]], values) if other_csf and sharp.any() else values
 
     def smoothed(volume: np.ndarray) -> np.ndarray:  # Gaussian within the brain, normalised by the smoothed brain
         return gaussian_filter(volume.astype(np.float32), sigma, mode="nearest")[inside].astype(np.float64) / weight
@@ -573,13 +598,18 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
     def error_of(log_a: np.ndarray) -> np.ndarray:  # > 0: too little loss in the zone
         return np.log(np.bincount(zone_index, np.exp(-log_a[in_zone]), len(zones)) / targets)
 
-    log_a = best = field(levels)
+    def field_of(values: np.ndarray) -> np.ndarray:
+        log_a = field(seen_by_smoothing(values))
+        log_a[sharp_voxels] = values[zone_inside[sharp_voxels]]
+        return log_a
+
+    log_a = best = field_of(levels)
     error = best_error = error_of(log_a)
     for _ in range(MAX_LEVEL_ITERATIONS if fwhm_mm > 0 else 0):
         if np.abs(error).max() < LEVEL_TOLERANCE:
             break
         levels = levels + error
-        log_a = field(levels)
+        log_a = field_of(levels)
         error = error_of(log_a)
         if np.abs(error).max() >= np.abs(best_error).max():  # zones thinner than the smoothing stop improving:
             break  # keep the best; the shift below makes the integrals exact anyway
