@@ -381,6 +381,11 @@ class Zone:
         return int(self.mask.sum())
 
     @property
+    def fluid(self) -> bool:
+        """A CSF region given a rate (the ventricles): its fluid volume is prescribed, its map sharp."""
+        return self.kind == "csf region"
+
+    @property
     def compensates(self) -> bool:
         """CSF whose volume is whatever keeps the intracranial volume (free or compensate)."""
         return self.kind in ("csf free", "csf compensate")
@@ -406,7 +411,7 @@ class Prescription:
     def held_csf(self) -> Tensor | None:
         """With CSF free, the CSF whose volume a region prescribes (the ventricles given a rate):
         ``(1, 1, *N)`` bool, where the solver keeps a fluid's bulk term; None when there is none."""
-        held = [zone.mask for zone in self.zones if zone.kind == "csf region"]
+        held = [zone.mask for zone in self.zones if zone.fluid]
         if not self.brain_only or not held:
             return None
         return torch.stack(held).any(0)
@@ -573,9 +578,9 @@ def fit_levels(zones: list[Zone], brain: Tensor, spacing: tuple[float, ...], fwh
     zone_index = zone_inside[in_zone]
     targets = np.array([z.voxels * (1.0 + z.percent_per_year / 100.0) for z in zones])  # follow-up voxels
     levels = -np.log1p(np.array([z.percent_per_year for z in zones]) / 100.0)  # log a = -log(1 + p/100)
-    sharp = np.array([z.kind == "csf region" for z in zones])
-    other_csf = [i for i, z in enumerate(zones) if z.kind.startswith("csf") and not sharp[i]]
-    sharp_voxels = sharp[np.minimum(zone_inside, len(zones) - 1)] & in_zone
+    sharp = np.array([z.fluid for z in zones])
+    other_csf = [i for i, z in enumerate(zones) if z.kind.startswith("csf") and not z.fluid]
+    sharp_voxels = np.isin(zone_inside, np.flatnonzero(sharp))
 
     def seen_by_smoothing(values: np.ndarray) -> np.ndarray:  # a CSF region's voxels smoothed as the other CSF
         return np.where(sharp, values[other_csf[0]], values) if other_csf and sharp.any() else values

@@ -235,12 +235,12 @@ class Simulator:
             with torch.no_grad():
                 u = network(atrophy, probabilities, spacing)
             self.network_seconds += time.perf_counter() - start
-        if self.method is Method.SOLVER:
+        if self.method is not Method.NETWORK:
             problem = build_problem(probabilities, atrophy, spacing, brain_only=self.brain_only, held_csf=held_csf)
+        if self.method is Method.SOLVER:
             result = solve(problem, rtol=self.rtol, callback=self.callback)
             u, record = result.displacement, result.record
         elif self.method is Method.NETWORK_REFINE:
-            problem = build_problem(probabilities, atrophy, spacing, brain_only=self.brain_only, held_csf=held_csf)
             levels = refine_levels(spacing, tuple(atrophy.shape[2:]))
             fine_budget = self.refine_evaluations if levels == 1 else FINE_REFINE_EVALUATIONS
             result = solve(problem, initial=u, levels=levels, rtol=self.rtol, max_evaluations=fine_budget,
@@ -282,8 +282,8 @@ class Simulator:
         warped image, labels and partial volumes, det F maps and the report (its energy with ``held_csf``)."""
         timings = {"simulate_s": simulate_s, **({"network_s": self.network_seconds} if self.method is not Method.SOLVER else {})}
         probabilities, atrophy_here = subject.probabilities.to(self.device), atrophy.to(self.device)
-        held = None if held_csf is None else held_csf.to(self.device)
-        problem = build_problem(probabilities, atrophy_here, subject.spacing, brain_only=self.brain_only, held_csf=held)
+        problem = build_problem(probabilities, atrophy_here, subject.spacing, brain_only=self.brain_only,
+                                held_csf=held_csf)  # build_problem moves it to the probabilities' device
         energy_terms, det_f = problem.report_terms(u)  # one sliced pass: no 1 mm index arrays
         start = time.perf_counter()
         warped_image = warp_image(subject.image.to(self.device), u)
